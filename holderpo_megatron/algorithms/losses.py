@@ -1,0 +1,369 @@
+"""Policy losses: HölderPO and the baselines, behind one registry.
+
+Every loss takes ``[B, T]`` log-probs of the current policy (``logp``, with grad), of the behaviour
+policy (``old_logp``, no grad), ``[B]`` advantages and a ``[B, T]`` response mask, and returns a
+:class:`LossOutput`. The output carries the loss *and* its numerator/denominator
+(``loss_sum``/``loss_count``) so microbatches and ranks combine exactly: the global loss is
+``sum(loss_sum) / sum(loss_count)``; pass that global count as ``denominator`` to get each shard's
+exact contribution (``parallel/`` does).
+
+Adding a loss is one decorated function::
+
+    @register_policy_loss("my_loss")
+    def my_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, ...) -> LossOutput: ...
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .holder import holder_log_ratio, masked_mean
+from .metrics import LossMetrics
+
+__all__ = [
+    "LossOutput",
+    "register_policy_loss",
+    "get_policy_loss",
+    "policy_loss_names",
+    "compute_policy_loss",
+    "holder_policy_loss",
+    "HOLDER_VARIANTS",
+    "GRPO_AGGREGATIONS",
+]
+
+HOLDER_VARIANTS = ("seq", "token", "seq_tokclip")
+GRPO_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+
+
+@dataclass
+class LossOutput:
+    """loss: scalar to backpropagate; loss_sum / loss_count: its exact numerator and denominator
+    (count of sequences or tokens, per ``normaliser``); metrics: mergeable statistics."""
+
+    loss: torch.Tensor
+    loss_sum: torch.Tensor
+    loss_count: torch.Tensor
+    normaliser: str  # "sequence" or "token"
+    metrics: LossMetrics
+
+
+_POLICY_LOSSES: dict[str, Callable[..., LossOutput]] = {}
+
+
+def register_policy_loss(name: str):
+    """Decorator: make a loss selectable by ``name``."""
+
+    def deco(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
+        if name in _POLICY_LOSSES:
+            raise ValueError(f"policy loss {name!r} is already registered")
+        _POLICY_LOSSES[name] = fn
+        return fn
+
+    return deco
+
+
+def policy_loss_names() -> list[str]:
+    return sorted(_POLICY_LOSSES)
+
+
+def get_policy_loss(name: str) -> Callable[..., LossOutput]:
+    if name not in _POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {name!r}; registered losses: {', '.join(policy_loss_names())}")
+    return _POLICY_LOSSES[name]
+
+
+def compute_policy_loss(name: str, logp, old_logp, advantages, mask, **kwargs) -> LossOutput:
+    """Look ``name`` up and call it, rejecting keyword arguments that loss does not take."""
+    fn = get_policy_loss(name)
+    params = inspect.signature(fn).parameters
+    accepted = [k for k, v in params.items() if v.kind == inspect.Parameter.KEYWORD_ONLY]
+    for k in kwargs:
+        if k not in accepted:
+            raise ValueError(f"policy loss {name!r} does not take argument {k!r}; it takes: {', '.join(accepted)}")
+    return fn(logp, old_logp, advantages, mask, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+@dataclass
+class _Batch:
+    d: torch.Tensor  # [B, T] float32 log-ratio, 0 at masked/excluded positions, grad to logp
+    mask: torch.Tensor  # [B, T] bool, valid tokens of counted sequences
+    adv: torch.Tensor  # [B] float32
+    seq_valid: torch.Tensor  # [B] bool: counted (>= 1 valid token, all finite)
+    n_nonfinite: torch.Tensor  # 0-dim: sequences dropped for non-finite inputs
+
+
+def _check_clip(clip_low: float, clip_high: float, dual_clip: float | None) -> None:
+    if not (isinstance(clip_low, (int, float)) and 0.0 < clip_low < 1.0):
+        raise ValueError(f"clip_low must be in (0, 1), got {clip_low!r}")
+    if not (isinstance(clip_high, (int, float)) and math.isfinite(clip_high) and clip_high >= 0.0):
+        raise ValueError(f"clip_high must be a finite number >= 0, got {clip_high!r}")
+    if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1.0):
+        raise ValueError(f"dual_clip must be None or a number > 1, got {dual_clip!r}")
+
+
+def _prepare(logp, old_logp, advantages, mask, strict: bool) -> _Batch:
+    for name, t in (("logp", logp), ("old_logp", old_logp)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating [batch, tokens] tensor, got {_describe(t)}")
+    if old_logp.shape != logp.shape:
+        raise ValueError(f"old_logp shape {tuple(old_logp.shape)} does not match logp shape {tuple(logp.shape)}")
+    if not isinstance(mask, torch.Tensor) or mask.shape != logp.shape:
+        raise ValueError(f"mask must have logp's shape {tuple(logp.shape)}, got {_describe(mask)}")
+    if not isinstance(advantages, torch.Tensor) or advantages.shape not in ((logp.shape[0],), (logp.shape[0], 1)):
+        raise ValueError(f"advantages must have shape [{logp.shape[0]}] (one per sequence), got {_describe(advantages)}")
+    mask = mask.bool()
+    adv = advantages.reshape(-1).float().detach()
+    old = old_logp.detach()
+    finite = torch.isfinite(logp.detach()) & torch.isfinite(old)
+    bad = (mask & ~finite).any(-1) | ~torch.isfinite(adv)
+    if strict and bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(
+            f"non-finite log-probs or advantages in sequences {rows[:8]}{'...' if len(rows) > 8 else ''} "
+            f"({len(rows)} of {logp.shape[0]}); strict=False excludes them instead"
+        )
+    mask = mask & ~bad.unsqueeze(-1)
+    d = torch.where(mask, logp.float() - old.float(), torch.zeros((), device=logp.device))
+    adv = torch.where(bad, torch.zeros_like(adv), adv)
+    return _Batch(d=d, mask=mask, adv=adv, seq_valid=mask.any(-1), n_nonfinite=bad.sum())
+
+
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"tensor of shape {tuple(t.shape)} and dtype {t.dtype}"
+    return f"{type(t).__name__}"
+
+
+def _finish(loss_sum, loss_count, denominator, normaliser: str, metrics: LossMetrics) -> LossOutput:
+    loss_count = loss_count.detach().float()
+    if denominator is None:
+        denom = loss_count.clamp_min(1.0)
+    else:
+        # A Python number is checked here; a tensor (e.g. an all-reduced count) is trusted, to
+        # avoid a device sync on the hot path.
+        if not isinstance(denominator, torch.Tensor) and not denominator > 0:
+            raise ValueError(f"denominator must be > 0, got {denominator!r}")
+        denom = torch.as_tensor(denominator, dtype=loss_sum.dtype, device=loss_sum.device)
+    return LossOutput(loss_sum / denom, loss_sum, loss_count, normaliser, metrics)
+
+
+def _sequence_clip(log_rho, adv, seq_valid, clip_low, clip_high, dual_clip):
+    """PPO clip on a per-sequence ratio. Returns (per-sequence loss [B], rho [B], clipped [B])."""
+    rho = torch.exp(log_rho)
+    unclipped = -adv * rho
+    clipped_obj = -adv * rho.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_seq = torch.maximum(unclipped, clipped_obj)
+    if dual_clip is not None:
+        per_seq = torch.where(adv < 0, torch.minimum(per_seq, -adv * dual_clip), per_seq)
+    per_seq = torch.where(seq_valid, per_seq, torch.zeros_like(per_seq))
+    clipped = seq_valid & (clipped_obj > unclipped)
+    return per_seq, rho, clipped
+
+
+def _sign_aware_token_clip(d, adv, clip_low, clip_high):
+    """Per token, in log space: A > 0 keeps min(r, clip(r)) = min(r, 1+eps_h);
+    A < 0 keeps max(r, clip(r)) = max(r, 1-eps_l). Returns (clipped d, clip-active mask)."""
+    hi, lo = math.log1p(clip_high), math.log1p(-clip_low)
+    pos = (adv > 0).unsqueeze(-1)
+    neg = (adv < 0).unsqueeze(-1)
+    d_clip = torch.where(pos, d.clamp(max=hi), torch.where(neg, d.clamp(min=lo), d))
+    active = (pos & (d > hi)) | (neg & (d < lo))
+    return d_clip, active
+
+
+def _seq_metrics(batch: _Batch, rho, clipped, p: float | None) -> LossMetrics:
+    m = LossMetrics()
+    n = batch.seq_valid.sum()
+    valid_f = batch.seq_valid.double()
+    m.add_mean("rho_mean", (rho.detach().double() * valid_f).sum(), n)
+    m.add_extreme("rho", rho, batch.seq_valid)
+    m.add_mean("clip_frac", (clipped.double()).sum(), n)
+    zero_grad = batch.seq_valid & (clipped | (batch.adv == 0))
+    m.add_mean("zero_grad_frac", zero_grad.double().sum(), n)
+    m.add_total("nonfinite_seqs", batch.n_nonfinite)
+    m.add_total("num_seqs", n)
+    if p is not None:
+        m.add_constant("p", p)
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# HölderPO
+
+
+def holder_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    p: float,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    variant: str = "seq",
+    *,
+    dual_clip: float | None = None,
+    denominator: float | torch.Tensor | None = None,
+    strict: bool = False,
+) -> LossOutput:
+    """HölderPO loss, averaged over sequences with at least one valid token.
+
+    variant:
+      * ``seq``: rho_i = Hölder_p mean of r_t; loss_i = max(-A_i rho_i, -A_i clip(rho_i)).
+      * ``token``: loss_i = -A_i * Hölder_p mean of the sign-aware clipped token ratios
+        (min(r_t, clip(r_t)) for A_i > 0, max(r_t, clip(r_t)) for A_i < 0).
+      * ``seq_tokclip``: d_t clamped to [log(1-clip_low), log(1+clip_high)] before the mean, then ``seq``.
+    Sequences with a non-finite log-prob at a valid position (or a non-finite advantage) are left
+    out of the loss and counted in ``nonfinite_seqs``; ``strict=True`` raises instead.
+    """
+    if variant not in HOLDER_VARIANTS:
+        raise ValueError(f"variant must be one of {HOLDER_VARIANTS}, got {variant!r}")
+    if not isinstance(p, (int, float)) or not math.isfinite(p):
+        raise ValueError(f"p must be a finite number, got {p!r}")
+    _check_clip(clip_low, clip_high, dual_clip)
+    b = _prepare(logp, old_logp, advantages, mask, strict)
+
+    if variant == "token":
+        d_clip, active = _sign_aware_token_clip(b.d, b.adv, clip_low, clip_high)
+        rho = torch.exp(holder_log_ratio(d_clip, b.mask, p))
+        per_seq = torch.where(b.seq_valid, -b.adv * rho, torch.zeros_like(rho))
+        n_tok = b.mask.sum(-1)
+        tok_clipped = (active & b.mask).sum(-1)
+        all_clipped = b.seq_valid & (tok_clipped == n_tok)
+        metrics = _seq_metrics(b, rho, all_clipped, p)
+        metrics.add_mean("token_clip_frac", tok_clipped.double().sum(), n_tok.sum())
+    else:
+        d = b.d
+        if variant == "seq_tokclip":
+            lo, hi = math.log1p(-clip_low), math.log1p(clip_high)
+            tok_active = b.mask & ((d < lo) | (d > hi))
+            d = d.clamp(lo, hi)
+        per_seq, rho, clipped = _sequence_clip(holder_log_ratio(d, b.mask, p), b.adv, b.seq_valid, clip_low, clip_high, dual_clip)
+        metrics = _seq_metrics(b, rho, clipped, p)
+        if variant == "seq_tokclip":
+            metrics.add_mean("token_clip_frac", tok_active.double().sum(), b.mask.sum())
+    return _finish(per_seq.sum(), b.seq_valid.sum(), denominator, "sequence", metrics)
+
+
+@register_policy_loss("holder")
+def holder_loss(
+    logp, old_logp, advantages, mask, *,
+    p: float, clip_low: float = 0.2, clip_high: float = 0.2, variant: str = "seq",
+    dual_clip: float | None = None, denominator=None, strict: bool = False,
+) -> LossOutput:
+    return holder_policy_loss(
+        logp, old_logp, advantages, mask, p, clip_low, clip_high, variant,
+        dual_clip=dual_clip, denominator=denominator, strict=strict,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines
+
+
+def _token_ppo(b: _Batch, clip_low, clip_high, dual_clip):
+    """Per-token PPO objective [B, T] (0 at masked positions), token ratios and clip mask."""
+    ratio = torch.exp(b.d)
+    adv = b.adv.unsqueeze(-1)
+    unclipped = -adv * ratio
+    clipped_obj = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_tok = torch.maximum(unclipped, clipped_obj)
+    if dual_clip is not None:
+        per_tok = torch.where(adv < 0, torch.minimum(per_tok, -adv * dual_clip), per_tok)
+    per_tok = per_tok * b.mask
+    clipped = b.mask & (clipped_obj > unclipped)
+    return per_tok, ratio, clipped
+
+
+def _token_metrics(b: _Batch, ratio, clipped) -> LossMetrics:
+    m = LossMetrics()
+    n_tok = b.mask.sum()
+    m.add_mean("rho_mean", (ratio.detach().double() * b.mask).sum(), n_tok)
+    m.add_extreme("rho", ratio, b.mask)
+    m.add_mean("clip_frac", clipped.double().sum(), n_tok)
+    zero_grad = b.seq_valid & (((clipped | ~b.mask).all(-1)) | (b.adv == 0))
+    n = b.seq_valid.sum()
+    m.add_mean("zero_grad_frac", zero_grad.double().sum(), n)
+    m.add_total("nonfinite_seqs", b.n_nonfinite)
+    m.add_total("num_seqs", n)
+    return m
+
+
+@register_policy_loss("grpo")
+def grpo_loss(
+    logp, old_logp, advantages, mask, *,
+    clip_low: float = 0.2, clip_high: float = 0.2, aggregation: str = "token-mean",
+    dual_clip: float | None = None, denominator=None, strict: bool = False,
+) -> LossOutput:
+    """Token-level PPO clip. ``token-mean``: mean over all valid tokens of the batch;
+    ``seq-mean-token-mean``: mean over sequences of each sequence's token mean."""
+    if aggregation not in GRPO_AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {GRPO_AGGREGATIONS}, got {aggregation!r}")
+    _check_clip(clip_low, clip_high, dual_clip)
+    b = _prepare(logp, old_logp, advantages, mask, strict)
+    per_tok, ratio, clipped = _token_ppo(b, clip_low, clip_high, dual_clip)
+    metrics = _token_metrics(b, ratio, clipped)
+    if aggregation == "token-mean":
+        return _finish(per_tok.sum(), b.mask.sum(), denominator, "token", metrics)
+    per_seq = per_tok.sum(-1) / b.mask.sum(-1).clamp_min(1)
+    return _finish(per_seq.sum(), b.seq_valid.sum(), denominator, "sequence", metrics)
+
+
+@register_policy_loss("dr_grpo")
+def dr_grpo_loss(
+    logp, old_logp, advantages, mask, *,
+    clip_low: float = 0.2, clip_high: float = 0.2, max_len: int | None = None,
+    dual_clip: float | None = None, denominator=None, strict: bool = False,
+) -> LossOutput:
+    """Dr. GRPO: each sequence's token sum divided by a constant ``max_len`` (the generation
+    budget; default the tokens dimension), then mean over sequences."""
+    if max_len is None:
+        max_len = mask.shape[-1]
+    if not isinstance(max_len, int) or max_len <= 0:
+        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    _check_clip(clip_low, clip_high, dual_clip)
+    b = _prepare(logp, old_logp, advantages, mask, strict)
+    per_tok, ratio, clipped = _token_ppo(b, clip_low, clip_high, dual_clip)
+    metrics = _token_metrics(b, ratio, clipped)
+    return _finish(per_tok.sum() / max_len, b.seq_valid.sum(), denominator, "sequence", metrics)
+
+
+@register_policy_loss("gspo")
+def gspo_loss(
+    logp, old_logp, advantages, mask, *,
+    clip_low: float = 0.2, clip_high: float = 0.2,
+    dual_clip: float | None = None, denominator=None, strict: bool = False,
+) -> LossOutput:
+    """GSPO: geometric-mean sequence ratio exp(mean_t d_t) with a sequence clip."""
+    _check_clip(clip_low, clip_high, dual_clip)
+    b = _prepare(logp, old_logp, advantages, mask, strict)
+    log_rho = masked_mean(b.d, b.mask)
+    per_seq, rho, clipped = _sequence_clip(log_rho, b.adv, b.seq_valid, clip_low, clip_high, dual_clip)
+    return _finish(per_seq.sum(), b.seq_valid.sum(), denominator, "sequence", _seq_metrics(b, rho, clipped, None))
+
+
+@register_policy_loss("gmpo")
+def gmpo_loss(
+    logp, old_logp, advantages, mask, *,
+    clip_low: float = 0.2, clip_high: float = 0.2, denominator=None, strict: bool = False,
+) -> LossOutput:
+    """GMPO: -A * geometric mean of the sign-aware token-clipped ratios. (The GMPO paper's default
+    range is wider, (e^-0.4, e^0.4): pass clip_low = 1 - e^-0.4, clip_high = e^0.4 - 1 for it.)"""
+    _check_clip(clip_low, clip_high, None)
+    b = _prepare(logp, old_logp, advantages, mask, strict)
+    d_clip, active = _sign_aware_token_clip(b.d, b.adv, clip_low, clip_high)
+    rho = torch.exp(masked_mean(d_clip, b.mask))
+    per_seq = torch.where(b.seq_valid, -b.adv * rho, torch.zeros_like(rho))
+    n_tok = b.mask.sum(-1)
+    tok_clipped = (active & b.mask).sum(-1)
+    metrics = _seq_metrics(b, rho, b.seq_valid & (tok_clipped == n_tok), None)
+    metrics.add_mean("token_clip_frac", tok_clipped.double().sum(), n_tok.sum())
+    return _finish(per_seq.sum(), b.seq_valid.sum(), denominator, "sequence", metrics)
