@@ -15,11 +15,12 @@ from .losses import (
     register_policy_loss,
 )
 from .metrics import LossMetrics
+from .reducers import PaddedReducer, SequenceReducer
 from .schedules import SCHEDULE_KINDS, PSchedule
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "GRPO_AGGREGATIONS", "HOLDER_VARIANTS", "KL_ESTIMATORS", "SCHEDULE_KINDS",
-    "LossMetrics", "LossOutput", "PSchedule", "compute_policy_loss", "entropy_from_logits",
+    "LossMetrics", "LossOutput", "PSchedule", "PaddedReducer", "SequenceReducer", "compute_policy_loss", "entropy_from_logits",
     "get_policy_loss", "group_advantages", "holder_log_ratio", "holder_policy_loss", "kl_penalty",
     "masked_mean", "policy_loss_names", "register_policy_loss",
 ]

@@ -7,6 +7,11 @@ policy (``old_logp``, no grad), ``[B]`` advantages and a ``[B, T]`` response mas
 ``sum(loss_sum) / sum(loss_count)``; pass that global count as ``denominator`` to get each shard's
 exact contribution (``parallel/`` does).
 
+Every loss also takes an optional ``reducer`` (:mod:`.reducers`): the token layout. By default
+tensors are padded ``[B, T]`` rows; with a reducer they are token-shaped for that layout (packed
+sequences, a context-parallel shard) and ``advantages`` is ``[S]``, one per sequence of the reducer.
+The loss code is the same for all layouts: it only sums, maxes and broadcasts through the reducer.
+
 Adding a loss is one decorated function::
 
     @register_policy_loss("my_loss")
@@ -22,8 +27,9 @@ from typing import Callable
 
 import torch
 
-from .holder import holder_log_ratio, masked_mean
+from .holder import holder_log_ratio
 from .metrics import LossMetrics
+from .reducers import PaddedReducer, SequenceReducer
 
 __all__ = [
     "LossOutput",
@@ -94,11 +100,14 @@ def compute_policy_loss(name: str, logp, old_logp, advantages, mask, **kwargs) -
 
 @dataclass
 class _Batch:
-    d: torch.Tensor  # [B, T] float32 log-ratio, 0 at masked/excluded positions, grad to logp
-    mask: torch.Tensor  # [B, T] bool, valid tokens of counted sequences
-    adv: torch.Tensor  # [B] float32
-    seq_valid: torch.Tensor  # [B] bool: counted (>= 1 valid token, all finite)
-    n_nonfinite: torch.Tensor  # 0-dim: sequences dropped for non-finite inputs
+    d: torch.Tensor  # token-shaped float32 log-ratio, 0 at masked/excluded positions, grad to logp
+    mask: torch.Tensor  # token-shaped bool, valid tokens of counted sequences
+    adv: torch.Tensor  # [S] float32
+    adv_tok: torch.Tensor  # adv broadcast against tokens
+    seq_valid: torch.Tensor  # [S] bool: counted (>= 1 valid token, all finite)
+    seq_count: torch.Tensor  # [S] float32: valid tokens per sequence (0 for excluded sequences)
+    n_nonfinite: torch.Tensor  # 0-dim: sequences dropped for non-finite inputs (as this rank reports)
+    reducer: SequenceReducer
 
 
 def _check_clip(clip_low: float, clip_high: float, dual_clip: float | None) -> None:
@@ -110,31 +119,51 @@ def _check_clip(clip_low: float, clip_high: float, dual_clip: float | None) -> N
         raise ValueError(f"dual_clip must be None or a number > 1, got {dual_clip!r}")
 
 
-def _prepare(logp, old_logp, advantages, mask, strict: bool) -> _Batch:
-    for name, t in (("logp", logp), ("old_logp", old_logp)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating [batch, tokens] tensor, got {_describe(t)}")
+def _prepare(logp, old_logp, advantages, mask, strict: bool, reducer: SequenceReducer | None) -> _Batch:
+    if reducer is None:
+        for name, t in (("logp", logp), ("old_logp", old_logp)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+                raise ValueError(f"{name} must be a floating [batch, tokens] tensor, got {_describe(t)}")
+        reducer = PaddedReducer(logp.shape)
+    else:
+        if not isinstance(reducer, SequenceReducer):
+            raise ValueError(f"reducer must be a SequenceReducer, got {type(reducer).__name__}")
+        for name, t in (("logp", logp), ("old_logp", old_logp)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"{name} must be a floating tensor, got {_describe(t)}")
+        reducer.check_tokens("logp", logp)
+    R = reducer
     if old_logp.shape != logp.shape:
         raise ValueError(f"old_logp shape {tuple(old_logp.shape)} does not match logp shape {tuple(logp.shape)}")
     if not isinstance(mask, torch.Tensor) or mask.shape != logp.shape:
         raise ValueError(f"mask must have logp's shape {tuple(logp.shape)}, got {_describe(mask)}")
-    if not isinstance(advantages, torch.Tensor) or advantages.shape not in ((logp.shape[0],), (logp.shape[0], 1)):
-        raise ValueError(f"advantages must have shape [{logp.shape[0]}] (one per sequence), got {_describe(advantages)}")
+    n_seq = R.num_sequences
+    if not isinstance(advantages, torch.Tensor) or advantages.shape not in ((n_seq,), (n_seq, 1)):
+        raise ValueError(f"advantages must have shape [{n_seq}] (one per sequence), got {_describe(advantages)}")
     mask = mask.bool()
+    member = R.token_member()
+    if member is not None:
+        mask = mask & member
     adv = advantages.reshape(-1).float().detach()
     old = old_logp.detach()
     finite = torch.isfinite(logp.detach()) & torch.isfinite(old)
-    bad = (mask & ~finite).any(-1) | ~torch.isfinite(adv)
+    # One fused reduction gives the token count and the non-finite count of every sequence.
+    count, n_bad_tok = R.seq_sums(mask.float(), (mask & ~finite).float())
+    bad = (n_bad_tok > 0) | ~torch.isfinite(adv)
     if strict and bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()
         raise ValueError(
             f"non-finite log-probs or advantages in sequences {rows[:8]}{'...' if len(rows) > 8 else ''} "
-            f"({len(rows)} of {logp.shape[0]}); strict=False excludes them instead"
+            f"({len(rows)} of {n_seq}); strict=False excludes them instead"
         )
-    mask = mask & ~bad.unsqueeze(-1)
+    mask = mask & ~R.broadcast(bad)
+    count = torch.where(bad, torch.zeros_like(count), count)
     d = torch.where(mask, logp.float() - old.float(), torch.zeros((), device=logp.device))
     adv = torch.where(bad, torch.zeros_like(adv), adv)
-    return _Batch(d=d, mask=mask, adv=adv, seq_valid=mask.any(-1), n_nonfinite=bad.sum())
+    return _Batch(
+        d=d, mask=mask, adv=adv, adv_tok=R.broadcast(adv), seq_valid=count > 0, seq_count=count,
+        n_nonfinite=R.total(bad.double()), reducer=R,
+    )
 
 
 def _describe(t) -> str:
@@ -169,26 +198,28 @@ def _sequence_clip(log_rho, adv, seq_valid, clip_low, clip_high, dual_clip):
     return per_seq, rho, clipped
 
 
-def _sign_aware_token_clip(d, adv, clip_low, clip_high):
+def _sign_aware_token_clip(d, adv_tok, clip_low, clip_high):
     """Per token, in log space: A > 0 keeps min(r, clip(r)) = min(r, 1+eps_h);
-    A < 0 keeps max(r, clip(r)) = max(r, 1-eps_l). Returns (clipped d, clip-active mask)."""
+    A < 0 keeps max(r, clip(r)) = max(r, 1-eps_l). ``adv_tok``: advantages broadcast to the tokens.
+    Returns (clipped d, clip-active mask)."""
     hi, lo = math.log1p(clip_high), math.log1p(-clip_low)
-    pos = (adv > 0).unsqueeze(-1)
-    neg = (adv < 0).unsqueeze(-1)
+    pos = adv_tok > 0
+    neg = adv_tok < 0
     d_clip = torch.where(pos, d.clamp(max=hi), torch.where(neg, d.clamp(min=lo), d))
     active = (pos & (d > hi)) | (neg & (d < lo))
     return d_clip, active
 
 
 def _seq_metrics(batch: _Batch, rho, clipped, p: float | None) -> LossMetrics:
+    R = batch.reducer
     m = LossMetrics()
-    n = batch.seq_valid.sum()
     valid_f = batch.seq_valid.double()
-    m.add_mean("rho_mean", (rho.detach().double() * valid_f).sum(), n)
+    n = R.total(valid_f)
+    m.add_mean("rho_mean", R.total(rho.detach().double() * valid_f), n)
     m.add_extreme("rho", rho, batch.seq_valid)
-    m.add_mean("clip_frac", (clipped.double()).sum(), n)
+    m.add_mean("clip_frac", R.total(clipped.double()), n)
     zero_grad = batch.seq_valid & (clipped | (batch.adv == 0))
-    m.add_mean("zero_grad_frac", zero_grad.double().sum(), n)
+    m.add_mean("zero_grad_frac", R.total(zero_grad.double()), n)
     m.add_total("nonfinite_seqs", batch.n_nonfinite)
     m.add_total("num_seqs", n)
     if p is not None:
@@ -213,6 +244,7 @@ def holder_policy_loss(
     dual_clip: float | None = None,
     denominator: float | torch.Tensor | None = None,
     strict: bool = False,
+    reducer: SequenceReducer | None = None,
 ) -> LossOutput:
     """HölderPO loss, averaged over sequences with at least one valid token.
 
@@ -223,45 +255,47 @@ def holder_policy_loss(
       * ``seq_tokclip``: d_t clamped to [log(1-clip_low), log(1+clip_high)] before the mean, then ``seq``.
     Sequences with a non-finite log-prob at a valid position (or a non-finite advantage) are left
     out of the loss and counted in ``nonfinite_seqs``; ``strict=True`` raises instead.
+    ``reducer``: the token layout (default padded ``[B, T]``; see the module docstring).
     """
     if variant not in HOLDER_VARIANTS:
         raise ValueError(f"variant must be one of {HOLDER_VARIANTS}, got {variant!r}")
     if not isinstance(p, (int, float)) or not math.isfinite(p):
         raise ValueError(f"p must be a finite number, got {p!r}")
     _check_clip(clip_low, clip_high, dual_clip)
-    b = _prepare(logp, old_logp, advantages, mask, strict)
+    b = _prepare(logp, old_logp, advantages, mask, strict, reducer)
+    R = b.reducer
 
     if variant == "token":
-        d_clip, active = _sign_aware_token_clip(b.d, b.adv, clip_low, clip_high)
-        rho = torch.exp(holder_log_ratio(d_clip, b.mask, p))
+        d_clip, active = _sign_aware_token_clip(b.d, b.adv_tok, clip_low, clip_high)
+        rho = torch.exp(holder_log_ratio(d_clip, b.mask, p, R))
         per_seq = torch.where(b.seq_valid, -b.adv * rho, torch.zeros_like(rho))
-        n_tok = b.mask.sum(-1)
-        tok_clipped = (active & b.mask).sum(-1)
-        all_clipped = b.seq_valid & (tok_clipped == n_tok)
+        tok_clipped = R.seq_sum((active & b.mask).float())
+        all_clipped = b.seq_valid & (tok_clipped == b.seq_count)
         metrics = _seq_metrics(b, rho, all_clipped, p)
-        metrics.add_mean("token_clip_frac", tok_clipped.double().sum(), n_tok.sum())
+        metrics.add_mean("token_clip_frac", R.total(tok_clipped.double()), R.total(b.seq_count.double()))
     else:
         d = b.d
         if variant == "seq_tokclip":
             lo, hi = math.log1p(-clip_low), math.log1p(clip_high)
             tok_active = b.mask & ((d < lo) | (d > hi))
             d = d.clamp(lo, hi)
-        per_seq, rho, clipped = _sequence_clip(holder_log_ratio(d, b.mask, p), b.adv, b.seq_valid, clip_low, clip_high, dual_clip)
+        per_seq, rho, clipped = _sequence_clip(holder_log_ratio(d, b.mask, p, R), b.adv, b.seq_valid, clip_low, clip_high, dual_clip)
         metrics = _seq_metrics(b, rho, clipped, p)
         if variant == "seq_tokclip":
+            # per-token sums are over this shard's tokens: they add up across ranks as they are
             metrics.add_mean("token_clip_frac", tok_active.double().sum(), b.mask.sum())
-    return _finish(per_seq.sum(), b.seq_valid.sum(), denominator, "sequence", metrics)
+    return _finish(R.total(per_seq), R.total(b.seq_valid.float()), denominator, "sequence", metrics)
 
 
 @register_policy_loss("holder")
 def holder_loss(
     logp, old_logp, advantages, mask, *,
     p: float, clip_low: float = 0.2, clip_high: float = 0.2, variant: str = "seq",
-    dual_clip: float | None = None, denominator=None, strict: bool = False,
+    dual_clip: float | None = None, denominator=None, strict: bool = False, reducer=None,
 ) -> LossOutput:
     return holder_policy_loss(
         logp, old_logp, advantages, mask, p, clip_low, clip_high, variant,
-        dual_clip=dual_clip, denominator=denominator, strict=strict,
+        dual_clip=dual_clip, denominator=denominator, strict=strict, reducer=reducer,
     )
 
 
@@ -270,9 +304,9 @@ def holder_loss(
 
 
 def _token_ppo(b: _Batch, clip_low, clip_high, dual_clip):
-    """Per-token PPO objective [B, T] (0 at masked positions), token ratios and clip mask."""
+    """Per-token PPO objective (token-shaped, 0 at masked positions), token ratios and clip mask."""
     ratio = torch.exp(b.d)
-    adv = b.adv.unsqueeze(-1)
+    adv = b.adv_tok
     unclipped = -adv * ratio
     clipped_obj = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_tok = torch.maximum(unclipped, clipped_obj)
@@ -284,14 +318,17 @@ def _token_ppo(b: _Batch, clip_low, clip_high, dual_clip):
 
 
 def _token_metrics(b: _Batch, ratio, clipped) -> LossMetrics:
+    R = b.reducer
     m = LossMetrics()
     n_tok = b.mask.sum()
     m.add_mean("rho_mean", (ratio.detach().double() * b.mask).sum(), n_tok)
     m.add_extreme("rho", ratio, b.mask)
     m.add_mean("clip_frac", clipped.double().sum(), n_tok)
-    zero_grad = b.seq_valid & (((clipped | ~b.mask).all(-1)) | (b.adv == 0))
-    n = b.seq_valid.sum()
-    m.add_mean("zero_grad_frac", zero_grad.double().sum(), n)
+    # a sequence gets no gradient when none of its valid tokens is unclipped (or A = 0)
+    n_unclipped = R.seq_sum((b.mask & ~clipped).float())
+    zero_grad = b.seq_valid & ((n_unclipped == 0) | (b.adv == 0))
+    n = R.total(b.seq_valid.double())
+    m.add_mean("zero_grad_frac", R.total(zero_grad.double()), n)
     m.add_total("nonfinite_seqs", b.n_nonfinite)
     m.add_total("num_seqs", n)
     return m
@@ -301,69 +338,76 @@ def _token_metrics(b: _Batch, ratio, clipped) -> LossMetrics:
 def grpo_loss(
     logp, old_logp, advantages, mask, *,
     clip_low: float = 0.2, clip_high: float = 0.2, aggregation: str = "token-mean",
-    dual_clip: float | None = None, denominator=None, strict: bool = False,
+    dual_clip: float | None = None, denominator=None, strict: bool = False, reducer=None,
 ) -> LossOutput:
     """Token-level PPO clip. ``token-mean``: mean over all valid tokens of the batch;
     ``seq-mean-token-mean``: mean over sequences of each sequence's token mean."""
     if aggregation not in GRPO_AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {GRPO_AGGREGATIONS}, got {aggregation!r}")
     _check_clip(clip_low, clip_high, dual_clip)
-    b = _prepare(logp, old_logp, advantages, mask, strict)
+    b = _prepare(logp, old_logp, advantages, mask, strict, reducer)
+    R = b.reducer
     per_tok, ratio, clipped = _token_ppo(b, clip_low, clip_high, dual_clip)
     metrics = _token_metrics(b, ratio, clipped)
     if aggregation == "token-mean":
         return _finish(per_tok.sum(), b.mask.sum(), denominator, "token", metrics)
-    per_seq = per_tok.sum(-1) / b.mask.sum(-1).clamp_min(1)
-    return _finish(per_seq.sum(), b.seq_valid.sum(), denominator, "sequence", metrics)
+    per_seq = R.seq_sum(per_tok) / b.seq_count.clamp_min(1)
+    return _finish(R.total(per_seq), R.total(b.seq_valid.float()), denominator, "sequence", metrics)
 
 
 @register_policy_loss("dr_grpo")
 def dr_grpo_loss(
     logp, old_logp, advantages, mask, *,
     clip_low: float = 0.2, clip_high: float = 0.2, max_len: int | None = None,
-    dual_clip: float | None = None, denominator=None, strict: bool = False,
+    dual_clip: float | None = None, denominator=None, strict: bool = False, reducer=None,
 ) -> LossOutput:
     """Dr. GRPO: each sequence's token sum divided by a constant ``max_len`` (the generation
-    budget; default the tokens dimension), then mean over sequences."""
+    budget; default the tokens dimension of the padded layout, required for other layouts),
+    then mean over sequences."""
     if max_len is None:
-        max_len = mask.shape[-1]
+        max_len = mask.shape[-1] if reducer is None else reducer.default_max_len
+        if max_len is None:
+            raise ValueError(
+                f"dr_grpo needs max_len (the generation budget) with a {type(reducer).__name__} layout, got None"
+            )
     if not isinstance(max_len, int) or max_len <= 0:
         raise ValueError(f"max_len must be a positive int, got {max_len!r}")
     _check_clip(clip_low, clip_high, dual_clip)
-    b = _prepare(logp, old_logp, advantages, mask, strict)
+    b = _prepare(logp, old_logp, advantages, mask, strict, reducer)
     per_tok, ratio, clipped = _token_ppo(b, clip_low, clip_high, dual_clip)
     metrics = _token_metrics(b, ratio, clipped)
-    return _finish(per_tok.sum() / max_len, b.seq_valid.sum(), denominator, "sequence", metrics)
+    return _finish(per_tok.sum() / max_len, b.reducer.total(b.seq_valid.float()), denominator, "sequence", metrics)
 
 
 @register_policy_loss("gspo")
 def gspo_loss(
     logp, old_logp, advantages, mask, *,
     clip_low: float = 0.2, clip_high: float = 0.2,
-    dual_clip: float | None = None, denominator=None, strict: bool = False,
+    dual_clip: float | None = None, denominator=None, strict: bool = False, reducer=None,
 ) -> LossOutput:
     """GSPO: geometric-mean sequence ratio exp(mean_t d_t) with a sequence clip."""
     _check_clip(clip_low, clip_high, dual_clip)
-    b = _prepare(logp, old_logp, advantages, mask, strict)
-    log_rho = masked_mean(b.d, b.mask)
+    b = _prepare(logp, old_logp, advantages, mask, strict, reducer)
+    R = b.reducer
+    log_rho = R.seq_sum(b.d) / b.seq_count.clamp_min(1)
     per_seq, rho, clipped = _sequence_clip(log_rho, b.adv, b.seq_valid, clip_low, clip_high, dual_clip)
-    return _finish(per_seq.sum(), b.seq_valid.sum(), denominator, "sequence", _seq_metrics(b, rho, clipped, None))
+    return _finish(R.total(per_seq), R.total(b.seq_valid.float()), denominator, "sequence", _seq_metrics(b, rho, clipped, None))
 
 
 @register_policy_loss("gmpo")
 def gmpo_loss(
     logp, old_logp, advantages, mask, *,
-    clip_low: float = 0.2, clip_high: float = 0.2, denominator=None, strict: bool = False,
+    clip_low: float = 0.2, clip_high: float = 0.2, denominator=None, strict: bool = False, reducer=None,
 ) -> LossOutput:
     """GMPO: -A * geometric mean of the sign-aware token-clipped ratios. (The GMPO paper's default
     range is wider, (e^-0.4, e^0.4): pass clip_low = 1 - e^-0.4, clip_high = e^0.4 - 1 for it.)"""
     _check_clip(clip_low, clip_high, None)
-    b = _prepare(logp, old_logp, advantages, mask, strict)
-    d_clip, active = _sign_aware_token_clip(b.d, b.adv, clip_low, clip_high)
-    rho = torch.exp(masked_mean(d_clip, b.mask))
+    b = _prepare(logp, old_logp, advantages, mask, strict, reducer)
+    R = b.reducer
+    d_clip, active = _sign_aware_token_clip(b.d, b.adv_tok, clip_low, clip_high)
+    d_sum, tok_clipped = R.seq_sums(d_clip * b.mask, (active & b.mask).float())
+    rho = torch.exp(d_sum / b.seq_count.clamp_min(1))
     per_seq = torch.where(b.seq_valid, -b.adv * rho, torch.zeros_like(rho))
-    n_tok = b.mask.sum(-1)
-    tok_clipped = (active & b.mask).sum(-1)
-    metrics = _seq_metrics(b, rho, b.seq_valid & (tok_clipped == n_tok), None)
-    metrics.add_mean("token_clip_frac", tok_clipped.double().sum(), n_tok.sum())
-    return _finish(per_seq.sum(), b.seq_valid.sum(), denominator, "sequence", metrics)
+    metrics = _seq_metrics(b, rho, b.seq_valid & (tok_clipped == b.seq_count), None)
+    metrics.add_mean("token_clip_frac", R.total(tok_clipped.double()), R.total(b.seq_count.double()))
+    return _finish(R.total(per_seq), R.total(b.seq_valid.float()), denominator, "sequence", metrics)

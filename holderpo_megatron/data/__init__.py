@@ -1,0 +1,1 @@
+"""Datasets, prompt templates and batching by token budget (imports nothing of ours)."""

@@ -1,0 +1,116 @@
+"""Microbatches by token budget, padded or packed, as model-ready tensors.
+
+A *sequence* here is prompt + response token ids; per-token quantities (log-probs, masks,
+advantages' broadcast) live on the n-1 *next-token* positions t = 1..n-1 (predicting x_t from x_<t).
+
+Two layouts:
+  * padded: ``[b, S]`` rows, right padding, causal attention (the model's own mask).
+  * packed: several sequences in one row of length <= budget; a block-diagonal causal mask keeps
+    them apart. RoPE is relative, so positions need not restart per sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["plan_microbatches", "MicroBatch", "build_microbatch"]
+
+
+def plan_microbatches(lengths: list[int], token_budget: int, pack: bool = False,
+                      max_sequences: int | None = None) -> list[list[int]]:
+    """Group sequence indices (kept in input order) into microbatches whose token cost fits the budget.
+
+    Cost of a microbatch: padded = n_seqs * max_len; packed = sum of lengths (one row each).
+    A single sequence longer than the budget is an error (it cannot be split here).
+    """
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+    if max_sequences is not None and max_sequences < 1:
+        raise ValueError(f"max_sequences must be >= 1 or None, got {max_sequences}")
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    cur_max = cur_sum = 0
+    for i, n in enumerate(lengths):
+        if n < 2:
+            raise ValueError(f"sequence {i} has {n} tokens; at least 2 are needed (a prompt token and a target)")
+        if n > token_budget:
+            raise ValueError(f"sequence {i} has {n} tokens, more than the microbatch token budget {token_budget}")
+        new_cost = (cur_sum + n) if pack else (len(cur) + 1) * max(cur_max, n)
+        full = max_sequences is not None and len(cur) >= max_sequences
+        if cur and (new_cost > token_budget or full):
+            groups.append(cur)
+            cur, cur_max, cur_sum = [], 0, 0
+        cur.append(i)
+        cur_max, cur_sum = max(cur_max, n), cur_sum + n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+@dataclass
+class MicroBatch:
+    """Model inputs plus where each sequence's next-token positions sit.
+
+    input_ids, position_ids: ``[rows, S]``; attention_mask: ``[rows, 1, S, S]`` bool (True = masked)
+    for packed rows, None for padded (causal). ``token_index`` ``[N]`` flat indices into ``[rows, S]``
+    of the logits that predict each sequence's tokens 1..n-1 (in sequence order), ``targets`` ``[N]``
+    the predicted ids, ``seq_id`` ``[N]`` the sequence (index into ``seq_indices``) of each.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    token_index: torch.Tensor
+    targets: torch.Tensor
+    seq_id: torch.Tensor
+    seq_indices: list[int]
+    seq_lengths: list[int]
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.seq_indices)
+
+    def split_per_sequence(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``[N]`` per-token values -> one tensor of n-1 values per sequence."""
+        return list(flat.split([n - 1 for n in self.seq_lengths]))
+
+
+def build_microbatch(sequences: list[list[int]], indices: list[int], pack: bool = False,
+                     pad_id: int = 0, pad_to_multiple: int = 1, min_length: int = 0, min_rows: int = 1) -> MicroBatch:
+    """Tensors for ``sequences[indices]``. ``min_length``/``min_rows`` pad the row length and the
+    number of rows (extra rows hold only padding), for schedules that need one shape throughout."""
+    seqs = [sequences[i] for i in indices]
+    lengths = [len(s) for s in seqs]
+    if pack:
+        total = max(sum(lengths), min_length)
+        s_len = -(-total // pad_to_multiple) * pad_to_multiple
+        ids = torch.full((1, s_len), pad_id, dtype=torch.long)
+        pos = torch.zeros((1, s_len), dtype=torch.long)
+        allowed = torch.zeros((s_len, s_len), dtype=torch.bool)
+        tok_idx, off = [], 0
+        for s, n in zip(seqs, lengths):
+            ids[0, off:off + n] = torch.tensor(s)
+            pos[0, off:off + n] = torch.arange(n)
+            allowed[off:off + n, off:off + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            tok_idx.append(torch.arange(off, off + n - 1))
+            off += n
+        # padding rows attend to themselves only, so no row of the softmax is empty
+        idx = torch.arange(off, s_len)
+        allowed[idx, idx] = True
+        mask = (~allowed).view(1, 1, s_len, s_len)
+    else:
+        s_len = -(-max(max(lengths), min_length) // pad_to_multiple) * pad_to_multiple
+        ids = torch.full((max(len(seqs), min_rows), s_len), pad_id, dtype=torch.long)
+        tok_idx = []
+        for r, (s, n) in enumerate(zip(seqs, lengths)):
+            ids[r, :n] = torch.tensor(s)
+            tok_idx.append(r * s_len + torch.arange(n - 1))
+        pos = torch.arange(s_len).unsqueeze(0).expand(ids.shape[0], -1).contiguous()
+        mask = None
+    token_index = torch.cat(tok_idx)
+    flat_ids = ids.reshape(-1)
+    targets = flat_ids[token_index + 1]
+    seq_id = torch.cat([torch.full((n - 1,), k, dtype=torch.long) for k, n in enumerate(lengths)])
+    return MicroBatch(ids, pos, mask, token_index, targets, seq_id, list(indices), lengths)

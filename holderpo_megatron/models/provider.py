@@ -1,0 +1,64 @@
+"""Build the Megatron ``GPTModel`` for the local pipeline stage from a :class:`ModelArch`."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelArch, padded_vocab_size
+
+__all__ = ["build_gpt_model", "layer_spec", "te_available"]
+
+
+def te_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # TE raises various errors where CUDA or its libraries are missing
+        return False
+    return True
+
+
+def layer_spec(arch: ModelArch, use_te: bool | None = None):
+    """Transformer Engine spec on GPU when TE imports, else Megatron's local spec."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if use_te is None:
+        use_te = te_available()
+    if use_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    return specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm)
+
+
+def build_gpt_model(arch: ModelArch, config, *, pre_process: bool | None = None, post_process: bool | None = None,
+                    use_te: bool | None = None, vp_stage: int | None = None,
+                    make_vocab_size_divisible_by: int = 128):
+    """GPTModel for this rank's pipeline stage. ``config`` comes from :func:`to_transformer_config`.
+
+    ``pre_process``/``post_process`` default to whether this rank holds the first/last stage.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    vocab = padded_vocab_size(arch.vocab_size, config.tensor_model_parallel_size, make_vocab_size_divisible_by)
+    rope = dict(position_embedding_type="rope", rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta)
+    if arch.rope_scaling == "llama3":
+        rope.update(rope_scaling=True, rope_scaling_factor=arch.rope_scaling_factor)
+    elif arch.rope_scaling == "linear":
+        rope.update(seq_len_interpolation_factor=arch.rope_scaling_factor)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(arch, use_te),
+        vocab_size=vocab,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        vp_stage=vp_stage,
+        **rope,
+    )

@@ -1,0 +1,1 @@
+"""The trainer: config, the Actor (Megatron train/score steps), the loop."""

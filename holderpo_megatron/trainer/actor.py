@@ -1,0 +1,290 @@
+"""The Actor: a Megatron policy that scores sequences and takes training steps.
+
+Both go through Megatron's own schedules (``get_forward_backward_func``: no pipelining, 1F1B, or
+interleaved 1F1B with virtual pipeline chunks), so a pipeline-parallel run is exactly Megatron's.
+
+Loss normalisation, in one place (:meth:`MegatronActor._loss_func`): the model config sets
+``calculate_per_token_loss=True``, so Megatron neither divides a microbatch's loss by the number
+of microbatches nor averages gradients over data-parallel ranks; our loss function returns the
+*sum* of its per-sequence (or per-token) losses and the matching *count*, and Megatron's
+``finalize_model_grads`` divides the summed gradients by the count summed over all microbatches
+and DP ranks. The result is the gradient of the global-batch mean, whatever the layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from holderpo_megatron.algorithms import LossMetrics, compute_policy_loss
+from holderpo_megatron.data.batching import MicroBatch, build_microbatch, plan_microbatches
+from holderpo_megatron.models import ModelArch, build_gpt_model, to_transformer_config
+from holderpo_megatron.parallel.aggregation import PackedSequenceReducer
+from holderpo_megatron.parallel.layout import ParallelLayout
+from holderpo_megatron.parallel.logprobs import vocab_parallel_logprobs
+
+__all__ = ["OptimizerSettings", "MegatronActor", "RolloutBatch"]
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool | None = None  # None: on GPU yes, on CPU no (needs CUDA)
+
+
+@dataclass
+class RolloutBatch:
+    """What a training step consumes, for this data-parallel rank.
+
+    sequences: token ids (prompt + response) per sample; response_start: index of the first
+    response token per sample; old_logprobs: per sample ``[n-1]`` log-probs of the behaviour policy
+    at next-token positions; advantages: ``[num_samples]``.
+    """
+
+    sequences: list[list[int]]
+    response_start: list[int]
+    old_logprobs: list[torch.Tensor]
+    advantages: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self.sequences)
+        if not (len(self.response_start) == len(self.old_logprobs) == self.advantages.numel() == n):
+            raise ValueError(
+                f"RolloutBatch fields disagree: {n} sequences, {len(self.response_start)} response_start, "
+                f"{len(self.old_logprobs)} old_logprobs, {self.advantages.numel()} advantages"
+            )
+        for i, (s, r, lp) in enumerate(zip(self.sequences, self.response_start, self.old_logprobs)):
+            if not 1 <= r < len(s):
+                raise ValueError(f"sample {i}: response_start={r} must be in [1, {len(s) - 1}]")
+            if lp.numel() != len(s) - 1:
+                raise ValueError(f"sample {i}: old_logprobs has {lp.numel()} values, expected {len(s) - 1}")
+
+
+class MegatronActor:
+    def __init__(self, arch: ModelArch, layout: ParallelLayout, *, params_dtype: torch.dtype = torch.float32,
+                 optimizer: OptimizerSettings | None = None, use_te: bool | None = None,
+                 max_seq_length: int | None = None):
+        from megatron.core import parallel_state as ps
+
+        if layout.cp > 1:
+            # The CP-aware aggregation exists (parallel/aggregation.ContextParallelReducer), but
+            # splitting sequences over CP ranks needs TE's attention; not wired into the Actor yet.
+            raise ValueError(f"context_parallel={layout.cp}: the Actor supports cp=1 only for now")
+        self.arch = arch
+        self.layout = layout
+        self.max_seq_length = max_seq_length or arch.max_position_embeddings
+        self.config = to_transformer_config(
+            arch, layout.tp, layout.pp, layout.cp, params_dtype=params_dtype,
+            use_cpu_initialization=not torch.cuda.is_available(),
+            calculate_per_token_loss=True,
+            # microbatches may differ in shape (token-budget batching): pipeline stages exchange
+            # shapes; the interleaved schedule does not, so its microbatches are padded alike.
+            variable_seq_lengths=layout.pp > 1 and not layout.vpp,
+            moe_token_dispatcher_type="alltoall",
+            # gloo matches batched isend/irecv pairs out of order in the interleaved schedule
+            batch_p2p_comm=torch.cuda.is_available(),
+            virtual_pipeline_model_parallel_size=layout.vpp,
+        )
+        chunks = layout.vpp or 1
+        self.model = [
+            build_gpt_model(arch, self.config, use_te=use_te, vp_stage=(v if layout.vpp else None))
+            for v in range(chunks)
+        ]
+        self.optimizer = None
+        if optimizer is not None:
+            self._setup_training(optimizer)
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.dp_group = ps.get_data_parallel_group()
+        self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+        self.vocab_start = ps.get_tensor_model_parallel_rank() * (self._padded_vocab() // layout.tp)
+
+    # ------------------------------------------------------------------ setup
+    def _padded_vocab(self) -> int:
+        from holderpo_megatron.models import padded_vocab_size
+
+        return padded_vocab_size(self.arch.vocab_size, self.layout.tp)
+
+    def _setup_training(self, opt: OptimizerSettings) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        use_dist = opt.use_distributed_optimizer
+        if use_dist is None:
+            use_dist = torch.cuda.is_available()
+        if use_dist and not torch.cuda.is_available():
+            raise ValueError("use_distributed_optimizer=True needs CUDA; CPU runs use the non-distributed optimizer")
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_dist,
+        )
+        self.model = [
+            DistributedDataParallel(self.config, ddp_config, module=m) for m in self.model
+        ]
+        self.config.finalize_model_grads_func = finalize_model_grads
+        bf16 = self.config.bf16
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=opt.lr, weight_decay=opt.weight_decay, adam_beta1=opt.adam_beta1,
+                adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps, clip_grad=opt.clip_grad, bf16=bf16,
+                params_dtype=self.config.params_dtype, use_distributed_optimizer=use_dist,
+            ),
+            self.model,
+        )
+
+    def unwrapped(self) -> list[torch.nn.Module]:
+        return [getattr(m, "module", m) for m in self.model]
+
+    # ------------------------------------------------------------------ schedules
+    def _run(self, microbatches: list[MicroBatch], loss_func_for, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            mb: MicroBatch = next(data_iterator)
+            out = model(mb.input_ids, mb.position_ids, mb.attention_mask)
+            return out, partial(loss_func_for, mb)
+
+        n = len(microbatches)
+        chunks = len(self.model)
+        iters = [iter(microbatches) for _ in range(chunks)] if chunks > 1 else iter(microbatches)
+        seq_len = max(mb.input_ids.shape[1] for mb in microbatches)
+        mbs = max(mb.input_ids.shape[0] for mb in microbatches)
+        if chunks > 1 and n % self.layout.pp:
+            raise ValueError(
+                f"interleaved pipeline needs the number of microbatches ({n}) to be a multiple of pp={self.layout.pp}"
+            )
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iters, model=self.model, num_microbatches=n,
+            seq_length=seq_len, micro_batch_size=mbs, forward_only=forward_only,
+        )
+
+    def _token_logprobs(self, logits: torch.Tensor, mb: MicroBatch, temperature: float) -> torch.Tensor:
+        """[rows, S, V/tp] vocab-parallel logits -> [N] log-probs of the microbatch's targets."""
+        flat = logits.reshape(-1, logits.shape[-1])
+        picked = flat.index_select(0, mb.token_index)
+        return vocab_parallel_logprobs(
+            picked, mb.targets, group=self.tp_group if self.layout.tp > 1 else None,
+            vocab_start=self.vocab_start, vocab_size=self.arch.vocab_size, temperature=temperature,
+        ).logprobs
+
+    def _plan(self, sequences: list[list[int]], token_budget: int, pack: bool,
+              max_sequences: int | None = None) -> list[MicroBatch]:
+        for i, s in enumerate(sequences):
+            if len(s) > self.max_seq_length:
+                raise ValueError(
+                    f"sequence {i} has {len(s)} tokens, more than the model's max length {self.max_seq_length}"
+                )
+        groups = plan_microbatches([len(s) for s in sequences], token_budget, pack=pack, max_sequences=max_sequences)
+        if self.layout.vpp and len(groups) % self.layout.pp:
+            # interleaved 1F1B wants a multiple of pp microbatches: split the largest groups
+            while len(groups) % self.layout.pp:
+                big = max(range(len(groups)), key=lambda k: len(groups[k]))
+                if len(groups[big]) < 2:
+                    raise ValueError(f"cannot make a multiple of pp={self.layout.pp} microbatches from {len(sequences)} sequences")
+                g = groups.pop(big)
+                groups[big:big] = [g[: len(g) // 2], g[len(g) // 2:]]
+        if self.layout.vpp:
+            # Megatron's interleaved schedule sends activations of one fixed shape: pad every
+            # microbatch to the largest length and row count of the step.
+            if pack:
+                longest = max(sum(len(sequences[i]) for i in g) for g in groups)
+                rows = 1
+            else:
+                longest = max(len(s) for s in sequences)
+                rows = max(len(g) for g in groups)
+            return [build_microbatch(sequences, g, pack=pack, min_length=longest, min_rows=rows) for g in groups]
+        return [build_microbatch(sequences, g, pack=pack) for g in groups]
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def score(self, sequences: list[list[int]], *, token_budget: int = 4096, temperature: float = 1.0,
+              pack: bool = False) -> list[torch.Tensor]:
+        """Per-sequence float32 log-probs ``[n-1]`` (log p(x_t | x_<t), t = 1..n-1), on every rank of
+        the pipeline (broadcast from the last stage). ``sequences`` is this DP rank's share."""
+        for m in self.model:
+            m.eval()
+        mbs = self._plan(sequences, token_budget, pack)
+        store: dict[int, torch.Tensor] = {}
+
+        def loss_func(mb: MicroBatch, logits: torch.Tensor):
+            lp = self._token_logprobs(logits, mb, temperature)
+            for k, v in zip(mb.seq_indices, mb.split_per_sequence(lp)):
+                store[k] = v.float()
+            return logits.new_zeros(()), torch.ones((), dtype=torch.int), {}
+
+        self._run(mbs, loss_func, forward_only=True)
+        flat_len = sum(len(s) - 1 for s in sequences)
+        flat = torch.empty(flat_len, dtype=torch.float32)
+        if self.is_last_stage:
+            flat = torch.cat([store[i] for i in range(len(sequences))]) if sequences else flat
+        if self.layout.pp > 1:
+            from megatron.core import parallel_state as ps
+
+            dev = flat.device if not torch.cuda.is_available() else torch.device("cuda")
+            flat = flat.to(dev)
+            dist.broadcast(flat, src=ps.get_pipeline_model_parallel_last_rank(), group=self.pp_group)
+            flat = flat.cpu()
+        return list(flat.split([len(s) - 1 for s in sequences]))
+
+    # ------------------------------------------------------------------ training
+    def forward_backward(self, batch: RolloutBatch, *, loss_name: str, loss_kwargs: dict, token_budget: int = 4096,
+                         temperature: float = 1.0, pack: bool = False,
+                         max_sequences_per_microbatch: int | None = None) -> LossMetrics:
+        """Gradients of the global-batch loss into the DDP grad buffers (``param.main_grad``).
+        ``batch`` is this DP rank's share; normalisation is global (see the module docstring)."""
+        if self.optimizer is None:
+            raise RuntimeError("this actor was built without an optimizer (optimizer=None)")
+        for m in self.model:
+            m.train()
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        mbs = self._plan(batch.sequences, token_budget, pack, max_sequences_per_microbatch)
+        collected: list[LossMetrics] = []
+
+        def loss_func(mb: MicroBatch, logits: torch.Tensor):
+            lp = self._token_logprobs(logits, mb, temperature)
+            out = self._microbatch_loss(batch, mb, lp, loss_name, loss_kwargs)
+            collected.append(out.metrics)
+            # calculate_per_token_loss: Megatron sums these counts over microbatches and DP ranks
+            # and divides the summed gradients by the total (finalize_model_grads).
+            return out.loss_sum, out.loss_count.round().to(torch.int).reshape(()), {}
+
+        self._run(mbs, loss_func, forward_only=False)
+        metrics = LossMetrics()
+        for m in collected:
+            metrics = metrics.merge(m)
+        return metrics
+
+    def optimizer_step(self) -> dict[str, float]:
+        ok, grad_norm, _ = self.optimizer.step()
+        return {"grad_norm": float(grad_norm) if grad_norm is not None else math.nan, "update_ok": float(bool(ok))}
+
+    def train_step(self, batch: RolloutBatch, **kwargs) -> dict[str, float]:
+        """forward_backward + optimizer step; returns this rank's loss metrics, grad norm."""
+        metrics = self.forward_backward(batch, **kwargs)
+        out = metrics.to_dict()
+        out.update(self.optimizer_step())
+        return out
+
+    @staticmethod
+    def _microbatch_loss(batch: RolloutBatch, mb: MicroBatch, logp: torch.Tensor, loss_name: str, loss_kwargs: dict):
+        """Flat next-token log-probs ``[N]`` of a microbatch -> the registered loss, reduced per
+        sequence by segment id (no padding to ``[B, T]``)."""
+        old = torch.cat([batch.old_logprobs[i].float() for i in mb.seq_indices]).to(logp.device)
+        # position t-1 predicts token t; response tokens are t >= response_start
+        pos = torch.cat([torch.arange(1, n) for n in mb.seq_lengths])
+        starts = torch.tensor([batch.response_start[i] for i in mb.seq_indices])
+        mask = (pos >= starts[mb.seq_id]).to(logp.device)
+        adv = batch.advantages[mb.seq_indices].float().to(logp.device)
+        reducer = PackedSequenceReducer(mb.seq_id.to(logp.device), num_sequences=mb.num_sequences)
+        return compute_policy_loss(loss_name, logp, old, adv, mask, reducer=reducer, **loss_kwargs)
