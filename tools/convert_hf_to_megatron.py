@@ -5,6 +5,7 @@
 """
 
 import argparse
+import os
 import sys
 
 
@@ -25,7 +26,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(summary, file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":
+        print(summary, file=sys.stderr)
     return 0
 
 

@@ -143,9 +143,13 @@ def convert_hf_to_megatron(hf_path: str | os.PathLike, save: str | os.PathLike, 
             print("HF -> Megatron: writing torch_dist checkpoint ...", file=sys.stderr, flush=True)
         save_megatron_checkpoint(model, save, arch, hf_dir=hf_path, overwrite=overwrite,
                                  extra={"converted_from": str(hf_path.absolute())})
-        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        # totals over ranks (pipeline stages; TP/DP replicas read the same tensors: count one)
+        first_of_stage = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+        nbytes = sum(p.numel() * p.element_size() for p in model.parameters()) if first_of_stage else 0
+        totals = torch.tensor([counting.tensors if first_of_stage else 0, nbytes], dtype=torch.float64)
+        dist.all_reduce(totals)
         del model
-    return ConversionSummary("HF -> Megatron", str(Path(save).absolute()), counting.tensors, nbytes,
+    return ConversionSummary("HF -> Megatron", str(Path(save).absolute()), int(totals[0]), int(totals[1]),
                              time.perf_counter() - start, str(dtype).removeprefix("torch."))
 
 

@@ -49,7 +49,7 @@ def _is_cuda(dev) -> bool:
         return dev.type == "cuda"
     if isinstance(dev, str):
         return dev.startswith("cuda")
-    if isinstance(dev, int):  # torch treats a bare int device as a CUDA ordinal
+    if isinstance(dev, int) and not isinstance(dev, bool):  # torch reads a bare int as a CUDA ordinal
         return True
     return False
 
@@ -62,8 +62,11 @@ class _CudaToCpu(TorchFunctionMode):
         dev = kwargs.get("device")
         if _is_cuda(dev):
             kwargs = dict(kwargs, device="cpu")
-        if func in (torch.Tensor.to,) and args:
-            args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        if func is torch.Tensor.to and len(args) > 1:
+            # positional device of Tensor.to: only a str or torch.device (ints there are flags)
+            args = (args[0],) + tuple(
+                "cpu" if isinstance(a, (str, torch.device)) and _is_cuda(a) else a for a in args[1:]
+            )
         return func(*args, **kwargs)
 
 

@@ -107,6 +107,7 @@ class MegatronActor:
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.dp_group = ps.get_data_parallel_group()
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.vocab_start = ps.get_tensor_model_parallel_rank() * (self._padded_vocab() // layout.tp)
 
     # ------------------------------------------------------------------ setup
@@ -149,9 +150,12 @@ class MegatronActor:
     def _run(self, microbatches: list[MicroBatch], loss_func_for, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        dev = self.device
+
         def forward_step(data_iterator, model):
             mb: MicroBatch = next(data_iterator)
-            out = model(mb.input_ids, mb.position_ids, mb.attention_mask)
+            mask = None if mb.attention_mask is None else mb.attention_mask.to(dev)
+            out = model(mb.input_ids.to(dev), mb.position_ids.to(dev), mask)
             return out, partial(loss_func_for, mb)
 
         n = len(microbatches)
@@ -171,9 +175,9 @@ class MegatronActor:
     def _token_logprobs(self, logits: torch.Tensor, mb: MicroBatch, temperature: float) -> torch.Tensor:
         """[rows, S, V/tp] vocab-parallel logits -> [N] log-probs of the microbatch's targets."""
         flat = logits.reshape(-1, logits.shape[-1])
-        picked = flat.index_select(0, mb.token_index)
+        picked = flat.index_select(0, mb.token_index.to(flat.device))
         return vocab_parallel_logprobs(
-            picked, mb.targets, group=self.tp_group if self.layout.tp > 1 else None,
+            picked, mb.targets.to(flat.device), group=self.tp_group if self.layout.tp > 1 else None,
             vocab_start=self.vocab_start, vocab_size=self.arch.vocab_size, temperature=temperature,
         ).logprobs
 
@@ -224,17 +228,14 @@ class MegatronActor:
 
         self._run(mbs, loss_func, forward_only=True)
         flat_len = sum(len(s) - 1 for s in sequences)
-        flat = torch.empty(flat_len, dtype=torch.float32)
-        if self.is_last_stage:
-            flat = torch.cat([store[i] for i in range(len(sequences))]) if sequences else flat
+        flat = torch.empty(flat_len, dtype=torch.float32, device=self.device)
+        if self.is_last_stage and sequences:
+            flat = torch.cat([store[i] for i in range(len(sequences))])
         if self.layout.pp > 1:
             from megatron.core import parallel_state as ps
 
-            dev = flat.device if not torch.cuda.is_available() else torch.device("cuda")
-            flat = flat.to(dev)
             dist.broadcast(flat, src=ps.get_pipeline_model_parallel_last_rank(), group=self.pp_group)
-            flat = flat.cpu()
-        return list(flat.split([len(s) - 1 for s in sequences]))
+        return list(flat.cpu().split([len(s) - 1 for s in sequences]))
 
     # ------------------------------------------------------------------ training
     def forward_backward(self, batch: RolloutBatch, *, loss_name: str, loss_kwargs: dict, token_budget: int = 4096,

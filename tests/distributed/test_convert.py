@@ -248,7 +248,7 @@ def test_torchrun_conversion_gives_the_same_weights(round_trips, tmp_path):
     files differ (one set per rank) but its weights are the same: the HF export is byte-identical."""
     hf, _, back = round_trips["llama"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tools" / "convert_hf_to_megatron.py"), "--hf-path", str(hf), "--save", str(tmp_path / "meg"),
            "--quiet"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
