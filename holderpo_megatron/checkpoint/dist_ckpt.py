@@ -18,18 +18,16 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-from ..models import ModelArch, padded_vocab_size
-from .mapping import ParamMapping, VocabMapping, hf_shape, mappings_for
+from ..models import ModelArch
 from .output_dir import check_output_dir, copy_side_files, publish, read_json, staging_dir
 
 __all__ = [
     "MARKER", "FORMAT", "save_megatron_checkpoint", "load_megatron_checkpoint", "read_marker",
-    "MegatronCheckpointReader", "DTYPE_NAMES", "parse_dtype",
+    "DTYPE_NAMES", "parse_dtype",
 ]
 
 MARKER = "holderpo_checkpoint.json"
@@ -125,14 +123,44 @@ def _model_dtype(model) -> torch.dtype:
     return count.most_common(1)[0][0]
 
 
+def _sharded_state_dict_consuming(model) -> dict:
+    """The sharded state dict with every tensor in storage of its own, the model's parameters
+    released as they are copied.
+
+    torch_dist clones, all at once before writing, every tensor that is a view into a larger
+    storage: the gate and up halves of each ``linear_fc1`` (a third of a Llama's weights). Doing
+    those copies here, one parameter at a time and freeing each parameter after, keeps the peak
+    at the model's size. The model is unusable afterwards (its parameters are empty).
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    sd = _sharded_state_dict(model)
+    apply_factories(sd)
+    params = {p.untyped_storage().data_ptr(): p for c in _chunks(model) for p in c.parameters()}
+    views: dict[int, list] = {}
+    for sh in nested_values(sd):
+        if isinstance(sh, ShardedTensor) and sh.data is not None:
+            t = sh.data
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                views.setdefault(t.untyped_storage().data_ptr(), []).append(sh)
+    for ptr, shs in views.items():
+        for sh in shs:
+            sh.data = sh.data.detach().clone()
+        if ptr in params:
+            params[ptr].data = torch.empty(0, dtype=params[ptr].dtype)
+    return sd
+
+
 def save_megatron_checkpoint(model, save_dir: str | os.PathLike, arch: ModelArch, *,
                              hf_dir: str | os.PathLike | None = None, overwrite: bool = False,
-                             extra: dict | None = None) -> Path:
+                             extra: dict | None = None, consume_model: bool = False) -> Path:
     """Save ``model`` (this rank's stage; all ranks call this) as a self-describing checkpoint.
 
     Written into a temporary sibling directory and renamed into place once complete; ``hf_dir``
-    supplies the config/tokenizer files copied beside the weights (``config.json`` is required
-    there, or already in ``save_dir``'s source). ``extra`` is stored in the marker.
+    supplies the config/tokenizer files copied beside the weights (its ``config.json`` is
+    required). ``extra`` is stored in the marker. ``consume_model=True`` (conversion) lowers the
+    peak memory by releasing parameters during the save; the model is unusable afterwards.
     """
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
@@ -145,12 +173,13 @@ def save_megatron_checkpoint(model, save_dir: str | os.PathLike, arch: ModelArch
             raise ValueError(f"no config.json in hf_dir={str(hf_dir)!r}: a checkpoint must describe its model")
         return str(staging_dir(save_dir))
 
+    dtype = _dtype_str(_model_dtype(model))
     tmp = Path(_on_rank0(prepare))
     _barrier()
-    dist_checkpointing.save(_sharded_state_dict(model), str(tmp))
+    sd = _sharded_state_dict_consuming(model) if consume_model else _sharded_state_dict(model)
+    dist_checkpointing.save(sd, str(tmp))
+    del sd
     _barrier()
-
-    dtype = _dtype_str(_model_dtype(model))
 
     def finish():
         copy_side_files(hf_dir, tmp, config_dtype=dtype)
@@ -197,102 +226,3 @@ def load_megatron_checkpoint(model, ckpt_dir: str | os.PathLike, arch: ModelArch
         for i, c in enumerate(chunks):
             c.load_state_dict(state[f"model{i}"], strict=True)
     return marker
-
-
-def _model_key(key: str) -> bool:
-    return key.startswith(("embedding.", "decoder.", "output_layer."))
-
-
-class MegatronCheckpointReader:
-    """Streams the full tensors of a checkpoint without building a model: one layer at a time.
-
-    ``arch`` comes from the checkpoint's own config.json; construction refuses a checkpoint that
-    is incomplete or whose tensors disagree with that config (missing, extra, shape).
-    """
-
-    def __init__(self, ckpt_dir: str | os.PathLike):
-        from megatron.core import dist_checkpointing
-
-        self.dir = Path(ckpt_dir)
-        self.marker = read_marker(self.dir)
-        self.arch = ModelArch.from_pretrained_dir(self.dir)
-        self.meta = {k: v for k, v in dist_checkpointing.load_tensors_metadata(str(self.dir)).items()}
-        self.mappings = [m for m in mappings_for(self.arch) if m.export]
-        self._check()
-
-    def _check(self) -> None:
-        a = self.arch
-        saved_tp = int(self.marker.get("saved_layout", {}).get("tensor_parallel", 1))
-        expected = {}
-        for m in self.mappings:
-            hf = [torch.empty(hf_shape(a, syms), device="meta") for syms in m.hf_shapes]
-            key = m.checkpoint_key
-            if key not in self.meta:
-                raise ValueError(f"checkpoint {str(self.dir)!r}: tensor {key!r} is missing (needed by "
-                                 f"{a.architecture}, tie_word_embeddings={a.tie_word_embeddings})")
-            got = tuple(self.meta[key].global_shape)
-            full_shape = got[1:] if m.per_layer else got
-            if isinstance(m, VocabMapping):  # Megatron padded the vocab for the TP it was saved at
-                full_shape = (padded_vocab_size(a.vocab_size, saved_tp),) + tuple(full_shape[1:])
-            shape = tuple(m.fuse(hf, a, torch.Size(full_shape)).shape)
-            expected[key] = ((a.num_layers,) + shape) if m.per_layer else shape
-            if got != expected[key]:
-                raise ValueError(f"checkpoint {str(self.dir)!r}: tensor {key!r} has shape {got} but config.json "
-                                 f"implies {expected[key]} (saved at tensor_parallel={saved_tp}; num_hidden_layers={a.num_layers}, vocab_size={a.vocab_size}, "
-                                 f"hidden_size={a.hidden_size}, num_attention_heads={a.num_heads}, "
-                                 f"num_key_value_heads={a.num_kv_heads}, head_dim={a.head_dim}, "
-                                 f"intermediate_size={a.intermediate_size})")
-        extra = sorted(k for k in self.meta if _model_key(k) and k not in expected)
-        if extra:
-            raise ValueError(f"checkpoint {str(self.dir)!r}: unexpected tensor {extra[0]!r} for {a.architecture} "
-                             f"(qkv_bias={a.qkv_bias}, qk_norm={a.qk_norm}, tie_word_embeddings={a.tie_word_embeddings})")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return parse_dtype(self.marker["dtype"])
-
-    def nbytes(self) -> int:
-        total = 0
-        for m in self.mappings:
-            sh = self.meta[m.checkpoint_key]
-            total += sh.dtype.itemsize * int(torch.Size(sh.global_shape).numel())
-        return total
-
-    def read(self, mappings: Sequence[ParamMapping], layer: int | None) -> dict[str, torch.Tensor]:
-        """Full tensors (TP1 layout, checkpoint dtype) of ``mappings`` at ``layer`` (None: non-layer)."""
-        from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing import ShardedTensor
-
-        request = {}
-        for m in mappings:
-            md = self.meta[m.checkpoint_key]
-            shape = tuple(md.global_shape)
-            if m.per_layer:
-                data = torch.empty((1,) + shape[1:], dtype=md.dtype)
-                request[m.checkpoint_key] = ShardedTensor.from_rank_offsets(
-                    m.checkpoint_key, data, (0, layer, shape[0]), replica_id=0)
-            else:
-                request[m.checkpoint_key] = ShardedTensor.from_rank_offsets(
-                    m.checkpoint_key, torch.empty(shape, dtype=md.dtype), replica_id=0)
-        # A partial read (one layer) is not a full access pattern: skip that validation.
-        with _quiet_dcp():
-            got = dist_checkpointing.load(request, str(self.dir), validate_access_integrity=False)
-        return {m.checkpoint_key: got[m.checkpoint_key][0] if m.per_layer else got[m.checkpoint_key]
-                for m in mappings}
-
-    def iter_hf(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full tensor) in HF order: embedding, layer 0..L-1, final norm, lm_head."""
-        first = [m for m in self.mappings if not m.per_layer and m.is_embedding]
-        last = [m for m in self.mappings if not m.per_layer and not m.is_embedding]
-        layer_maps = [m for m in self.mappings if m.per_layer]
-        groups = [(first, None)] + [(layer_maps, i) for i in range(self.arch.num_layers)] + [(last, None)]
-        for maps, layer in groups:
-            if not maps:
-                continue
-            full = self.read(maps, layer)
-            for m in maps:
-                t = full.pop(m.checkpoint_key)
-                for n, h in zip(m.hf_names(layer), m.split(t, self.arch)):
-                    yield n, (h if dtype is None else h.to(dtype)).contiguous()
-                del t
-

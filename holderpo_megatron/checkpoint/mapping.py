@@ -141,6 +141,17 @@ class ParamMapping:
             return pieces[0]
         return torch.cat(list(pieces), dim=self.tp_dim)
 
+    def load_shard(self, param: torch.Tensor, hf: Sequence[torch.Tensor], arch: ModelArch, rank: int, size: int) -> None:
+        """Write TP rank ``rank``'s shard of the fused HF tensors into ``param`` (in place)."""
+        full_shape = list(param.shape)
+        if self.tp_dim is not None:
+            full_shape[self.tp_dim] *= size
+        local = self.shard(self.fuse(hf, arch, torch.Size(full_shape)), rank, size)
+        if local.shape != param.shape:
+            raise ValueError(f"Megatron parameter {self.megatron!r}: mapped shape {tuple(local.shape)} "
+                             f"!= parameter shape {tuple(param.shape)}")
+        param.copy_(local)
+
 
 class ReplicatedMapping(ParamMapping):
     """Held whole by every TP rank: RMSNorm weights, q/k norms."""
@@ -166,6 +177,17 @@ class VocabMapping(ColumnMapping):
 
     def split(self, full, arch):
         return (full[: arch.vocab_size],)
+
+    def load_shard(self, param, hf, arch, rank, size):
+        # Row copy straight into the shard: no padded full-vocab temporary.
+        (t,) = hf
+        rows = param.shape[0]
+        if rows * size < t.shape[0]:
+            raise ValueError(f"{self.megatron}: padded vocab {rows * size} < vocab_size {t.shape[0]}")
+        start = rank * rows
+        real = max(0, min(rows, t.shape[0] - start))
+        param[:real].copy_(t[start:start + real])
+        param[real:].zero_()
 
 
 class QKVMapping(ColumnMapping):
@@ -452,15 +474,8 @@ def load_hf_weights_into_model(model, arch: ModelArch, hf_state: Mapping[str, to
                     raise ValueError(f"HF tensor {n!r} has shape {tuple(t.shape)} but the config "
                                      f"({_shape_reason(arch, n)}) implies {want}")
                 tensors.append(t)
-            full_shape = list(p.shape)
-            if m.tp_dim is not None:
-                full_shape[m.tp_dim] *= tp_size
-            full = m.fuse(tensors, arch, torch.Size(full_shape))
-            local = m.shard(full, tp_rank, tp_size)
-            if local.shape != p.shape:
-                raise ValueError(f"Megatron parameter {name!r}: mapped shape {tuple(local.shape)} "
-                                 f"!= parameter shape {tuple(p.shape)}")
-            p.data.copy_(local)
+            m.load_shard(p.data, tensors, arch, tp_rank, tp_size)
+            del tensors
             written += 1
     return written
 

@@ -163,10 +163,14 @@ class ShardedSafetensorsWriter:
     as soon as it is given (any order) and then dropped: memory holds only the tensors in flight.
     Files are ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``, which is
     written last by :meth:`close` (after checking every planned tensor arrived exactly once).
+
+    Several processes may fill the same files (each its own tensors): one creates them
+    (``create=True``, the default), the others open the same plan with ``create=False``; each calls
+    :meth:`close_files`, then the creator :meth:`write_index` once all are done.
     """
 
     def __init__(self, directory: str | os.PathLike, entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
-                 max_shard_bytes: int = 5 * 1024**3):
+                 max_shard_bytes: int = 5 * 1024**3, *, create: bool = True):
         self.directory = Path(directory)
         entries = list(entries)
         shards = plan_shards(entries, max_shard_bytes)
@@ -176,6 +180,7 @@ class ShardedSafetensorsWriter:
         self._files: dict[str, object] = {}
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
+        self.written = 0
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             header: dict = {"__metadata__": {"format": "pt"}}
@@ -187,10 +192,11 @@ class ShardedSafetensorsWriter:
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
             base = 8 + len(raw)
-            with open(self.directory / fname, "wb") as f:
-                f.write(struct.pack("<Q", len(raw)))
-                f.write(raw)
-                f.truncate(base + offset)
+            if create:
+                with open(self.directory / fname, "wb") as f:
+                    f.write(struct.pack("<Q", len(raw)))
+                    f.write(raw)
+                    f.truncate(base + offset)
             for name, shape, dtype in shard:
                 self._slot[name] = (fname, base + header[name]["data_offsets"][0], tuple(shape), dtype)
                 self.weight_map[name] = fname
@@ -200,29 +206,39 @@ class ShardedSafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self._slot:
             raise ValueError(f"tensor {name!r} was not planned for this checkpoint (or was written twice)")
-        fname, offset, shape, dtype = self._slot.pop(name)
+        fname, offset, shape, dtype = self._slot[name]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise ValueError(f"tensor {name!r}: got {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}")
+        del self._slot[name]
         f = self._files.get(fname)
         if f is None:
             f = self._files[fname] = open(self.directory / fname, "r+b")
         f.seek(offset)
         t = tensor.detach().contiguous().cpu()
         if t.numel():
-            f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self.written += 1
         self._left[fname] -= 1
         if self._left[fname] == 0:
             f.close()
             del self._files[fname]
 
     def close(self) -> None:
+        """Single writer: check every planned tensor was written, then write the index."""
+        self.close_files()
         if self._slot:
             missing = sorted(self._slot)
-            raise ValueError(f"tensor {missing[0]!r} (and {len(missing) - 1} more) was never written")
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ValueError(f"tensor {missing[0]!r}{more} was never written")
+        self.write_index()
+
+    def write_index(self) -> None:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
-    def abort(self) -> None:
+    def close_files(self) -> None:
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+    abort = close_files

@@ -20,14 +20,14 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from holderpo_megatron.algorithms import LossMetrics, compute_policy_loss
+from holderpo_megatron.algorithms import LossMetrics, LossOutput, compute_policy_loss, kl_penalty
 from holderpo_megatron.data.batching import MicroBatch, build_microbatch, plan_microbatches
 from holderpo_megatron.models import ModelArch, build_gpt_model, to_transformer_config
 from holderpo_megatron.parallel.aggregation import PackedSequenceReducer
 from holderpo_megatron.parallel.layout import ParallelLayout
 from holderpo_megatron.parallel.logprobs import vocab_parallel_logprobs
 
-__all__ = ["OptimizerSettings", "MegatronActor", "RolloutBatch"]
+__all__ = ["OptimizerSettings", "MegatronActor", "RolloutBatch", "Regularizers"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,13 @@ class OptimizerSettings:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: bool | None = None  # None: on GPU yes, on CPU no (needs CUDA)
+
+
+@dataclass(frozen=True)
+class Regularizers:
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
 
 
 @dataclass
@@ -172,14 +179,18 @@ class MegatronActor:
             seq_length=seq_len, micro_batch_size=mbs, forward_only=forward_only,
         )
 
-    def _token_logprobs(self, logits: torch.Tensor, mb: MicroBatch, temperature: float) -> torch.Tensor:
-        """[rows, S, V/tp] vocab-parallel logits -> [N] log-probs of the microbatch's targets."""
+    def _token_logprobs(self, logits: torch.Tensor, mb: MicroBatch, temperature: float, entropy: bool = False,
+                        entropy_grad: bool = False):
+        """[rows, S, V/tp] vocab-parallel logits -> [N] log-probs of the microbatch's targets
+        (and, with ``entropy``, ``([N] log-probs, [N] entropy)``)."""
         flat = logits.reshape(-1, logits.shape[-1])
         picked = flat.index_select(0, mb.token_index.to(flat.device))
-        return vocab_parallel_logprobs(
+        out = vocab_parallel_logprobs(
             picked, mb.targets.to(flat.device), group=self.tp_group if self.layout.tp > 1 else None,
             vocab_start=self.vocab_start, vocab_size=self.arch.vocab_size, temperature=temperature,
-        ).logprobs
+            entropy=entropy, entropy_grad=entropy_grad,
+        )
+        return (out.logprobs, out.entropy) if entropy else out.logprobs
 
     def _plan(self, sequences: list[list[int]], token_budget: int, pack: bool,
               max_sequences: int | None = None) -> list[MicroBatch]:
@@ -240,11 +251,17 @@ class MegatronActor:
     # ------------------------------------------------------------------ training
     def forward_backward(self, batch: RolloutBatch, *, loss_name: str, loss_kwargs: dict, token_budget: int = 4096,
                          temperature: float = 1.0, pack: bool = False,
-                         max_sequences_per_microbatch: int | None = None) -> LossMetrics:
+                         max_sequences_per_microbatch: int | None = None,
+                         regularizers: Regularizers | None = None) -> LossMetrics:
         """Gradients of the global-batch loss into the DDP grad buffers (``param.main_grad``).
-        ``batch`` is this DP rank's share; normalisation is global (see the module docstring)."""
+        ``batch`` is this DP rank's share; normalisation is global (see the module docstring).
+        ``regularizers``: KL to a reference policy (``batch.extra["ref_logprobs"]``) and an entropy
+        bonus, averaged with the policy loss's own normaliser."""
         if self.optimizer is None:
             raise RuntimeError("this actor was built without an optimizer (optimizer=None)")
+        reg = regularizers or Regularizers()
+        if reg.kl_coef > 0 and "ref_logprobs" not in batch.extra:
+            raise ValueError("kl_coef > 0 needs batch.extra['ref_logprobs'] (score the batch with the reference actor)")
         for m in self.model:
             m.train()
             m.zero_grad_buffer()
@@ -253,8 +270,8 @@ class MegatronActor:
         collected: list[LossMetrics] = []
 
         def loss_func(mb: MicroBatch, logits: torch.Tensor):
-            lp = self._token_logprobs(logits, mb, temperature)
-            out = self._microbatch_loss(batch, mb, lp, loss_name, loss_kwargs)
+            lp, ent = self._token_logprobs(logits, mb, temperature, entropy=True, entropy_grad=reg.entropy_coef > 0)
+            out = self._microbatch_loss(batch, mb, lp, ent, loss_name, loss_kwargs, reg)
             collected.append(out.metrics)
             # calculate_per_token_loss: Megatron sums these counts over microbatches and DP ranks
             # and divides the summed gradients by the total (finalize_model_grads).
@@ -278,14 +295,38 @@ class MegatronActor:
         return out
 
     @staticmethod
-    def _microbatch_loss(batch: RolloutBatch, mb: MicroBatch, logp: torch.Tensor, loss_name: str, loss_kwargs: dict):
-        """Flat next-token log-probs ``[N]`` of a microbatch -> the registered loss, reduced per
-        sequence by segment id (no padding to ``[B, T]``)."""
-        old = torch.cat([batch.old_logprobs[i].float() for i in mb.seq_indices]).to(logp.device)
+    def _microbatch_loss(batch: RolloutBatch, mb: MicroBatch, logp: torch.Tensor, entropy: torch.Tensor | None,
+                         loss_name: str, loss_kwargs: dict, reg: Regularizers):
+        """Flat next-token log-probs ``[N]`` of a microbatch -> the registered loss (reduced per
+        sequence by segment id, no padding to ``[B, T]``) plus the KL and entropy terms."""
+        dev = logp.device
+        old = torch.cat([batch.old_logprobs[i].float() for i in mb.seq_indices]).to(dev)
         # position t-1 predicts token t; response tokens are t >= response_start
         pos = torch.cat([torch.arange(1, n) for n in mb.seq_lengths])
         starts = torch.tensor([batch.response_start[i] for i in mb.seq_indices])
-        mask = (pos >= starts[mb.seq_id]).to(logp.device)
-        adv = batch.advantages[mb.seq_indices].float().to(logp.device)
-        reducer = PackedSequenceReducer(mb.seq_id.to(logp.device), num_sequences=mb.num_sequences)
-        return compute_policy_loss(loss_name, logp, old, adv, mask, reducer=reducer, **loss_kwargs)
+        mask = (pos >= starts[mb.seq_id]).to(dev)
+        adv = batch.advantages[mb.seq_indices].float().to(dev)
+        reducer = PackedSequenceReducer(mb.seq_id.to(dev), num_sequences=mb.num_sequences)
+        out = compute_policy_loss(loss_name, logp, old, adv, mask, reducer=reducer, **loss_kwargs)
+        maskf = mask.float()
+        n_tok = maskf.sum()
+
+        def averaged(x: torch.Tensor) -> torch.Tensor:
+            # the policy loss's own unit: per-sequence means summed, or a token sum
+            if out.normaliser == "token":
+                return (x * maskf).sum()
+            return (reducer.seq_sum(x * maskf) / reducer.seq_sum(maskf).clamp_min(1)).sum()
+
+        extra = logp.new_zeros(())
+        if entropy is not None:
+            out.metrics.add_mean("entropy", (entropy.detach() * maskf).sum(), n_tok)
+            if reg.entropy_coef > 0:
+                extra = extra - reg.entropy_coef * averaged(entropy)
+        if reg.kl_coef > 0:
+            ref = torch.cat([batch.extra["ref_logprobs"][i].float() for i in mb.seq_indices]).to(dev)
+            kl = kl_penalty(logp, ref, reg.kl_estimator)
+            out.metrics.add_mean("kl", (kl.detach() * maskf).sum(), n_tok)
+            extra = extra + reg.kl_coef * averaged(kl)
+        if reg.kl_coef > 0 or reg.entropy_coef > 0:
+            out = LossOutput(out.loss, out.loss_sum + extra, out.loss_count, out.normaliser, out.metrics)
+        return out

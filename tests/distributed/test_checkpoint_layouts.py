@@ -9,6 +9,8 @@ padded vocab) is compared in fp32 to max |diff| <= 1e-4. One spawned group of 4 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -78,8 +80,9 @@ def _layout_worker(rank: int, world: int, tp: int, pp: int, cases: list) -> None
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from holderpo_megatron.checkpoint import (SafetensorsReader, expected_hf_shapes, export_hf_weights,
-                                              load_hf_weights_into_model, load_megatron_checkpoint)
+    from holderpo_megatron.checkpoint import (SafetensorsReader, expected_hf_shapes, export_hf_checkpoint,
+                                              export_hf_weights, load_hf_weights_into_model,
+                                              load_megatron_checkpoint, save_megatron_checkpoint)
     from holderpo_megatron.models import ModelArch, build_gpt_model, to_transformer_config
 
     ps.initialize_model_parallel(tp, pp)
@@ -98,6 +101,8 @@ def _layout_worker(rank: int, world: int, tp: int, pp: int, cases: list) -> None
                 diff = (logits - ref).abs().max().item()
                 assert diff <= 1e-4, f"{name} at TP{tp}PP{pp}: max |logits diff| = {diff}"
 
+            if (tp, pp) == (1, 2) and name == "llama":
+                _check_virtual_pipeline(arch, hf_dir, meg_dir)
             if (tp, pp) != (2, 2):
                 continue
             # (d) HF tensors -> this rank's shard -> export (TP all-gather) gives them back exactly
@@ -120,11 +125,68 @@ def _layout_worker(rank: int, world: int, tp: int, pp: int, cases: list) -> None
             names = [None] * dist.get_world_size()
             dist.all_gather_object(names, sorted(got))
             assert set().union(*names) == set(expected_hf_shapes(arch)), name
+            # a checkpoint saved at this layout (TP shards stored as separate chunks, vocab padded
+            # to 512) is read back by the Megatron -> HF converter in the test process
+            save_megatron_checkpoint(model, f"{meg_dir}_tp2pp2", arch, hf_dir=hf_dir)
+            # and the live model exports to an HF directory, every stage writing its own tensors
+            export_hf_checkpoint(model, arch, hf_dir, f"{meg_dir}_hf_export")
+            # bf16 weights all-gather over gloo too
+            for p in model.parameters():
+                p.data = p.data.to(torch.bfloat16)
+            for n, t in export_hf_weights(model, arch):
+                assert t.dtype == torch.bfloat16 and torch.equal(t, hf[n].to(torch.bfloat16)), n
     finally:
         ps.destroy_model_parallel()
 
 
+def _check_virtual_pipeline(arch, hf_dir: str, meg_dir: str) -> None:
+    """PP2 x 2 virtual stages (4 layers: rank 0 holds layers 0 and 2, rank 1 layers 1 and 3):
+    load and export over a list of chunks, and the checkpoint loads into the chunks."""
+    from megatron.core import parallel_state as ps
+
+    from holderpo_megatron.checkpoint import (SafetensorsReader, export_hf_checkpoint, export_hf_weights,
+                                              load_hf_weights_into_model, load_megatron_checkpoint)
+    from holderpo_megatron.models import build_gpt_model, to_transformer_config
+
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(1, 2, virtual_pipeline_model_parallel_size=2)
+    config = to_transformer_config(arch, 1, 2, use_cpu_initialization=True, virtual_pipeline_model_parallel_size=2)
+    hf = SafetensorsReader(hf_dir)
+    chunks = [build_gpt_model(arch, config, vp_stage=v) for v in range(2)]
+    load_hf_weights_into_model(chunks, arch, hf)
+    got = dict(export_hf_weights(chunks, arch))
+    stage = ps.get_pipeline_model_parallel_rank()
+    layers = {int(n.split(".")[2]) for n in got if n.startswith("model.layers.")}
+    assert layers == {stage, stage + 2}, layers
+    assert all(torch.equal(t, hf[n]) for n, t in got.items())
+    export_hf_checkpoint(chunks, arch, hf_dir, f"{meg_dir}_hf_export_vpp")  # DP replicas (ranks 2, 3) only wait
+    fresh = [build_gpt_model(arch, config, vp_stage=v) for v in range(2)]
+    load_megatron_checkpoint(fresh, meg_dir, arch)
+    for a, b in zip(chunks, fresh):
+        for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+            assert na == nb and torch.equal(pa, pb), na
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(1, 2)
+
+
 @pytest.mark.parametrize("tp,pp", list(LAYOUTS), ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
-def test_converted_checkpoint_logits_at_layout(converted, tp, pp):
+def test_converted_checkpoint_logits_at_layout(converted, tp, pp, tmp_path):
     cases = [(n, *converted[n]) for n in LAYOUTS[(tp, pp)]]
     run_gloo(_layout_worker, 4, tp, pp, cases)
+    from holderpo_megatron.checkpoint import convert_megatron_to_hf, read_marker
+    from tests.distributed.test_convert import _tensors
+
+    def same_as_source(hf_dir: str, out: Path) -> None:
+        src, got = _tensors(Path(hf_dir)), _tensors(out)
+        assert sorted(src) == sorted(got) and all(torch.equal(src[k], got[k]) for k in src), out
+        assert (Path(hf_dir) / "config.json").read_bytes() == (out / "config.json").read_bytes()
+
+    for name, hf_dir, meg_dir, _ in cases:
+        if (tp, pp) == (2, 2):
+            marker = read_marker(f"{meg_dir}_tp2pp2")
+            assert marker["saved_layout"] == {"tensor_parallel": 2, "pipeline_parallel": 2, "world_size": 4}
+            convert_megatron_to_hf(f"{meg_dir}_tp2pp2", tmp_path / name, progress=False)
+            same_as_source(hf_dir, tmp_path / name)
+            same_as_source(hf_dir, Path(f"{meg_dir}_hf_export"))
+        if (tp, pp) == (1, 2) and name == "llama":
+            same_as_source(hf_dir, Path(f"{meg_dir}_hf_export_vpp"))

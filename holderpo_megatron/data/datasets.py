@@ -1,0 +1,261 @@
+"""Math problem sets: the shared JSONL files, a generated arithmetic set, and a resumable iterator.
+
+Shared data lives outside the repo (never copied in): ``$HOLDERPO_DATA`` or ``<repo>/../shared/data``,
+with one folder per set under ``math/`` holding ``data.jsonl`` (fields: ``problem``, ``answer``,
+optionally ``answers``: every acceptable form, any match counts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+__all__ = [
+    "MathItem", "MathDataset", "data_root", "math_data_dir", "resolve_math_path", "load_math_dataset",
+    "generate_arithmetic_problems", "BatchIterator", "PAPER_EVAL_SUITE",
+]
+
+# The paper's evaluation suite (folder names under <data root>/math).
+PAPER_EVAL_SUITE = ("aime24", "aime25", "amc", "math500", "minerva", "olympiadbench")
+
+
+@dataclass(frozen=True)
+class MathItem:
+    """One problem. ``answers``: every acceptable gold answer, the canonical ``answer`` first."""
+
+    problem: str
+    answers: tuple[str, ...]
+    source: str = ""
+    index: int = 0  # row in the source file (0-based, counting skipped rows), or generator index
+
+    @property
+    def answer(self) -> str:
+        return self.answers[0]
+
+
+@dataclass
+class MathDataset:
+    """Items of one set. ``skipped_rows``: rows without a usable answer (null or blank ``answer`` and
+    no ``answers``; the MATH train sets have 2 null and 2 empty-string answers each)."""
+
+    name: str
+    items: list[MathItem]
+    path: str = ""
+    skipped_no_answer: int = 0
+    skipped_rows: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> MathItem:
+        return self.items[i]
+
+    def __iter__(self) -> Iterator[MathItem]:
+        return iter(self.items)
+
+
+def data_root() -> Path:
+    """``$HOLDERPO_DATA``, else ``<repo>/../shared/data`` (may not exist: callers check)."""
+    env = os.environ.get("HOLDERPO_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def math_data_dir(root: str | os.PathLike | None = None) -> Path:
+    return Path(root if root is not None else data_root()) / "math"
+
+
+def resolve_math_path(name_or_path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """A set name (``"math500"`` -> ``<root>/math/math500/data.jsonl``), a folder, or a .jsonl file."""
+    p = Path(name_or_path)
+    if p.suffix == ".jsonl" and p.is_file():
+        return p
+    if p.is_dir():
+        return p / "data.jsonl"
+    candidate = math_data_dir(root) / str(name_or_path) / "data.jsonl"
+    if candidate.is_file():
+        return candidate
+    raise FileNotFoundError(
+        f"no math set {str(name_or_path)!r}: not a .jsonl file or folder, and {candidate} does not exist "
+        f"(set HOLDERPO_DATA to the shared data folder)")
+
+
+def _answer_text(value) -> str | None:
+    """A gold answer as text: floats that are integers lose their ``.0`` (amc23_40 stores 27.0)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    return text or None
+
+
+def _gold_answers(row: dict) -> list[str]:
+    golds: list[str] = []
+    first = _answer_text(row.get("answer"))
+    if first is not None:
+        golds.append(first)
+    extra = row.get("answers")
+    if isinstance(extra, (list, tuple)):
+        for a in extra:
+            t = _answer_text(a)
+            if t is not None and t not in golds:
+                golds.append(t)
+    elif extra is not None:
+        t = _answer_text(extra)
+        if t is not None and t not in golds:
+            golds.append(t)
+    return golds
+
+
+def load_math_dataset(name_or_path: str | os.PathLike, root: str | os.PathLike | None = None,
+                      limit: int | None = None) -> MathDataset:
+    """Load a JSONL math set; rows whose answers are all null or blank are skipped and counted.
+
+    ``limit``: keep the first N usable items (file order). A row that is not JSON or lacks a
+    ``problem`` string is an error naming the file and line.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    path = resolve_math_path(name_or_path, root)
+    name = path.parent.name if path.name == "data.jsonl" else path.stem
+    items: list[MathItem] = []
+    skipped: list[int] = []
+    with open(path, encoding="utf-8") as f:
+        row_idx = -1
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            row_idx += 1
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc})") from None
+            problem = row.get("problem")
+            if not isinstance(problem, str) or not problem.strip():
+                raise ValueError(f"{path}:{line_no}: row has no 'problem' string (keys: {sorted(row)})")
+            golds = _gold_answers(row)
+            if not golds:
+                skipped.append(row_idx)
+                continue
+            items.append(MathItem(problem=problem, answers=tuple(golds), source=name, index=row_idx))
+            if limit is not None and len(items) >= limit:
+                break
+    return MathDataset(name=name, items=items, path=str(path), skipped_no_answer=len(skipped), skipped_rows=skipped)
+
+
+# --- generated arithmetic word problems (the embedded CPU demo) -------------------------------
+
+_NAMES = ("Tom", "Anna", "Ravi", "Mei", "Lucas", "Sara", "Omar", "Ines", "Kofi", "Yuki")
+_OBJECTS = ("apples", "marbles", "stickers", "books", "pencils", "coins", "shells", "cards")
+# (phrasing, op): {n} name, {o} objects, {a} first number, {b} second number.
+_PHRASINGS = (
+    ("{n} has {a} {o} and buys {b} more. How many {o} does {n} have?", "+"),
+    ("{n} had {a} {o}. A friend gave {n} {b} more. How many {o} does {n} have now?", "+"),
+    ("There are {a} {o} in a box and {b} {o} on the table. How many {o} are there in total?", "+"),
+    ("What is {a} plus {b}?", "+"),
+    ("{n} has {a} {o} and gives away {b}. How many {o} does {n} have left?", "-"),
+    ("{n} had {a} {o} and lost {b} of them. How many {o} are left?", "-"),
+    ("A shelf holds {a} {o}. {n} takes {b} {o} off the shelf. How many {o} remain on the shelf?", "-"),
+    ("What is {a} minus {b}?", "-"),
+)
+
+
+_DIRECT = tuple(p for p in _PHRASINGS if p[0].startswith("What is"))
+
+
+def _arithmetic_item(seed: int, index: int, max_operand: int = 99, direct: bool = False) -> MathItem:
+    # One RNG per (seed, index): item i does not depend on how many items were generated.
+    rng = random.Random(seed * 1_000_003 + index)
+    phrasings = _DIRECT if direct else _PHRASINGS
+    phrasing, op = phrasings[rng.randrange(len(phrasings))]
+    a, b = rng.randint(1, max_operand), rng.randint(1, max_operand)
+    if op == "-" and b > a:
+        a, b = b, a  # no negative counts of objects
+    answer = a + b if op == "+" else a - b
+    problem = phrasing.format(n=rng.choice(_NAMES), o=rng.choice(_OBJECTS), a=a, b=b)
+    return MathItem(problem=problem, answers=(str(answer),), source="arithmetic", index=index)
+
+
+def generate_arithmetic_problems(n: int, seed: int = 0, max_operand: int = 99, direct: bool = False) -> MathDataset:
+    """``n`` addition/subtraction word problems with operands in 1..``max_operand`` (default: 1-2
+    digits) and non-negative integer answers; ``direct``: only "What is a plus/minus b?".
+
+    Deterministic in (seed, index) across runs and machines (``random.Random`` with an int seed).
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if max_operand < 1:
+        raise ValueError(f"max_operand must be >= 1, got {max_operand}")
+    return MathDataset(name="arithmetic", items=[_arithmetic_item(seed, i, max_operand, direct) for i in range(n)])
+
+
+# --- resumable batch iterator -------------------------------------------------------------------
+
+class BatchIterator:
+    """Endless batches of items: one permutation per epoch (seeded by ``seed`` and the epoch).
+
+    Position is (epoch, index into that epoch's order); ``state_dict()`` saves it with the seed and
+    the dataset size, ``load_state_dict()`` restores it, so a resumed run sees exactly the batches the
+    interrupted one would have. A batch that crosses an epoch end is completed from the next epoch.
+    """
+
+    def __init__(self, items: Sequence, batch_size: int, seed: int = 0, shuffle: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(items) == 0:
+            raise ValueError("BatchIterator needs at least one item")
+        self.items = items
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.index = 0
+        self._order_epoch = -1
+        self._order: list[int] = []
+
+    def _epoch_order(self) -> list[int]:
+        if self._order_epoch != self.epoch:
+            order = list(range(len(self.items)))
+            if self.shuffle:
+                random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+            self._order, self._order_epoch = order, self.epoch
+        return self._order
+
+    def next_batch(self) -> list:
+        batch = []
+        while len(batch) < self.batch_size:
+            order = self._epoch_order()
+            take = min(self.batch_size - len(batch), len(order) - self.index)
+            batch.extend(self.items[j] for j in order[self.index:self.index + take])
+            self.index += take
+            if self.index == len(order):
+                self.epoch, self.index = self.epoch + 1, 0
+        return batch
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> list:
+        return self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "shuffle": self.shuffle,
+                "num_items": len(self.items), "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position; a different dataset size is an error (the order would not match)."""
+        if state["num_items"] != len(self.items):
+            raise ValueError(f"state is for {state['num_items']} items but this iterator has {len(self.items)}")
+        if not 0 <= state["index"] < len(self.items):
+            raise ValueError(f"state index {state['index']} out of range for {len(self.items)} items")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.seed, self.shuffle = int(state["seed"]), bool(state.get("shuffle", self.shuffle))
+        self._order_epoch = -1

@@ -1,0 +1,116 @@
+"""PNG curves of a run: ``plot_run(RUN_DIR)`` (``holderpo plot RUN_DIR``).
+
+One PNG per quantity, each drawing the metrics.jsonl keys that match its patterns (so
+``reward_std`` joins ``reward``, every ``time/<phase>`` joins the time plot). A quantity the run
+never logged gets no file. matplotlib's Agg backend: no display needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+from .logger import read_metrics
+
+__all__ = ["PLOTS", "plot_run", "main"]
+
+log = logging.getLogger(__name__)
+
+# file stem -> (title, y label, key patterns); drawn in this order
+PLOTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "reward": ("Reward", "reward", ("reward", "reward_*", "eval/*reward*")),
+    "accuracy": ("Accuracy", "fraction correct", ("accuracy", "accuracy_*", "eval/*accuracy*")),
+    "p": ("Hölder exponent p", "p", ("p",)),
+    "rho": ("Importance ratio rho", "rho", ("rho_mean", "rho_min", "rho_max")),
+    "clip_fraction": ("Clip fraction", "fraction", ("clip_frac", "token_clip_frac", "zero_grad_frac")),
+    "response_length": ("Response length", "tokens", ("response_length", "response_length_*")),
+    "kl": ("KL divergence", "nats", ("kl", "kl_*")),
+    "entropy": ("Entropy", "nats", ("entropy", "entropy_*")),
+    "grad_norm": ("Gradient norm", "L2 norm", ("grad_norm",)),
+    "logprob_drift": ("Log-prob drift (trainer vs rollout engine)", "nats", ("logprob_drift", "logprob_drift_*")),
+    "time": ("Time per phase", "seconds", ("time/*",)),
+    "throughput": ("Throughput", "tokens / s", ("tokens_per_s",)),
+    "gpu_memory": ("GPU memory", "GiB", ("gpu/memory_used_gib", "gpu/torch_max_allocated_gib")),
+}
+
+
+def _series(records: list[dict], patterns: tuple[str, ...]) -> dict[str, tuple[list[int], list[float]]]:
+    keys: list[str] = []
+    for r in records:
+        for k in r:
+            if k not in keys and any(fnmatch.fnmatchcase(k, pat) for pat in patterns):
+                keys.append(k)
+    out = {}
+    for k in keys:
+        xs, ys = [], []
+        for r in records:
+            v = r.get(k)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                xs.append(r["step"])
+                ys.append(float(v))
+        if xs:
+            out[k] = (xs, ys)
+    return out
+
+
+def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Write ``<name>.png`` for each quantity of :data:`PLOTS` the run logged into ``out_dir``
+    (default ``RUN_DIR/plots``); returns the files written, in :data:`PLOTS` order."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    if not records:
+        raise ValueError(f"{run_dir}: metrics.jsonl has no records to plot")
+    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, (title, ylabel, patterns) in PLOTS.items():
+        series = _series(records, patterns)
+        if not series:
+            continue
+        # Figure + Agg canvas directly: no pyplot state, no backend switch in the caller's process
+        fig = Figure(figsize=(7, 4), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        for key, (xs, ys) in series.items():
+            ax.plot(xs, ys, label=key, marker="." if len(xs) < 50 else None, linewidth=1.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if len(series) > 1 or next(iter(series)) != stem:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"{stem}.png"
+        fig.savefig(path, format="png")
+        written.append(path)
+    if not written:
+        log.warning("%s: none of the plotted metrics (%s) were logged", run_dir, ", ".join(PLOTS))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``holderpo plot RUN_DIR [--out DIR]`` (also ``python -m holderpo_megatron.observability.plots``)."""
+    parser = argparse.ArgumentParser(prog="holderpo plot", description="write PNG curves of a run directory")
+    parser.add_argument("run_dir", help="a run directory holding metrics.jsonl")
+    parser.add_argument("--out", default=None, help="output directory (default RUN_DIR/plots)")
+    args = parser.parse_args(argv)
+    try:
+        files = plot_run(args.run_dir, args.out)
+    except ValueError as e:
+        print(f"holderpo plot: {e}", file=sys.stderr)
+        return 2
+    for f in files:
+        print(f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Typed configuration of the SGLang rollout engine, validated once at construction."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlparse
+
+import torch
+
+__all__ = ["SGLangEngineConfig"]
+
+_MODES = ("embedded", "servers")
+_DEVICES = ("auto", "cpu", "cuda")
+_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class SGLangEngineConfig:
+    """How to run SGLang for rollouts.
+
+    mode ``"embedded"``: one in-process ``sglang.Engine`` (the default; colocated training on one
+    node). mode ``"servers"``: SGLang HTTP servers, either given as ``server_urls`` or started by
+    our launcher (``num_servers`` of them on ports from ``base_port``); requests are spread across
+    them, or sent to ``router_url`` (an sglang-router in front of the servers) when given.
+
+    ``mem_fraction_static``/``attention_backend`` default per device (CPU: 0.05 / torch_native;
+    GPU: 0.7 / SGLang's choice). ``server_args`` passes any other ``sglang`` ServerArgs field.
+    """
+
+    model_path: str
+    mode: str = "embedded"
+    device: str = "auto"
+    dtype: str = "auto"
+    tp_size: int = 1
+    mem_fraction_static: float | None = None
+    attention_backend: str | None = None
+    context_length: int | None = None
+    skip_tokenizer_init: bool = False
+    random_seed: int = 0
+    enable_memory_saver: bool = False
+    server_urls: tuple[str, ...] = ()
+    num_servers: int = 1
+    router_url: str | None = None
+    host: str = "127.0.0.1"
+    base_port: int = 0  # 0: pick free ports
+    startup_timeout_s: float = 300.0
+    request_timeout_s: float = 600.0
+    max_retries: int = 2
+    max_inflight_per_server: int = 64
+    log_level: str = "warning"
+    log_dir: str | None = None
+    server_args: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "server_urls", tuple(u.rstrip("/") for u in self.server_urls))
+
+        def bad(name, allowed):
+            raise ValueError(f"SGLangEngineConfig.{name}={getattr(self, name)!r} is invalid; allowed: {allowed}")
+
+        if not isinstance(self.model_path, str) or not self.model_path:
+            bad("model_path", "a non-empty path to an HF model directory")
+        if not self.server_urls and not os.path.isdir(self.model_path):
+            bad("model_path", "an existing directory (config.json + safetensors)")
+        if self.mode not in _MODES:
+            bad("mode", " | ".join(_MODES))
+        if self.device not in _DEVICES:
+            bad("device", " | ".join(_DEVICES))
+        if self.device == "cuda" and not torch.cuda.is_available():
+            bad("device", "'cpu' or 'auto' on a machine without CUDA")
+        if self.dtype not in _DTYPES:
+            bad("dtype", " | ".join(_DTYPES))
+        if not isinstance(self.tp_size, int) or self.tp_size < 1:
+            bad("tp_size", "an int >= 1")
+        if self.mem_fraction_static is not None and not (0 < self.mem_fraction_static < 1):
+            bad("mem_fraction_static", "None or a float in (0, 1)")
+        if self.context_length is not None and (not isinstance(self.context_length, int) or self.context_length < 1):
+            bad("context_length", "None or an int >= 1")
+        if self.server_urls and self.mode != "servers":
+            bad("server_urls", "empty unless mode='servers'")
+        for u in self.server_urls + ((self.router_url,) if self.router_url else ()):
+            p = urlparse(u)
+            if p.scheme not in ("http", "https") or not p.netloc:
+                raise ValueError(f"SGLangEngineConfig: server URL {u!r} is invalid; allowed: http(s)://host:port")
+        if self.router_url and self.mode != "servers":
+            bad("router_url", "None unless mode='servers'")
+        if not isinstance(self.num_servers, int) or self.num_servers < 1:
+            bad("num_servers", "an int >= 1")
+        if not isinstance(self.base_port, int) or not (self.base_port == 0 or 1024 <= self.base_port <= 65535):
+            bad("base_port", "0 (pick free ports) or 1024..65535")
+        for name in ("startup_timeout_s", "request_timeout_s"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                bad(name, "a finite number of seconds > 0")
+        if not isinstance(self.max_retries, int) or self.max_retries < 0:
+            bad("max_retries", "an int >= 0")
+        if not isinstance(self.max_inflight_per_server, int) or self.max_inflight_per_server < 1:
+            bad("max_inflight_per_server", "an int >= 1")
+        if self.log_level not in _LOG_LEVELS:
+            bad("log_level", " | ".join(_LOG_LEVELS))
+        if not isinstance(self.server_args, dict):
+            bad("server_args", "a dict of sglang ServerArgs fields")
+
+    # -- resolved values ------------------------------------------------------------------------
+    @property
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype the engine holds weights in: ``dtype``, or for "auto" the model's config dtype."""
+        if _DTYPES[self.dtype] is not None:
+            return _DTYPES[self.dtype]
+        import json
+
+        try:
+            cfg = json.loads(open(os.path.join(self.model_path, "config.json")).read())
+        except OSError:
+            return torch.bfloat16
+        name = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
+        dt = _DTYPES.get(name)
+        if dt is None:
+            return torch.bfloat16
+        # SGLang serves float32 checkpoints in bfloat16 on GPU under "auto"
+        return torch.bfloat16 if (dt == torch.float32 and self.resolved_device == "cuda") else dt
+
+    def server_args_dict(self) -> dict:
+        """Keyword arguments for ``sglang.Engine`` / ``sglang.srt.server_args.ServerArgs``."""
+        cpu = self.resolved_device == "cpu"
+        dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.torch_dtype]
+        kw = dict(
+            model_path=self.model_path,
+            device=self.resolved_device,
+            dtype=dtype_name,
+            tp_size=self.tp_size,
+            mem_fraction_static=self.mem_fraction_static or (0.05 if cpu else 0.7),
+            random_seed=self.random_seed,
+            skip_tokenizer_init=self.skip_tokenizer_init,
+            log_level=self.log_level,
+            enable_memory_saver=self.enable_memory_saver,
+        )
+        if cpu:
+            kw.update(attention_backend=self.attention_backend or "torch_native", disable_overlap_schedule=True)
+        elif self.attention_backend:
+            kw["attention_backend"] = self.attention_backend
+        if self.context_length:
+            kw["context_length"] = self.context_length
+        kw.update(self.server_args)
+        return kw
+
+    def to_dict(self) -> dict:
+        return asdict(self)

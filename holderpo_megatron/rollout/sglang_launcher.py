@@ -1,0 +1,139 @@
+"""Start SGLang HTTP servers as child processes and wait until they answer.
+
+A server that does not come up raises :class:`EngineStartError` with the tail of its log; a
+server that dies later is noticed by :meth:`SGLangServerProcess.exit_code` and reported with
+the same log tail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .interface import EngineStartError
+
+__all__ = ["SGLangServerProcess", "free_port", "log_tail", "sglang_env"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: str | os.PathLike | None, lines: int = 40) -> str:
+    if not path or not os.path.exists(path):
+        return "(no log)"
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64 * 1024))
+        text = f.read().decode(errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def sglang_env(device: str, base: dict | None = None) -> dict:
+    """Environment for a process running SGLang on ``device``: on CPU, the CPU engine switch and
+    the stand-in modules (see :mod:`.sglang_cpu_shims`) on ``PYTHONPATH``."""
+    env = dict(os.environ if base is None else base)
+    if device == "cpu":
+        from .sglang_cpu_shims import SITE, needed
+
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+        if needed():
+            parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != SITE]
+            env["PYTHONPATH"] = os.pathsep.join([SITE] + parts)
+    return env
+
+
+def _cli_args(server_args: dict) -> list[str]:
+    out = []
+    for k, v in server_args.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            if v:
+                out.append(flag)
+        elif v is None:
+            continue
+        elif isinstance(v, (dict, list)):
+            out += [flag, json.dumps(v)]
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+class SGLangServerProcess:
+    """One ``python -m sglang.launch_server`` child, its URL and its log file."""
+
+    def __init__(self, server_args: dict, *, host: str = "127.0.0.1", port: int = 0,
+                 log_dir: str | None = None, startup_timeout_s: float = 300.0):
+        self.host = host
+        self.port = port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        log_dir = log_dir or tempfile.mkdtemp(prefix="sglang-logs-")
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        self.log_path = os.path.join(log_dir, f"sglang-{self.port}.log")
+        device = server_args.get("device", "cpu")
+        cmd = [sys.executable, "-m", "sglang.launch_server", *_cli_args(server_args),
+               "--host", host, "--port", str(self.port)]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=sglang_env(device),
+                                     start_new_session=True)
+        self._wait_ready(startup_timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise EngineStartError(
+                    f"SGLang server {self.url} exited with code {code} during start-up; "
+                    f"log {self.log_path}, last lines:\n{log_tail(self.log_path)}"
+                )
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise EngineStartError(
+                    f"SGLang server {self.url} did not answer /health within {timeout_s:.0f} s; "
+                    f"log {self.log_path}, last lines:\n{log_tail(self.log_path)}"
+                )
+            time.sleep(0.5)
+
+    def exit_code(self) -> int | None:
+        return self.proc.poll()
+
+    def describe_death(self) -> str:
+        code = self.proc.poll()
+        state = "is running" if code is None else f"exited with code {code}"
+        return f"server {self.url} {state}; log {self.log_path}, last lines:\n{log_tail(self.log_path)}"
+
+    def kill(self, timeout_s: float = 30.0) -> None:
+        """Stop the server and every process it started (its own session)."""
+        if self.proc.poll() is None:
+            import signal
+
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(10)
+        self._log.close()

@@ -1,0 +1,315 @@
+"""The run configuration: typed sections, loaded from YAML, validated once before any worker starts.
+
+    cfg = load_run_config("examples/recipes/tiny-cpu.yaml", ["train.steps=5"])
+
+Each section checks its own ranges in ``__post_init__``; :func:`validate_run` checks what needs
+several sections or the model's own config (layout vs heads/layers, batch divisibility, paths).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from holderpo_megatron.algorithms import HOLDER_VARIANTS, SCHEDULE_KINDS, PSchedule, policy_loss_names
+
+from .config_loader import ConfigError, apply_overrides, from_dict, load_yaml_with_defaults
+
+__all__ = [
+    "RunConfig", "ModelSection", "ParallelSection", "RolloutSection", "AlgorithmSection", "TrainSection",
+    "DataSection", "EvalSection", "CheckpointSection", "LoggingSection", "load_run_config", "validate_run",
+    "ConfigError",
+]
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class ModelSection:
+    hf_path: str = ""  # HF directory (config.json, tokenizer, safetensors), or "builtin:smollm2-135m-instruct"
+    name: str = ""  # public model id, used by `holderpo plan` when hf_path is not on this machine
+    megatron_load: str | None = None  # a converted torch_dist checkpoint; None: convert hf_path once (cached)
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+    def __post_init__(self):
+        _need(bool(self.hf_path or self.name), "model.hf_path (or model.name for planning) must be set")
+
+
+@dataclass
+class ParallelSection:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    vpp: int | None = None
+    nnodes: int = 1
+    nproc_per_node: int = 1
+    gpu_memory_gb: float = 80.0  # per GPU, for `holderpo plan`
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        for k in ("tp", "pp", "cp", "nnodes", "nproc_per_node"):
+            _need(getattr(self, k) >= 1, f"parallel.{k} must be >= 1, got {getattr(self, k)}")
+        _need(self.vpp is None or (self.vpp >= 2 and self.pp >= 2),
+              f"parallel.vpp must be null or >= 2 with pp >= 2, got vpp={self.vpp}, pp={self.pp}")
+        _need(self.world_size % (self.tp * self.pp * self.cp) == 0,
+              f"parallel: world size nnodes*nproc_per_node = {self.world_size} is not divisible by "
+              f"tp*pp*cp = {self.tp}*{self.pp}*{self.cp} = {self.tp * self.pp * self.cp}")
+        _need(self.gpu_memory_gb > 0, f"parallel.gpu_memory_gb must be > 0, got {self.gpu_memory_gb}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp * self.cp)
+
+
+@dataclass
+class RolloutSection:
+    backend: Literal["sglang"] = "sglang"
+    mode: Literal["embedded", "servers"] = "embedded"  # embedded: one in-process sglang.Engine on rank 0
+    server_urls: list[str] = field(default_factory=list)  # mode=servers: given URLs; empty = we launch them
+    engine_tp: int = 1
+    mem_fraction_static: float | None = None  # None: the engine's per-device default
+    group_size: int = 8  # samples per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 1024
+    max_prompt_tokens: int = 1024
+    stop: list[str] = field(default_factory=list)
+    use_rollout_logprobs: bool = False  # old log-probs from the engine instead of re-scoring
+    weight_sync: Literal["auto", "tensor", "distributed", "disk"] = "auto"
+    bucket_mb: int = 512
+    drift_warn: float = 0.1  # warn when max |logp_train - logp_rollout| exceeds this (nats)
+    timeout_s: float = 600.0
+
+    def __post_init__(self):
+        _need(self.group_size >= 2, f"rollout.group_size must be >= 2 (group advantages), got {self.group_size}")
+        _need(self.temperature > 0, f"rollout.temperature must be > 0 for RL sampling, got {self.temperature}")
+        _need(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _need(self.top_k == -1 or self.top_k >= 1, f"rollout.top_k must be -1 or >= 1, got {self.top_k}")
+        _need(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _need(self.max_prompt_tokens >= 1, f"rollout.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        _need(self.mem_fraction_static is None or 0 < self.mem_fraction_static < 1,
+              f"rollout.mem_fraction_static must be null or in (0, 1), got {self.mem_fraction_static}")
+        _need(self.engine_tp >= 1, f"rollout.engine_tp must be >= 1, got {self.engine_tp}")
+        _need(self.bucket_mb >= 1, f"rollout.bucket_mb must be >= 1, got {self.bucket_mb}")
+        _need(self.timeout_s > 0, f"rollout.timeout_s must be > 0, got {self.timeout_s}")
+        _need(self.drift_warn > 0, f"rollout.drift_warn must be > 0, got {self.drift_warn}")
+        _need(self.mode == "servers" or not self.server_urls,
+              "rollout.server_urls is only used with rollout.mode=servers")
+
+
+@dataclass
+class PScheduleSection:
+    kind: str = "constant"
+    p_min: float = 1.0
+    p_max: float = 1.0
+    schedule_steps: int = 1
+    power: float = 2.0
+
+    def __post_init__(self):
+        _need(self.kind in SCHEDULE_KINDS, f"algorithm.p_schedule.kind {self.kind!r} is not one of {SCHEDULE_KINDS}")
+        self.build()
+
+    def build(self) -> PSchedule:
+        return PSchedule(self.kind, self.p_min, self.p_max, self.schedule_steps, self.power)
+
+
+@dataclass
+class AlgorithmSection:
+    loss: str = "holder"
+    variant: str = "seq"  # holder only
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    aggregation: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"  # grpo only
+    p_schedule: PScheduleSection = field(default_factory=PScheduleSection)
+    advantage: Literal["grpo", "dr_grpo"] = "grpo"
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    dynamic_sampling: bool = False
+    truncated_reward: float = 0.0
+
+    def __post_init__(self):
+        _need(self.loss in policy_loss_names(), f"algorithm.loss {self.loss!r} is not one of {policy_loss_names()}")
+        _need(self.variant in HOLDER_VARIANTS, f"algorithm.variant {self.variant!r} is not one of {HOLDER_VARIANTS}")
+        _need(0 < self.clip_low < 1, f"algorithm.clip_low must be in (0, 1), got {self.clip_low}")
+        _need(self.clip_high >= 0, f"algorithm.clip_high must be >= 0, got {self.clip_high}")
+        _need(self.dual_clip is None or self.dual_clip > 1, f"algorithm.dual_clip must be null or > 1, got {self.dual_clip}")
+        _need(self.kl_coef >= 0, f"algorithm.kl_coef must be >= 0, got {self.kl_coef}")
+        _need(self.entropy_coef >= 0, f"algorithm.entropy_coef must be >= 0, got {self.entropy_coef}")
+
+    def loss_kwargs(self, p: float) -> dict:
+        """Keyword arguments for ``compute_policy_loss(self.loss, ...)`` at power ``p``."""
+        kw: dict = {"clip_low": self.clip_low, "clip_high": self.clip_high}
+        if self.loss != "gmpo":
+            kw["dual_clip"] = self.dual_clip
+        if self.loss == "holder":
+            kw.update(p=p, variant=self.variant)
+        elif self.loss == "grpo":
+            kw["aggregation"] = self.aggregation
+        return kw
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    prompts_per_step: int = 32
+    minibatches_per_step: int = 1  # optimizer steps per rollout batch
+    token_budget: int = 8192  # tokens per microbatch
+    pack: bool = True
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    seed: int = 1234
+
+    def __post_init__(self):
+        for k in ("steps", "prompts_per_step", "minibatches_per_step", "token_budget"):
+            _need(getattr(self, k) >= 1, f"train.{k} must be >= 1, got {getattr(self, k)}")
+        _need(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _need(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _need(self.clip_grad >= 0, f"train.clip_grad must be >= 0 (0 = off), got {self.clip_grad}")
+        _need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+              f"train.adam_beta1/adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+
+
+@dataclass
+class DataSection:
+    train: str = "math_lvl3to5_8k"  # a set under data_dir/math, a .jsonl path, or "arithmetic"
+    data_dir: str | None = None  # default: $HOLDERPO_DATA or <repo>/../shared/data
+    prompt_template: str = "qwen_math"
+    reward: Literal["math", "exact_int"] = "math"
+    answer_template: str = "qwen_math"
+    reward_timeout_s: float = 5.0
+    shuffle: bool = True
+    arithmetic_max_operand: int = 99  # train: arithmetic only: operands in 1..this
+    arithmetic_direct: bool = False  # train: arithmetic only: "What is a plus b?" phrasings only
+
+    def __post_init__(self):
+        _need(self.reward_timeout_s > 0, f"data.reward_timeout_s must be > 0, got {self.reward_timeout_s}")
+        _need(self.arithmetic_max_operand >= 1, f"data.arithmetic_max_operand must be >= 1, got {self.arithmetic_max_operand}")
+
+    def resolved_data_dir(self) -> Path:
+        if self.data_dir:
+            return Path(self.data_dir)
+        env = os.environ.get("HOLDERPO_DATA")
+        if env:
+            return Path(env)
+        return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+@dataclass
+class EvalSection:
+    every: int = 0  # steps between evaluations; 0 = off
+    benchmarks: list[str] = field(default_factory=list)  # greedy pass@1
+    sampled_benchmarks: list[str] = field(default_factory=list)  # pass@k with sampling
+    sampled_n: int = 8
+    sampled_temperature: float = 0.7
+    max_new_tokens: int = 4096
+    limit: int | None = None  # first N items per benchmark
+    at_start: bool = False
+
+    def __post_init__(self):
+        _need(self.every >= 0, f"eval.every must be >= 0, got {self.every}")
+        _need(self.sampled_n >= 1, f"eval.sampled_n must be >= 1, got {self.sampled_n}")
+        _need(self.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _need(self.limit is None or self.limit >= 1, f"eval.limit must be null or >= 1, got {self.limit}")
+
+
+@dataclass
+class CheckpointSection:
+    dir: str | None = None  # default: <run dir>/checkpoints
+    every: int = 50  # 0 = only at the end
+    keep_last: int = 2
+    resume: bool = True
+    export_hf_at_end: bool = True
+
+    def __post_init__(self):
+        _need(self.every >= 0, f"checkpoint.every must be >= 0, got {self.every}")
+        _need(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class LoggingSection:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "holderpo"
+    wandb_mode: Literal["online", "offline"] = "offline"
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    hardware: str = ""  # what the recipe needs, in words (documentation; `holderpo plan` checks memory)
+    model: ModelSection = field(default_factory=lambda: ModelSection(hf_path="builtin:smollm2-135m-instruct"))
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: DataSection = field(default_factory=DataSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def __post_init__(self):
+        samples = self.train.prompts_per_step * self.rollout.group_size
+        per = self.parallel.dp * self.train.minibatches_per_step
+        _need(samples % per == 0,
+              f"train.prompts_per_step*rollout.group_size = {samples} samples per step must be divisible by "
+              f"data-parallel size * train.minibatches_per_step = {self.parallel.dp}*{self.train.minibatches_per_step}")
+        longest = self.rollout.max_prompt_tokens + self.rollout.max_new_tokens
+        _need(longest <= self.train.token_budget,
+              f"train.token_budget={self.train.token_budget} must hold one full sequence "
+              f"(rollout.max_prompt_tokens + rollout.max_new_tokens = {longest})")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    data = apply_overrides(load_yaml_with_defaults(path), list(overrides or []))
+    return from_dict(RunConfig, data)
+
+
+def validate_run(cfg: RunConfig, arch=None, check_paths: bool = True) -> None:
+    """Checks that need the model's config or the file system (run before any worker starts)."""
+    from holderpo_megatron.models import check_layout
+
+    p = cfg.parallel
+    if arch is not None:
+        try:
+            check_layout(arch, p.tp, p.pp, p.cp, world_size=p.world_size,
+                         seq_length=cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens)
+        except ValueError as e:
+            raise ConfigError(f"parallel/model: {e}") from e
+        if p.vpp and (arch.num_layers // p.pp) % p.vpp:
+            raise ConfigError(f"parallel.vpp={p.vpp}: {arch.num_layers // p.pp} layers per stage do not split into "
+                              f"{p.vpp} chunks")
+    if check_paths:
+        hf = cfg.model.hf_path
+        if hf and not hf.startswith("builtin:") and not Path(hf).is_dir():
+            raise ConfigError(f"model.hf_path {hf!r} is not a directory")
+        if cfg.model.megatron_load and not Path(cfg.model.megatron_load).is_dir():
+            raise ConfigError(f"model.megatron_load {cfg.model.megatron_load!r} is not a directory")
+        if cfg.data.train != "arithmetic":
+            t = Path(cfg.data.train)
+            if not (t.suffix == ".jsonl" and t.is_file()) and not (cfg.data.resolved_data_dir() / "math" / cfg.data.train / "data.jsonl").is_file():
+                raise ConfigError(
+                    f"data.train {cfg.data.train!r} is neither a .jsonl file nor a set under "
+                    f"{cfg.data.resolved_data_dir() / 'math'}"
+                )

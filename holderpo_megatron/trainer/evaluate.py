@@ -1,0 +1,72 @@
+"""Evaluation of a policy on the recipe's math suite through the rollout engine.
+
+During training rank 0 calls :func:`evaluate_with_engine` with the live engine (which holds the
+current weights); ``holderpo eval`` (:func:`eval_main`) starts an engine on the recipe's model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from holderpo_megatron.eval.math_eval import BenchmarkSpec, MathEvalConfig, run_math_eval
+from holderpo_megatron.rollout.interface import SamplingParams
+
+from .config import RunConfig
+
+__all__ = ["math_eval_config", "evaluate_with_engine", "eval_main"]
+
+
+def math_eval_config(cfg: RunConfig) -> MathEvalConfig:
+    e = cfg.eval
+    specs = [BenchmarkSpec(name=b) for b in e.benchmarks]
+    specs += [BenchmarkSpec(name=b, greedy=False, n_samples=e.sampled_n, temperature=e.sampled_temperature)
+              for b in e.sampled_benchmarks]
+    if not specs:
+        raise ValueError("eval: no benchmarks (set eval.benchmarks and/or eval.sampled_benchmarks)")
+    return MathEvalConfig(benchmarks=specs, data_dir=str(cfg.data.resolved_data_dir() / "math"),
+                          prompt_template=cfg.data.prompt_template, answer_template=cfg.data.answer_template,
+                          max_new_tokens=e.max_new_tokens, seed=cfg.train.seed, limit=e.limit,
+                          verify_timeout_s=cfg.data.reward_timeout_s)
+
+
+def engine_generate_fn(engine, tokenizer):
+    """``generate_fn(prompts, n, temperature, max_new_tokens, seed)`` of the eval runner over an engine."""
+
+    def generate_fn(prompts, n, temperature, max_new_tokens, seed):
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        params = SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+        groups = engine.generate(ids, params)
+        return [[(tokenizer.decode(s.output_ids, skip_special_tokens=True), s.finish_reason) for s in g] for g in groups]
+
+    return generate_fn
+
+
+def evaluate_with_engine(cfg: RunConfig, engine, tokenizer, out_dir: Path) -> dict:
+    results = run_math_eval(
+        math_eval_config(cfg), engine_generate_fn(engine, tokenizer), out_dir,
+        apply_chat_template=lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    out = {"average": results["average"]["headline"]}
+    out.update({name: r["headline"] for name, r in results["benchmarks"].items()})
+    return out
+
+
+def eval_main(cfg: RunConfig, out: str | None) -> int:
+    from transformers import AutoTokenizer
+
+    from holderpo_megatron.models.builtin import resolve_model_path
+    from holderpo_megatron.rollout.config import SGLangEngineConfig
+    from holderpo_megatron.rollout.sglang_engine import SGLangEngine
+
+    hf_dir = resolve_model_path(cfg.model.hf_path)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    r = cfg.rollout
+    engine = SGLangEngine(SGLangEngineConfig(model_path=str(hf_dir), mode=r.mode, tp_size=r.engine_tp,
+                                             mem_fraction_static=r.mem_fraction_static, server_urls=tuple(r.server_urls),
+                                             random_seed=cfg.train.seed))
+    try:
+        summary = evaluate_with_engine(cfg, engine, tok, Path(out) if out else cfg.run_dir / "eval")
+    finally:
+        engine.shutdown()
+    for k, v in summary.items():
+        print(f"{k:>16}: {100 * v:.1f}")
+    return 0

@@ -1,0 +1,167 @@
+"""The RL loop, as a recipe. Every torchrun worker runs :func:`run_training`.
+
+One step:
+    prompts --(rank 0: SGLang)--> samples --> rewards --> group advantages      (rank 0, broadcast)
+    --> old (and reference) log-probs: Megatron forward-only on every DP rank
+    --> minibatch updates with the registered loss at p = schedule(step)
+    --> weight sync Megatron -> SGLang (weight version = step + 1)
+    --> metrics; evaluation and checkpoints every N steps
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+import torch.distributed as dist
+
+from holderpo_megatron.algorithms import LossMetrics, group_advantages
+from holderpo_megatron.parallel.loss_scaling import all_reduce_loss_metrics
+from holderpo_megatron.rollout.interface import SamplingParams
+
+from .actor import Regularizers, RolloutBatch
+from .config import RunConfig
+from .setup import TrainContext, setup_training
+
+__all__ = ["run_training", "rollout_phase", "train_phase"]
+
+
+def run_training(cfg: RunConfig) -> None:
+    ctx = setup_training(cfg)
+    try:
+        for step in range(ctx.start_step, cfg.train.steps):
+            metrics = one_step(ctx, step)
+            ctx.logger.log(step + 1, metrics, tokens=int(metrics.get("tokens", 0)))
+            if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
+                ctx.evaluate(step + 1)
+            if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or step + 1 == cfg.train.steps:
+                ctx.save(step + 1)
+        ctx.finish()
+    finally:
+        ctx.close()
+
+
+def one_step(ctx: TrainContext, step: int) -> dict:
+    cfg, timer = ctx.cfg, ctx.logger.timer
+    p = ctx.schedule.value(step)
+    with timer("rollout"):
+        batch = rollout_phase(ctx, step)
+    metrics = dict(batch.pop("metrics"))
+    metrics.update(ctx.schedule.metrics(step))
+    if not batch["sequences"]:  # dynamic sampling dropped every group
+        metrics["skipped_update"] = 1.0
+        return metrics
+    mine = list(range(ctx.dp_rank, len(batch["sequences"]), ctx.dp_size))
+    seqs = [batch["sequences"][i] for i in mine]
+    starts = [batch["starts"][i] for i in mine]
+    rollout_lp = [batch["rollout_logprobs"][i] for i in mine]
+    with timer("score"):
+        old = ctx.actor.score(seqs, token_budget=cfg.train.token_budget, pack=cfg.train.pack)
+        extra = {}
+        if ctx.ref is not None:
+            extra["ref_logprobs"] = ctx.ref.score(seqs, token_budget=cfg.train.token_budget, pack=cfg.train.pack)
+    metrics.update(_drift(ctx, old, rollout_lp, starts))
+    if cfg.rollout.use_rollout_logprobs:
+        old = [_rollout_as_full(lp, s, len(q)) for lp, s, q in zip(rollout_lp, starts, seqs)]
+    adv = torch.tensor([batch["advantages"][i] for i in mine], dtype=torch.float32)
+    with timer("train"):
+        metrics.update(train_phase(ctx, RolloutBatch(seqs, starts, old, adv, extra), p))
+    with timer("sync"):
+        ctx.sync_weights(version=step + 1)
+    return metrics
+
+
+def rollout_phase(ctx: TrainContext, step: int) -> dict:
+    """Rank 0 generates and scores; every rank receives the same batch."""
+    cfg = ctx.cfg
+    items = ctx.data.next_batch()  # every rank advances its iterator, so all save the same position
+    payload = [None]
+    if ctx.rank == 0:
+        prompts = [ctx.prompt_ids(item.problem) for item in items]
+        params = SamplingParams(n=cfg.rollout.group_size, temperature=cfg.rollout.temperature,
+                                top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                                max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.train.seed * 100_003 + step)
+        groups = ctx.engine.generate(prompts, params)
+        samples = [s for g in groups for s in g]
+        texts = [ctx.tokenizer.decode(s.output_ids, skip_special_tokens=True) for s in samples]
+        answers = [list(items[s.prompt_index].answers) for s in samples]
+        scored = ctx.reward.score(texts, answers, [s.finish_reason for s in samples])
+        rewards = torch.tensor(scored.rewards, dtype=torch.float32)
+        adv = group_advantages(rewards, cfg.rollout.group_size, cfg.algorithm.advantage)
+        keep = list(range(len(samples)))
+        if cfg.algorithm.dynamic_sampling:  # drop groups whose rewards are all equal (no signal)
+            g = cfg.rollout.group_size
+            keep = [i for i in keep if rewards[i - i % g: i - i % g + g].unique().numel() > 1]
+            keep = keep[: len(keep) - len(keep) % ctx.dp_size]
+        lengths = torch.tensor([len(s.output_ids) for s in samples], dtype=torch.float32)
+        metrics = {
+            "reward_mean": rewards.mean().item(),
+            "accuracy": (rewards > 0).float().mean().item(),
+            "response_length_mean": lengths.mean().item(),
+            "response_length_max": lengths.max().item(),
+            "truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
+            "kept_samples": float(len(keep)),
+            "tokens": float(sum(len(s.prompt_ids) + len(s.output_ids) for s in samples)),
+            "reward_timeouts": float(scored.stats.get("timeout", 0)),
+            "stale_samples": float(sum(s.is_stale(ctx.weight_version) for s in samples)),
+        }
+        payload = [{
+            "sequences": [samples[i].prompt_ids + samples[i].output_ids for i in keep],
+            "starts": [len(samples[i].prompt_ids) for i in keep],
+            "rollout_logprobs": [samples[i].logprobs.float() for i in keep],
+            "advantages": [float(adv[i]) for i in keep],
+            "metrics": metrics,
+            "examples": [texts[i] for i in range(min(2, len(texts)))],
+        }]
+    dist.broadcast_object_list(payload, src=0)
+    batch = payload[0]
+    ctx.last_examples = batch.pop("examples")
+    return batch
+
+
+def train_phase(ctx: TrainContext, batch: RolloutBatch, p: float) -> dict:
+    """``minibatches_per_step`` optimizer steps over this rank's share; metrics merged over DP."""
+    cfg = ctx.cfg
+    n = len(batch.sequences)
+    order = list(range(n))
+    random.Random(cfg.train.seed + int(p * 1000)).shuffle(order)
+    k = cfg.train.minibatches_per_step
+    merged, grad_norms = LossMetrics(), []
+    reg = Regularizers(cfg.algorithm.kl_coef, cfg.algorithm.kl_estimator, cfg.algorithm.entropy_coef)
+    for part in range(k):
+        idx = order[part * n // k: (part + 1) * n // k]
+        sub = RolloutBatch([batch.sequences[i] for i in idx], [batch.response_start[i] for i in idx],
+                           [batch.old_logprobs[i] for i in idx], batch.advantages[idx],
+                           {key: [v[i] for i in idx] for key, v in batch.extra.items()})
+        m = ctx.actor.forward_backward(sub, loss_name=cfg.algorithm.loss, loss_kwargs=cfg.algorithm.loss_kwargs(p),
+                                       token_budget=cfg.train.token_budget, pack=cfg.train.pack, regularizers=reg)
+        merged = merged.merge(m)
+        grad_norms.append(ctx.actor.optimizer_step()["grad_norm"])
+    merged = all_reduce_loss_metrics(merged, ctx.dp_group)
+    out = merged.to_dict()
+    out["grad_norm"] = max(grad_norms) if grad_norms else math.nan
+    out["lr"] = cfg.train.lr
+    return out
+
+
+def _drift(ctx: TrainContext, train_lp, rollout_lp, starts) -> dict:
+    """|logp_train - logp_rollout| over response tokens, mean and max over the global batch."""
+    from holderpo_megatron.rollout.drift import logprob_drift
+
+    d = logprob_drift(train_lp, rollout_lp, response_starts=starts, threshold=ctx.cfg.rollout.drift_warn)
+    sums = torch.tensor([d.mean_abs * d.num_tokens, float(d.num_tokens)], dtype=torch.float64)
+    mx = torch.tensor([d.max_abs], dtype=torch.float64)
+    if ctx.dp_size > 1:
+        dist.all_reduce(sums, group=ctx.dp_group)
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=ctx.dp_group)
+    return {"logprob_drift_mean": float(sums[0] / sums[1].clamp_min(1)), "logprob_drift_max": float(mx[0])}
+
+
+def _rollout_as_full(lp: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """Engine log-probs of the response, placed at next-token positions ``[n-1]`` (prompt: 0)."""
+    full = torch.zeros(n - 1)
+    full[start - 1:] = lp.float()
+    return full
+
+

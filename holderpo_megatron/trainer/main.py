@@ -1,0 +1,22 @@
+"""The torchrun worker entry point: ``-m holderpo_megatron.trainer.main --config RECIPE [k=v ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="HölderPO training worker (run under torchrun)")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    from .config import load_run_config
+    from .loop import run_training
+
+    run_training(load_run_config(args.config, args.overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

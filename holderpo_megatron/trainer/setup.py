@@ -1,0 +1,178 @@
+"""Everything a training run holds, built once: distributed groups, the Actor (and reference),
+the rollout engine and weight synchroniser (rank 0), data, reward, logger, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from holderpo_megatron.checkpoint import SafetensorsReader, load_hf_weights_into_model, load_megatron_checkpoint
+from holderpo_megatron.checkpoint.train_state import load_latest_train_state, save_train_state
+from holderpo_megatron.data.datasets import BatchIterator, generate_arithmetic_problems, load_math_dataset
+from holderpo_megatron.data.templates import get_prompt_template
+from holderpo_megatron.models import ModelArch
+from holderpo_megatron.models.builtin import resolve_model_path
+from holderpo_megatron.observability import MetricsLogger, ObservabilityConfig
+from holderpo_megatron.parallel.layout import ParallelLayout, init_distributed, initialize_model_parallel
+from holderpo_megatron.rewards.math import RewardConfig, build_reward
+
+from .actor import MegatronActor, OptimizerSettings
+from .config import RunConfig, validate_run
+
+__all__ = ["TrainContext", "setup_training"]
+
+log = logging.getLogger("holderpo")
+
+
+class TrainContext:
+    """What one worker holds during a run. Rank 0 also holds the engine, tokenizer and reward."""
+
+    def __init__(self, cfg: RunConfig):
+        from megatron.core import parallel_state as ps
+
+        self.cfg = cfg
+        self.rank = dist.get_rank()
+        self.hf_dir = resolve_model_path(cfg.model.hf_path)
+        self.arch = ModelArch.from_pretrained_dir(self.hf_dir)
+        validate_run(cfg, self.arch)
+        p = cfg.parallel
+        self.layout = ParallelLayout(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp)
+        initialize_model_parallel(self.layout, seed=cfg.train.seed)
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.dp_group = ps.get_data_parallel_group()
+        cuda = torch.cuda.is_available()
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.model.dtype, torch.bfloat16 if cuda else torch.float32)
+        t = cfg.train
+        max_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
+        self.actor = MegatronActor(self.arch, self.layout, params_dtype=dtype, max_seq_length=max_len,
+                                   optimizer=OptimizerSettings(lr=t.lr, weight_decay=t.weight_decay, clip_grad=t.clip_grad,
+                                                               adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
+                                                               adam_eps=t.adam_eps))
+        self._load_initial_weights(self.actor)
+        self.ref = None
+        if cfg.algorithm.kl_coef > 0:
+            self.ref = MegatronActor(self.arch, self.layout, params_dtype=dtype, max_seq_length=max_len)
+            self._load_initial_weights(self.ref)
+        self.schedule = cfg.algorithm.p_schedule.build()
+        self.data = BatchIterator(self._train_items(), cfg.train.prompts_per_step, seed=t.seed, shuffle=cfg.data.shuffle)
+        self.template = get_prompt_template(cfg.data.prompt_template)
+        self.engine = self.tokenizer = self.reward = self.synchronizer = None
+        self.weight_version = 0
+        self.last_examples: list[str] = []
+        self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else cfg.run_dir / "checkpoints"
+        self.start_step = 0
+        extra = self._maybe_resume()
+        self.logger = MetricsLogger(
+            cfg.run_dir,
+            ObservabilityConfig(tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                                wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
+                                progress=cfg.logging.progress),
+            resume_step=self.start_step if extra is not None else None, total_steps=cfg.train.steps,
+            run_config=asdict(cfg))
+        if self.rank == 0:
+            self._start_rollout_side()
+        if self.start_step > 0:
+            self.sync_weights(version=self.start_step)
+
+    # ------------------------------------------------------------------ pieces
+    def _load_initial_weights(self, actor: MegatronActor) -> None:
+        if self.cfg.model.megatron_load:
+            load_megatron_checkpoint(actor.unwrapped(), self.cfg.model.megatron_load, self.arch)
+        else:
+            load_hf_weights_into_model(actor.unwrapped(), self.arch, SafetensorsReader(self.hf_dir))
+
+    def _train_items(self):
+        d = self.cfg.data
+        if d.train == "arithmetic":
+            return generate_arithmetic_problems(50_000, seed=self.cfg.train.seed, max_operand=d.arithmetic_max_operand,
+                                               direct=d.arithmetic_direct).items
+        return load_math_dataset(d.train, root=d.resolved_data_dir()).items
+
+    def _start_rollout_side(self) -> None:
+        from transformers import AutoTokenizer
+
+        from holderpo_megatron.rollout.config import SGLangEngineConfig
+        from holderpo_megatron.rollout.sglang_engine import SGLangEngine
+
+        r = self.cfg.rollout
+        self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
+        self.reward = build_reward(RewardConfig(
+            kind=self.cfg.data.reward, template=self.cfg.data.answer_template, timeout_s=self.cfg.data.reward_timeout_s,
+            truncated_reward=self.cfg.algorithm.truncated_reward))
+        self.engine = SGLangEngine(SGLangEngineConfig(
+            model_path=str(self.hf_dir), mode=r.mode, tp_size=r.engine_tp, mem_fraction_static=r.mem_fraction_static,
+            server_urls=tuple(r.server_urls), request_timeout_s=r.timeout_s, random_seed=self.cfg.train.seed,
+            context_length=r.max_prompt_tokens + r.max_new_tokens,
+            log_dir=str(self.cfg.run_dir / "sglang_logs")))
+
+    def prompt_ids(self, problem: str) -> list[int]:
+        if self.template.chat:
+            return self.tokenizer.apply_chat_template(self.template.messages(problem), add_generation_prompt=True,
+                                                      tokenize=True, return_dict=False)
+        return self.tokenizer(self.template.render(problem))["input_ids"]
+
+    # ------------------------------------------------------------------ weights, eval, checkpoints
+    def sync_weights(self, version: int) -> None:
+        from holderpo_megatron.weight_sync import sync_to_engine
+
+        sync_to_engine(self.actor.unwrapped(), self.arch, self.engine, version=version,
+                       transport=self.cfg.rollout.weight_sync, bucket_bytes=self.cfg.rollout.bucket_mb << 20,
+                       engine_rank=0)
+        self.weight_version = version
+
+    def evaluate(self, step: int) -> None:
+        if self.rank == 0:
+            from .evaluate import evaluate_with_engine
+
+            summary = evaluate_with_engine(self.cfg, self.engine, self.tokenizer, self.cfg.run_dir / "eval" / f"step_{step:06d}")
+            self.logger.log(step, {f"eval/{k}": v for k, v in summary.items()})
+        dist.barrier()
+
+    def save(self, step: int) -> None:
+        save_train_state(self.ckpt_root, step, model=self.actor.model, optimizer=self.actor.optimizer,
+                         extra={"data": self.data.state_dict(), "schedule": self.schedule.to_dict()},
+                         keep_last=self.cfg.checkpoint.keep_last)
+
+    def _maybe_resume(self) -> dict | None:
+        if not self.cfg.checkpoint.resume:
+            return None
+        info = load_latest_train_state(self.ckpt_root, model=self.actor.model, optimizer=self.actor.optimizer)
+        if info is None:
+            return None
+        self.start_step = info.step
+        self.data.load_state_dict(info.extra["data"])
+        if self.rank == 0:
+            log.warning("resumed from %s at step %d", self.ckpt_root, info.step)
+        return info.extra
+
+    def finish(self) -> None:
+        if self.cfg.checkpoint.export_hf_at_end:
+            from holderpo_megatron.checkpoint import export_hf_checkpoint
+
+            export_hf_checkpoint(self.actor.unwrapped(), self.arch, self.hf_dir, self.cfg.run_dir / "hf")
+
+    def close(self) -> None:
+        if getattr(self, "logger", None) is not None:
+            self.logger.close()
+        if self.engine is not None:
+            self.engine.shutdown()
+        if self.reward is not None:
+            self.reward.close()
+
+
+def setup_training(cfg: RunConfig) -> TrainContext:
+    if not torch.cuda.is_available():
+        from holderpo_megatron.parallel.cpu_compat import enable_cpu_megatron
+
+        enable_cpu_megatron()
+    init_distributed()
+    ctx = TrainContext(cfg)
+    if ctx.rank == 0:
+        (cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    return ctx

@@ -1,0 +1,99 @@
+"""Where the weights come from: full HF-named tensors of this rank's pipeline stage.
+
+:class:`MegatronWeightSource` streams a Megatron model through ``checkpoint.export_hf_weights``
+(each stage converts only its own layers; tensor-parallel shards are all-gathered parameter by
+parameter). :class:`StateDictSource` serves an in-memory HF state dict (one process, no Megatron:
+tools, benchmarks, tests of engines).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+import torch
+
+from ..checkpoint.mapping import expected_hf_shapes, export_hf_weights
+
+__all__ = ["WeightSource", "MegatronWeightSource", "StateDictSource"]
+
+
+class WeightSource:
+    """What a synchroniser needs from the trainer side.
+
+    ``participates``: this rank must iterate :meth:`named_tensors` (every TP rank of the stage,
+    in step: the export all-gathers over TP). ``is_sender``: this rank's tensors are the ones sent
+    (one rank per pipeline stage). ``stage_senders[s]``: global rank of stage ``s``'s sender; stage
+    0's sender owns the engine handle.
+    """
+
+    expected: dict[str, tuple[int, ...]]
+    stage_expected: dict[str, tuple[int, ...]]
+    pp_rank: int = 0
+    pp_size: int = 1
+    participates: bool = True
+    is_sender: bool = True
+    stage_senders: list[int] = [0]
+    sender_group = None  # a process group joining exactly the stage senders (None: one stage)
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_owner(self) -> bool:
+        return self.is_sender and self.pp_rank == 0
+
+    def named_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class MegatronWeightSource(WeightSource):
+    """``model``: the Actor's model chunks (``actor.unwrapped()``); ``arch``: its ModelArch.
+    Construct on every rank after model-parallel initialisation."""
+
+    def __init__(self, model, arch):
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        self.model = model
+        self.arch = arch
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.pp_size = ps.get_pipeline_model_parallel_world_size()
+        first_replica = ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+        self.participates = first_replica
+        self.is_sender = first_replica and ps.get_tensor_model_parallel_rank() == 0
+        # Megatron's pipeline group of this rank; on the senders it joins exactly the stage senders
+        self.sender_group = ps.get_pipeline_model_parallel_group()
+        self.stage_senders = dist.get_process_group_ranks(self.sender_group)
+        self.expected = expected_hf_shapes(arch)
+        chunks = model if isinstance(model, (list, tuple)) else [model]
+        layers = []
+        for c in chunks:
+            while hasattr(c, "module") and not hasattr(c, "decoder"):
+                c = c.module
+            if getattr(c, "decoder", None) is not None:
+                layers += [layer.layer_number - 1 for layer in c.decoder.layers]
+        self.stage_expected = expected_hf_shapes(
+            arch, sorted(layers), embedding=ps.is_pipeline_first_stage(ignore_virtual=True),
+            head=ps.is_pipeline_last_stage(ignore_virtual=True))
+        p = next(iter(chunks[0].parameters()))
+        self.device = p.device
+
+    def named_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        return export_hf_weights(self.model, self.arch, dtype=dtype)
+
+
+class StateDictSource(WeightSource):
+    """An HF state dict in this process (``lm_head.weight`` of a tied model is dropped, as the
+    export does). ``expected`` defaults to the dict's own names and shapes."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], arch=None):
+        state = dict(state)
+        if arch is not None and arch.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        self.state = state
+        self.expected = expected_hf_shapes(arch) if arch is not None else {k: tuple(v.shape) for k, v in state.items()}
+        self.stage_expected = self.expected
+        self.stage_senders = [0]
+        self.device = next(iter(state.values())).device
+
+    def named_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.expected:
+            yield name, self.state[name].detach().to(dtype).contiguous()

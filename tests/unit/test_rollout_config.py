@@ -1,0 +1,118 @@
+"""Rollout engine configuration, sampling parameters, the drift metric, the CPU shims: no SGLang needed."""
+
+import logging
+
+import pytest
+import torch
+
+from holderpo_megatron.rollout import LogprobDrift, Sample, SamplingParams, SGLangEngineConfig, logprob_drift
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    (tmp_path / "config.json").write_text('{"dtype": "float32", "architectures": ["LlamaForCausalLM"]}')
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("mode", "ray", "embedded | servers"),
+    ("device", "tpu", "auto | cpu | cuda"),
+    ("dtype", "float64", "auto | float32 | bfloat16 | float16"),
+    ("tp_size", 0, "an int >= 1"),
+    ("mem_fraction_static", 1.5, r"None or a float in \(0, 1\)"),
+    ("num_servers", 0, "an int >= 1"),
+    ("base_port", 80, "0 .pick free ports. or 1024..65535"),
+    ("request_timeout_s", float("nan"), "a finite number of seconds > 0"),
+    ("max_retries", -1, "an int >= 0"),
+    ("log_level", "loud", "debug | info | warning | error"),
+])
+def test_bad_engine_config_names_the_field_and_what_is_allowed(model_dir, field, value, allowed):
+    with pytest.raises(ValueError, match=rf"SGLangEngineConfig\.{field}=.* is invalid; allowed: {allowed}"):
+        SGLangEngineConfig(model_path=model_dir, **{field: value})
+
+
+def test_engine_config_cross_field_rules(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="model_path=.*an existing directory"):
+        SGLangEngineConfig(model_path=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="server_urls=.*empty unless mode='servers'"):
+        SGLangEngineConfig(model_path=model_dir, server_urls=("http://127.0.0.1:30000",))
+    with pytest.raises(ValueError, match="server URL 'localhost:30000' is invalid"):
+        SGLangEngineConfig(model_path=model_dir, mode="servers", server_urls=("localhost:30000",))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' is invalid"):
+            SGLangEngineConfig(model_path=model_dir, device="cuda")
+
+
+def test_engine_config_resolves_cpu_defaults(model_dir):
+    cfg = SGLangEngineConfig(model_path=model_dir, device="cpu", server_args={"chunked_prefill_size": 512})
+    kw = cfg.server_args_dict()
+    assert cfg.torch_dtype == torch.float32  # "auto": the checkpoint's dtype
+    assert kw["attention_backend"] == "torch_native" and kw["disable_overlap_schedule"] is True
+    assert kw["mem_fraction_static"] == 0.05 and kw["device"] == "cpu" and kw["chunked_prefill_size"] == 512
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(n=0), "n"), (dict(temperature=-0.1), "temperature"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=0), "top_k"), (dict(max_new_tokens=0), "max_new_tokens"), (dict(seed=-3), "seed"),
+])
+def test_bad_sampling_params(kw, field):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=.* is invalid; allowed: "):
+        SamplingParams(**kw)
+
+
+def test_sample_seeds_differ_per_prompt_and_sample():
+    p = SamplingParams(n=3, seed=10)
+    assert [p.sample_seed(i, j) for i in range(2) for j in range(3)] == [10, 11, 12, 13, 14, 15]
+    assert SamplingParams().sample_seed(0, 0) is None
+
+
+def test_sample_staleness():
+    s = Sample(0, 0, [1], [2, 3], torch.zeros(2), "length", weight_version=4, weight_versions=[(3, 0, 1), (4, 1, 2)])
+    assert s.is_mixed_version and s.is_stale(4)
+    s.weight_versions = [(4, 0, 2)]
+    assert not s.is_stale(4) and s.is_stale(5)
+
+
+def test_logprob_drift_mean_max_and_warning(caplog):
+    train = [torch.tensor([-1.0, -2.0, -0.5, -0.25]), torch.tensor([-3.0, -1.0])]  # whole-sequence scores
+    rollout = [torch.tensor([-0.45, -0.35]), torch.tensor([-1.0])]  # response tokens only
+    with caplog.at_level(logging.WARNING):
+        d = logprob_drift(train, rollout, response_starts=[3, 2], threshold=0.2)
+    assert isinstance(d, LogprobDrift) and d.num_tokens == 3
+    assert d.max_abs == pytest.approx(0.1) and d.mean_abs == pytest.approx(0.05)
+    assert not d.exceeded and not caplog.records
+    with caplog.at_level(logging.WARNING):
+        d = logprob_drift([torch.tensor([-1.0])], [torch.tensor([-1.5])], threshold=0.1)
+    assert d.exceeded and "drift above threshold" in caplog.text
+    assert d.to_dict()["rollout/logprob_drift_max"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="sample 0: 2 trainer log-probs vs 1 rollout log-probs"):
+        logprob_drift([torch.zeros(2)], [torch.zeros(1)])
+
+
+def test_cpu_shims_provide_exactly_what_sglang_calls():
+    import importlib
+    import sys
+
+    from holderpo_megatron.rollout.sglang_cpu_shims import SITE
+
+    sys.path.insert(0, SITE)
+    try:
+        for name in [m for m in sys.modules if m.split(".")[0] in ("sgl_kernel", "torchvision")]:
+            del sys.modules[name]
+        sk = importlib.import_module("sgl_kernel")
+        tv = importlib.import_module("torchvision")
+        req_to_token = torch.zeros(3, 8, dtype=torch.int32)
+        sk.assign_req_to_token_pool_cpu(torch.tensor([2, 0]), req_to_token, torch.tensor([1, 0]), torch.tensor([3, 3]),
+                                        torch.tensor([10, 11, 20, 21, 22]), 8)
+        assert req_to_token[2, 1:3].tolist() == [10, 11] and req_to_token[0, 0:3].tolist() == [20, 21, 22]
+        assert not hasattr(torch.ops.sgl_kernel, "convert_weight_packed")  # SGLang's AMX probe says no
+        with pytest.raises(NotImplementedError, match="stand-in"):
+            sk.silu_and_mul(torch.zeros(2))
+        from torchvision.transforms import InterpolationMode
+        assert InterpolationMode.BICUBIC.value == "bicubic"
+        with pytest.raises(NotImplementedError, match="torchvision is a stand-in"):
+            tv.transforms.functional.resize(None, 3)
+    finally:
+        sys.path.remove(SITE)
+        for name in [m for m in sys.modules if m.split(".")[0] in ("sgl_kernel", "torchvision")]:
+            del sys.modules[name]

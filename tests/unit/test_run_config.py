@@ -1,0 +1,110 @@
+"""Run config: YAML inheritance, overrides, and bad configs rejected with the key named."""
+
+import textwrap
+
+import pytest
+
+from holderpo_megatron.trainer.config import ConfigError, RunConfig, load_run_config, validate_run
+from holderpo_megatron.trainer.config_loader import from_dict
+from holderpo_megatron.trainer.plan import arch_for_plan, plan_run
+
+RECIPES = ["tiny-cpu", "deepseek-r1-distill-qwen-7b", "qwen2.5-math-7b", "deepseek-r1-distill-qwen-7b-grpo",
+           "deepseek-r1-distill-qwen-7b-gspo", "qwen2.5-32b", "llama-3.1-70b"]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_loads_and_passes_plan(name):
+    cfg = load_run_config(f"examples/recipes/{name}.yaml")
+    arch = arch_for_plan(cfg)
+    validate_run(cfg, arch, check_paths=False)
+    mp = plan_run(cfg, arch, on_gpu=cfg.model.dtype != "fp32")
+    assert mp.fits, (name, mp)
+    assert cfg.hardware
+
+
+def test_defaults_inheritance_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("train: {steps: 7, lr: 1.0e-5}\nrollout: {group_size: 4}\n")
+    (tmp_path / "child.yaml").write_text("defaults: [base.yaml]\ntrain: {steps: 9}\nmodel: {hf_path: /x}\n")
+    cfg = load_run_config(tmp_path / "child.yaml", ["rollout.temperature=0.7", "algorithm.p_schedule.kind=cos"])
+    assert cfg.train.steps == 9 and cfg.train.lr == 1e-5 and cfg.rollout.group_size == 4
+    assert cfg.rollout.temperature == 0.7 and cfg.algorithm.p_schedule.kind == "cos"
+
+
+def test_paper_math_setting_in_7b_recipe():
+    cfg = load_run_config("examples/recipes/deepseek-r1-distill-qwen-7b.yaml")
+    assert (cfg.train.lr, cfg.rollout.group_size, cfg.train.prompts_per_step) == (1e-6, 8, 128)
+    assert (cfg.algorithm.clip_low, cfg.algorithm.kl_coef, cfg.rollout.temperature) == (0.2, 0.0, 1.0)
+    assert (cfg.rollout.max_new_tokens, cfg.rollout.max_prompt_tokens) == (3000, 1024)
+    s = cfg.algorithm.p_schedule
+    assert (s.kind, s.p_max, s.p_min, s.schedule_steps) == ("linear_dec", 2.0, -2.0, 500)
+    assert cfg.eval.every == 16 and cfg.eval.sampled_benchmarks == ["aime25"] and cfg.eval.sampled_n == 8
+    assert cfg.data.train == "math_lvl3to5_8k"
+
+
+BAD = [
+    ({"trian": {}}, "unknown key 'trian'; did you mean 'train'"),
+    ({"train": {"stpes": 3}}, "unknown key 'train.stpes'; did you mean 'steps'"),
+    ({"train": {"steps": "ten"}}, "train.steps: expected an integer"),
+    ({"train": {"steps": 0}}, "train.steps must be >= 1"),
+    ({"train": {"lr": -1.0}}, "train.lr must be > 0"),
+    ({"rollout": {"temperature": "hot"}}, "rollout.temperature: expected a number"),
+    ({"rollout": {"temperature": 0.0}}, "rollout.temperature must be > 0"),
+    ({"rollout": {"group_size": 1}}, "rollout.group_size must be >= 2"),
+    ({"rollout": {"top_p": 1.5}}, "rollout.top_p must be in"),
+    ({"rollout": {"mode": "remote"}}, "rollout.mode: 'remote' is not allowed"),
+    ({"rollout": {"weight_sync": "nfs"}}, "rollout.weight_sync: 'nfs' is not allowed"),
+    ({"algorithm": {"loss": "ppo"}}, "algorithm.loss 'ppo' is not one of"),
+    ({"algorithm": {"variant": "tok"}}, "algorithm.variant 'tok' is not one of"),
+    ({"algorithm": {"clip_low": 1.5}}, "algorithm.clip_low must be in"),
+    ({"algorithm": {"p_schedule": {"kind": "exp"}}}, "algorithm.p_schedule.kind 'exp' is not one of"),
+    ({"algorithm": {"p_schedule": {"kind": "linear", "p_min": 3, "p_max": 1}}}, "p_min"),
+    ({"algorithm": {"kl_estimator": "k9"}}, "algorithm.kl_estimator: 'k9' is not allowed"),
+    ({"parallel": {"tp": 2, "nproc_per_node": 3}}, "world size nnodes\\*nproc_per_node = 3 is not divisible"),
+    ({"parallel": {"tp": 0}}, "parallel.tp must be >= 1"),
+    ({"parallel": {"vpp": 2}}, "parallel.vpp must be null or >= 2 with pp >= 2"),
+    ({"train": {"prompts_per_step": 3}, "rollout": {"group_size": 3}, "parallel": {"nproc_per_node": 2}},
+     "samples per step must be divisible by data-parallel size"),
+    ({"train": {"token_budget": 100}}, "train.token_budget=100 must hold one full sequence"),
+    ({"model": {"hf_path": "", "name": ""}}, "model.hf_path .* must be set"),
+    ({"eval": {"every": -1}}, "eval.every must be >= 0"),
+    ({"checkpoint": {"keep_last": 0}}, "checkpoint.keep_last must be >= 1"),
+    ({"logging": {"tensorboard": "yes"}}, "logging.tensorboard: expected true/false"),
+    ({"data": {"reward": "bleu"}}, "data.reward: 'bleu' is not allowed"),
+]
+
+
+@pytest.mark.parametrize("data,match", BAD, ids=[m[:30] for _, m in BAD])
+def test_bad_configs_are_rejected_naming_the_key(data, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(RunConfig, data)
+
+
+def test_layout_against_the_model_and_paths(tmp_path):
+    cfg = from_dict(RunConfig, {"model": {"hf_path": "builtin:smollm2-135m-instruct"},
+                                "parallel": {"tp": 2, "nproc_per_node": 2}})
+    arch = arch_for_plan(cfg)  # SmolLM2: 9 heads, 3 kv heads, 30 layers
+    with pytest.raises(ConfigError, match="num_attention_heads=9 is not divisible by tensor_parallel=2"):
+        validate_run(cfg, arch, check_paths=False)
+    cfg = from_dict(RunConfig, {"model": {"hf_path": str(tmp_path / "nope")}, "data": {"train": "arithmetic"}})
+    with pytest.raises(ConfigError, match="model.hf_path .* is not a directory"):
+        validate_run(cfg, None)
+    cfg = from_dict(RunConfig, {"data": {"train": "no_such_set", "data_dir": str(tmp_path)}})
+    with pytest.raises(ConfigError, match="data.train 'no_such_set' is neither"):
+        validate_run(cfg, None)
+
+
+def test_plan_refuses_what_cannot_fit():
+    cfg = load_run_config("examples/recipes/llama-3.1-70b.yaml", ["parallel.tp=1", "parallel.pp=1",
+                                                                  "parallel.nnodes=1", "parallel.nproc_per_node=1"])
+    mp = plan_run(cfg, arch_for_plan(cfg))
+    assert not mp.fits and mp.training_gib > 500
+
+
+def test_unknown_yaml_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="must look like key.sub=value"):
+        load_run_config("examples/recipes/tiny-cpu.yaml", ["train.steps"])
