@@ -24,6 +24,7 @@ setup(
         # GPU-only extras. NVIDIA apex is not on PyPI (the PyPI "apex" is unrelated): build it from
         # NVIDIA's repository as its README says. None of these build or import without CUDA.
         "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
+        "wandb": ["wandb>=0.17"],
     },
     entry_points={"console_scripts": ["holderpo=holderpo_megatron.cli:main"]},
 )

@@ -38,8 +38,14 @@ PYEOF
 echo "constraints: $(tr '\n' ' ' < "$CONSTRAINTS")"
 
 start=$(date +%s)
-"$PY" -m pip install -q --no-deps "sglang==$SGLANG_VERSION"
-"$PY" -m pip install -q -r requirements-sglang-cpu.txt -c "$CONSTRAINTS"
+STAMP="$VENV/.sglang-cpu-installed"
+if [ -f "$STAMP" ] && [ "$STAMP" -nt requirements-sglang-cpu.txt ] && [ "$STAMP" -nt "$0" ] \
+   && "$PY" -c "import importlib.metadata as m; assert m.version('sglang') == '$SGLANG_VERSION'" 2>/dev/null; then
+  echo "sglang $SGLANG_VERSION already installed (remove $STAMP to reinstall)"
+else
+  "$PY" -m pip install -q --no-deps "sglang==$SGLANG_VERSION"
+  "$PY" -m pip install -q -r requirements-sglang-cpu.txt -c "$CONSTRAINTS"
+fi
 
 # The torch must still be the one we started with (a CUDA torch here would be a 3 GB mistake).
 after=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
@@ -54,4 +60,5 @@ activate()
 import sglang, sglang.srt.entrypoints.engine
 print('sglang', sglang.__version__, 'imports on CPU')
 "
+touch "$STAMP"
 echo "SGLang CPU install took $(( $(date +%s) - start )) s"

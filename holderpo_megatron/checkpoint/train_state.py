@@ -20,10 +20,16 @@ directories, step directories without a marker, step directories newer than the 
 names (renamed before the pointer moved), directories half-deleted by a rotation. Without a
 ``latest`` file (lost, or a root written by hand) the newest complete step directory is used.
 Editing ``latest`` to name an older step rolls the run back: newer steps are then removed.
+
+The model and optimizer load at any layout (the distributed optimizer's state is saved in
+Megatron's fully reshardable form); the RNG states are per rank and are restored only when the
+layout is the one saved (otherwise a warning says so). The root must be on a filesystem every
+rank sees, as for any Megatron ``torch_dist`` checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -369,11 +375,67 @@ def _unwrap(model) -> list:
     return out
 
 
-def _state_dict_to_save(model, optimizer, is_loading: bool) -> dict:
+# How Megatron shapes the optimizer's sharded state: the distributed optimizer's state in the
+# fully reshardable form (loads at any TP/PP/DP; gathered per DP group while saving), and no
+# per-optimizer key prefix in a ChainedOptimizer. Stored in the marker; a load uses the saved one.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+def _allocate_distributed_optimizer_state(optimizer) -> None:
+    """A fresh DistributedOptimizer has no Adam state yet, and without Apex/TE its
+    ``sharded_state_dict`` reads the (missing) step first; Megatron's own remedy is one step with
+    zero gradients, whose values the load then overwrites."""
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(o, "_init_optimizer_states_with_dummy_values", None)
+        inner = getattr(o, "optimizer", None)
+        if init is not None and inner is not None and len(inner.state) == 0:
+            init()
+
+
+@contextlib.contextmanager
+def _per_param_step_filled_in(optimizer):
+    """Megatron 0.16.1's DistributedOptimizer over torch's Adam (its fallback without Apex/TE)
+    keeps a per-parameter ``step`` tensor that its reshardable loaders never hand over (the step
+    travels in the param groups), and then fails copying it (KeyError 'step'). While loading,
+    each optimizer instance gets the step its own ``load_state_dict`` has just restored; with
+    Apex/TE's FusedAdam there is no per-parameter step and this changes nothing."""
+    patched = []
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        setter = getattr(o, "_set_main_param_and_optimizer_states", None)
+        if setter is None or not hasattr(o, "model_param_group_index_map"):
+            continue
+
+        def fill(model_param, tensors, _o=o, _setter=setter):
+            if "step" not in tensors:
+                gi, go = _o.model_param_group_index_map[model_param]
+                state = _o.optimizer.state.get(_o.optimizer.param_groups[gi]["params"][go], {})
+                if "step" in state:
+                    tensors = {**tensors, "step": state["step"].clone()}
+            return _setter(model_param, tensors)
+
+        o._set_main_param_and_optimizer_states = fill  # this instance only, removed below
+        patched.append(o)
+    try:
+        yield
+    finally:
+        for o in patched:
+            del o._set_main_param_and_optimizer_states
+    # The same loader gives every parameter one shared step tensor, which torch's Adam would then
+    # advance once per parameter per step: give each its own.
+    for o in patched:
+        for st in o.optimizer.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+
+
+def _state_dict_to_save(model, optimizer, is_loading: bool, optimizer_metadata: dict) -> dict:
     model_sd = _sharded_state_dict(_unwrap(model))
     out = {"model": model_sd}
     if optimizer is not None:
-        out["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        if is_loading:
+            _allocate_distributed_optimizer_state(optimizer)
+        out["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                        metadata=dict(optimizer_metadata))
     return out
 
 
@@ -408,7 +470,7 @@ def save_train_state(root: str | os.PathLike, step: int, *, model, optimizer, ex
     d = TrainStateDirectory(root)
     tmp = Path(_on_rank0(lambda: str(d.staging(step))))
     _barrier()
-    dist_checkpointing.save(_state_dict_to_save(model, optimizer, is_loading=False), str(tmp))
+    dist_checkpointing.save(_state_dict_to_save(model, optimizer, False, OPTIMIZER_METADATA), str(tmp))
     rank = _rank()
     rng_path = tmp / _rng_file(rank)
     rng_path.parent.mkdir(exist_ok=True)
@@ -419,7 +481,8 @@ def save_train_state(root: str | os.PathLike, step: int, *, model, optimizer, ex
         f.flush()
         os.fsync(f.fileno())
     _barrier()
-    marker = {"extra": extra, "layout": _layout(), "has_optimizer": optimizer is not None}
+    marker = {"extra": extra, "layout": _layout(), "has_optimizer": optimizer is not None,
+              "optimizer_metadata": OPTIMIZER_METADATA}
 
     def finish():
         final = d.commit(tmp, step, marker)
@@ -442,7 +505,7 @@ def load_train_state(step_dir: str | os.PathLike, *, model, optimizer) -> TrainS
     marker = TrainStateDirectory(step_dir.parent).read_marker(step_dir)
     if optimizer is not None and not marker.get("has_optimizer", False):
         raise ValueError(f"{str(step_dir)!r} holds no optimizer state; pass optimizer=None to load the model only")
-    request = _state_dict_to_save(model, optimizer, is_loading=True)
+    request = _state_dict_to_save(model, optimizer, True, marker.get("optimizer_metadata", OPTIMIZER_METADATA))
     with _quiet_dcp():
         state = dist_checkpointing.load(request, str(step_dir))
     chunks = _unwrap(model)
@@ -452,7 +515,8 @@ def load_train_state(step_dir: str | os.PathLike, *, model, optimizer) -> TrainS
         for i, c in enumerate(chunks):
             c.load_state_dict(state["model"][f"model{i}"], strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        with _per_param_step_filled_in(optimizer):
+            optimizer.load_state_dict(state["optimizer"])
 
     saved, now = marker.get("layout", {}), _layout()
     if saved == now:

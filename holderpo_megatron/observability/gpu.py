@@ -66,8 +66,9 @@ class GpuMonitor:
             uuid = getattr(props, "uuid", None)
             if uuid is not None:
                 text = str(uuid)
+                name = text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
                 try:
-                    return pynvml.nvmlDeviceGetHandleByUUID(text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}")
+                    return pynvml.nvmlDeviceGetHandleByUUID(name)
                 except pynvml.NVMLError as e:
                     log.info("NVML does not know CUDA device UUID %s (%s); using the device index", text, e)
         if pynvml.nvmlDeviceGetCount() == 0:

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import TextIO
 
@@ -159,7 +160,8 @@ class MetricsLogger:
         if self.resume_step is None:
             if records:
                 raise ValueError(
-                    f"{self.path} already holds {len(records)} records (steps {records[0]['step']}..{records[-1]['step']}): "
+                    f"{self.path} already holds {len(records)} records (steps {records[0]['step']}.."
+                    f"{records[-1]['step']}): "
                     "pass resume_step=<the step resumed from> to continue this run, or use a new run directory")
             keep = []
         elif truncate:
@@ -197,7 +199,7 @@ class MetricsLogger:
         id_file = self.run_dir / _WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else None
         if run_id is None:
-            run_id = wandb.util.generate_id() if hasattr(wandb, "util") else f"{int(time.time())}"
+            run_id = uuid.uuid4().hex[:16]  # kept in RUN_DIR so a resumed run continues the same wandb run
             id_file.write_text(run_id + "\n")
         return wandb.init(project=c.wandb_project, entity=c.wandb_entity, name=c.wandb_run_name,
                           dir=str(self.run_dir), mode=c.wandb_mode, config=run_config or {}, id=run_id,

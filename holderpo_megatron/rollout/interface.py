@@ -33,9 +33,12 @@ class EngineDiedError(RolloutEngineError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample. ``temperature=0`` is greedy. ``seed`` makes sampling reproducible: prompt i,
-    sample j uses ``seed + i * n + j`` (each sample its own stream). ``stop_token_ids`` / ``stop``
-    (strings, text mode only) end a sample with finish reason ``"stop"``; the engine's EOS does too
+    """How to sample. ``temperature=0`` is greedy. ``seed``: prompt i, sample j is sent with seed
+    ``seed + i * n + j`` (each sample its own stream); SGLang honours per-request seeds only when
+    started with ``enable_deterministic_inference`` (pass it in ``SGLangEngineConfig.server_args``;
+    not verified on CPU), otherwise sampling draws from the engine's global generator
+    (``SGLangEngineConfig.random_seed``). ``stop_token_ids`` / ``stop`` (strings; they need the
+    engine's tokenizer) end a sample with finish reason ``"stop"``; the engine's EOS does too
     unless ``ignore_eos``."""
 
     n: int = 1
@@ -172,8 +175,9 @@ class RolloutEngine(abc.ABC):
     def end_weight_update(self) -> None: ...
 
     @abc.abstractmethod
-    def update_weights_from_bucket(self, bucket: TensorBucket) -> None:
-        """Colocated: load one bucket of full HF tensors (shared memory on CPU, IPC on GPU)."""
+    def update_weights_from_bucket(self, bucket: TensorBucket, *, flush_cache: bool = False) -> None:
+        """Colocated: load one bucket of full HF tensors (shared memory on CPU, IPC on GPU).
+        ``flush_cache``: drop the KV / prefix cache after loading (pass it with the last bucket)."""
 
     @abc.abstractmethod
     def init_weights_update_group(self, master_address: str, master_port: int, group_name: str,
@@ -188,15 +192,18 @@ class RolloutEngine(abc.ABC):
         """Ranks this engine contributes to a weights-update group (its tensor-parallel size, summed over servers)."""
 
     @abc.abstractmethod
-    def update_weights_from_distributed(self, metas: Sequence[TensorMeta], group_name: str) -> None:
-        """Receive one bucket broadcast from group rank 0 and load it."""
+    def update_weights_from_distributed(self, metas: Sequence[TensorMeta], group_name: str, *,
+                                        flush_cache: bool = False) -> None:
+        """Receive one bucket broadcast from group rank 0 and load it (blocks until the broadcast
+        arrives: call it from a helper thread while the trainer broadcasts)."""
 
     @abc.abstractmethod
     def destroy_weights_update_group(self, group_name: str) -> None: ...
 
     @abc.abstractmethod
     def update_weights_from_disk(self, path: str) -> None:
-        """Reload all weights from an HF directory (safetensors) readable by the engine."""
+        """Reload all weights from an HF directory (safetensors) readable by the engine; flushes
+        the KV / prefix cache."""
 
     @abc.abstractmethod
     def get_weight(self, hf_name: str) -> torch.Tensor:

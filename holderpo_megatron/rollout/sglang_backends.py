@@ -107,11 +107,11 @@ class EmbeddedBackend:
 
         _check(self._run(self._tm.end_weight_update(EndWeightUpdateReqInput(), None)), "end_weight_update", self.name)
 
-    def update_weights_from_bucket(self, bucket: TensorBucket):
+    def update_weights_from_bucket(self, bucket: TensorBucket, flush_cache: bool = False):
         from sglang.srt.managers.io_struct import UpdateWeightsFromTensorReqInput
 
         obj = UpdateWeightsFromTensorReqInput(serialized_named_tensors=bucket_payload(bucket, self.tp_size),
-                                              load_format="flattened_bucket", flush_cache=False)
+                                              load_format="flattened_bucket", flush_cache=flush_cache)
         _check(self._run(self._tm.update_weights_from_tensor(obj, None)), "update_weights_from_tensor", self.name)
 
     def init_weights_update_group(self, master_address, master_port, rank_offset, world_size, group_name, backend):
@@ -122,12 +122,12 @@ class EmbeddedBackend:
                                              group_name=group_name, backend=backend)
         _check(self._run(self._tm.init_weights_update_group(obj, None)), "init_weights_update_group", self.name)
 
-    def update_weights_from_distributed(self, metas: list[TensorMeta], group_name: str):
+    def update_weights_from_distributed(self, metas: list[TensorMeta], group_name: str, flush_cache: bool = False):
         from sglang.srt.managers.io_struct import UpdateWeightsFromDistributedReqInput
 
         obj = UpdateWeightsFromDistributedReqInput(
             names=[m.name for m in metas], dtypes=[_dtype_name(m.dtype) for m in metas],
-            shapes=[list(m.shape) for m in metas], group_name=group_name, flush_cache=False,
+            shapes=[list(m.shape) for m in metas], group_name=group_name, flush_cache=flush_cache,
             load_format="flattened_bucket")
         _check(self._run(self._tm.update_weights_from_distributed(obj, None)), "update_weights_from_distributed", self.name)
 
@@ -226,9 +226,9 @@ class ServerBackend:
     def end_weight_update(self):
         _check(self._request("/end_weight_update", {}), "end_weight_update", self.name)
 
-    def update_weights_from_bucket(self, bucket: TensorBucket):
+    def update_weights_from_bucket(self, bucket: TensorBucket, flush_cache: bool = False):
         payload = {"serialized_named_tensors": [base64.b64encode(p).decode() for p in bucket_payload(bucket, self.tp_size)],
-                   "load_format": "flattened_bucket", "flush_cache": False}
+                   "load_format": "flattened_bucket", "flush_cache": flush_cache}
         _check(self._request("/update_weights_from_tensor", payload), "update_weights_from_tensor", self.name)
 
     def init_weights_update_group(self, master_address, master_port, rank_offset, world_size, group_name, backend):
@@ -236,10 +236,10 @@ class ServerBackend:
             master_address=master_address, master_port=master_port, rank_offset=rank_offset,
             world_size=world_size, group_name=group_name, backend=backend)), "init_weights_update_group", self.name)
 
-    def update_weights_from_distributed(self, metas: list[TensorMeta], group_name: str):
+    def update_weights_from_distributed(self, metas: list[TensorMeta], group_name: str, flush_cache: bool = False):
         _check(self._request("/update_weights_from_distributed", dict(
             names=[m.name for m in metas], dtypes=[_dtype_name(m.dtype) for m in metas],
-            shapes=[list(m.shape) for m in metas], group_name=group_name, flush_cache=False,
+            shapes=[list(m.shape) for m in metas], group_name=group_name, flush_cache=flush_cache,
             load_format="flattened_bucket")), "update_weights_from_distributed", self.name)
 
     def destroy_weights_update_group(self, group_name: str):

@@ -249,8 +249,8 @@ class SGLangEngine(RolloutEngine):
     def end_weight_update(self) -> None:
         self._each("end_weight_update")
 
-    def update_weights_from_bucket(self, bucket: TensorBucket) -> None:
-        self._each("update_weights_from_bucket", bucket)
+    def update_weights_from_bucket(self, bucket: TensorBucket, *, flush_cache: bool = False) -> None:
+        self._each("update_weights_from_bucket", bucket, flush_cache)
 
     @property
     def weights_update_world_size(self) -> int:
@@ -272,8 +272,10 @@ class SGLangEngine(RolloutEngine):
             offset += b.tp_size
         self._concurrently("init_weights_update_group", args)
 
-    def update_weights_from_distributed(self, metas: Sequence[TensorMeta], group_name: str) -> None:
-        self._concurrently("update_weights_from_distributed", [(list(metas), group_name)] * len(self._backends))
+    def update_weights_from_distributed(self, metas: Sequence[TensorMeta], group_name: str, *,
+                                        flush_cache: bool = False) -> None:
+        self._concurrently("update_weights_from_distributed",
+                           [(list(metas), group_name, flush_cache)] * len(self._backends))
 
     def destroy_weights_update_group(self, group_name: str) -> None:
         self._each("destroy_weights_update_group", group_name)

@@ -66,13 +66,14 @@ class TrainContext:
         self.last_examples: list[str] = []
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else cfg.run_dir / "checkpoints"
         self.start_step = 0
-        extra = self._maybe_resume()
+        self._maybe_resume()
         self.logger = MetricsLogger(
             cfg.run_dir,
             ObservabilityConfig(tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                                 wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
                                 progress=cfg.logging.progress),
-            resume_step=self.start_step if extra is not None else None, total_steps=cfg.train.steps,
+            # resuming (even before a first checkpoint) drops records after the restart step
+            resume_step=self.start_step if cfg.checkpoint.resume else None, total_steps=cfg.train.steps,
             run_config=asdict(cfg))
         if self.rank == 0:
             self._start_rollout_side()
@@ -130,10 +131,14 @@ class TrainContext:
             from .evaluate import evaluate_with_engine
 
             summary = evaluate_with_engine(self.cfg, self.engine, self.tokenizer, self.cfg.run_dir / "eval" / f"step_{step:06d}")
-            self.logger.log(step, {f"eval/{k}": v for k, v in summary.items()})
+            self.logger.log_extra(step, {f"eval/{k}": v for k, v in summary.items()})
         dist.barrier()
 
     def save(self, step: int) -> None:
+        with self.logger.timer("checkpoint"):
+            self._save(step)
+
+    def _save(self, step: int) -> None:
         save_train_state(self.ckpt_root, step, model=self.actor.model, optimizer=self.actor.optimizer,
                          extra={"data": self.data.state_dict(), "schedule": self.schedule.to_dict()},
                          keep_last=self.cfg.checkpoint.keep_last)

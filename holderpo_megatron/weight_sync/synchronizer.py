@@ -76,7 +76,7 @@ class WeightSynchronizer(abc.ABC):
     name: str = ""
 
     def __init__(self, source: WeightSource, engine: RolloutEngine | None, *, dtype: torch.dtype,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, pipelined: bool = True):
         if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise ValueError(f"bucket_bytes={bucket_bytes!r} is invalid; allowed: an int >= 1")
         if source.is_owner and engine is None:
@@ -89,6 +89,7 @@ class WeightSynchronizer(abc.ABC):
         self.engine = engine
         self.dtype = dtype
         self.bucket_bytes = bucket_bytes
+        self.pipelined = pipelined
 
     # -- the protocol, the same for every transport ----------------------------------------------
     def sync(self, version: int) -> SyncReport:
@@ -96,6 +97,7 @@ class WeightSynchronizer(abc.ABC):
         t0 = time.perf_counter()
         ledger = SyncLedger(src.expected, self.dtype) if src.is_owner else None
         self._sent = [0, 0, 0]  # bytes, tensors, buckets sent by this rank
+        self._flushed = False  # the transport flushed the engine's cache with its last update
         if eng is not None:
             eng.pause_generation()
             self._begin()
@@ -109,7 +111,8 @@ class WeightSynchronizer(abc.ABC):
             raise
         if eng is not None:
             ledger.check_complete()
-            eng.flush_cache()
+            if not self._flushed:
+                eng.flush_cache()
             eng.set_weight_version(version)
             eng.continue_generation()
         seconds = time.perf_counter() - t0
@@ -118,7 +121,16 @@ class WeightSynchronizer(abc.ABC):
         return SyncReport(self.name, version, seconds, *self._sent)
 
     def close(self) -> None:
-        """Release what the transport keeps between syncs (process groups, files)."""
+        """Release what the transport keeps between syncs (process groups, files, buffers)."""
+        self._bufs = {}
+
+    def _buffers(self, key: str, n: int = 1) -> list[BucketBuffer]:
+        """Staging buffers kept across syncs (fresh memory costs page faults on every sync)."""
+        if not hasattr(self, "_bufs"):
+            self._bufs = {}
+        if key not in self._bufs:
+            self._bufs[key] = [self._new_buffer() for _ in range(n)]
+        return self._bufs[key]
 
     # -- hooks -----------------------------------------------------------------------------------
     def _begin(self) -> None:
@@ -139,24 +151,65 @@ class WeightSynchronizer(abc.ABC):
 
     def _stream(self, ledger: SyncLedger | None) -> None:
         src = self.source
+        # The owner delivers each bucket once it knows whether another follows, so the last one
+        # can flush the engine's cache in the same call (SGLang's standalone flush on CPU runs a
+        # full gc pass, ~0.4 s).
+        pending: list = []  # [(bucket, done)] at most one
+
+        def deliver(bucket, done, last=False):
+            ledger.add_bucket(bucket.metas)
+            self._deliver(bucket, flush_cache=last)
+            done()
+
+        def push(bucket, done):
+            if pending:
+                deliver(*pending.pop())
+            pending.append((bucket, done))
+
         if src.participates:
             if src.is_owner:
-                buf = self._new_buffer()
-                for g in self._groups():
-                    b = pack_bucket(g, buf)
-                    ledger.add_bucket(b.metas)
-                    self._deliver(b)
+                self._stream_own(ledger, last_stage=src.pp_size == 1)
             elif src.is_sender:
                 self._relay_send(self._groups())
             else:
                 for _ in self._groups():  # TP peers: the export all-gathers in step with the sender
                     pass
-        if src.is_owner:
+        if src.is_owner and src.pp_size > 1:
             for stage in range(1, src.pp_size):
                 for b, done in self._relay_recv(src.stage_senders[stage]):
+                    push(b, done)
+            if pending:
+                deliver(*pending.pop(), last=True)
+                self._flushed = True
+
+    def _stream_own(self, ledger: SyncLedger, last_stage: bool) -> None:
+        """The owner's own stage: pack bucket k+1 while the engine loads bucket k (a delivery
+        thread; the engine works in its own process, so the two overlap on two cores). Three
+        staging buffers: one being packed, one waiting (last-bucket lookahead), one loading."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        bufs = self._buffers("own", 3)
+        inflight: deque = deque()
+        pending = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync-deliver") as ex:
+            try:
+                for k, g in enumerate(self._groups()):
+                    while len(inflight) > (1 if self.pipelined else 0):  # bucket k-3's buffer (k % 3) must be free
+                        inflight.popleft().result()
+                    b = pack_bucket(g, bufs[k % 3])
                     ledger.add_bucket(b.metas)
-                    self._deliver(b)
-                    done()
+                    if pending is not None:
+                        inflight.append(ex.submit(self._deliver, pending, False))
+                    pending = b
+                if pending is not None:
+                    inflight.append(ex.submit(self._deliver, pending, last_stage))
+                    self._flushed = last_stage
+                while inflight:
+                    inflight.popleft().result()
+            finally:
+                for f in inflight:
+                    f.cancel()
 
     def _new_buffer(self) -> BucketBuffer:
         return BucketBuffer(self.source.device)
@@ -166,7 +219,7 @@ class WeightSynchronizer(abc.ABC):
         self._sent[1] += len(b.metas)
         self._sent[2] += 1
 
-    def _deliver(self, bucket: TensorBucket) -> None:
+    def _deliver(self, bucket: TensorBucket, flush_cache: bool) -> None:
         raise NotImplementedError
 
     def _relay_send(self, groups) -> None:
@@ -200,14 +253,14 @@ class TensorTransport(WeightSynchronizer):
         except Exception as e:  # the transfer's own error is the one to report
             log.error("end_weight_update after a failed sync also failed: %r", e)
 
-    def _deliver(self, bucket: TensorBucket) -> None:
-        self.engine.update_weights_from_bucket(bucket)
+    def _deliver(self, bucket: TensorBucket, flush_cache: bool) -> None:
+        self.engine.update_weights_from_bucket(bucket, flush_cache=flush_cache)
 
     def _relay_send(self, groups) -> None:
         import torch.distributed as dist
 
         owner = self.source.stage_senders[0]
-        buffers = [self._new_buffer(), self._new_buffer()]
+        buffers = self._buffers("relay", 2)
         acks: list = []  # (request, tensor) per bucket in flight, oldest first
         for k, g in enumerate(groups):
             if len(acks) == 2:  # bucket k-2's buffer is about to be reused: wait until the engine loaded it
@@ -247,10 +300,10 @@ class DistributedTransport(WeightSynchronizer):
 
     name = "distributed"
 
-    def __init__(self, source, engine, *, dtype, bucket_bytes=DEFAULT_BUCKET_BYTES, backend: str | None = None,
-                 master_address: str = "127.0.0.1", master_port: int | None = None,
+    def __init__(self, source, engine, *, dtype, bucket_bytes=DEFAULT_BUCKET_BYTES, pipelined: bool = True,
+                 backend: str | None = None, master_address: str = "127.0.0.1", master_port: int | None = None,
                  group_name: str = "holderpo_weights_update"):
-        super().__init__(source, engine, dtype=dtype, bucket_bytes=bucket_bytes)
+        super().__init__(source, engine, dtype=dtype, bucket_bytes=bucket_bytes, pipelined=pipelined)
         self.backend = backend or ("nccl" if source.device.type == "cuda" else "gloo")
         if self.backend not in ("gloo", "nccl"):
             raise ValueError(f"backend={self.backend!r} is invalid; allowed: 'gloo' (CPU) | 'nccl' (GPU)")
@@ -295,14 +348,14 @@ class DistributedTransport(WeightSynchronizer):
         except Exception as e:
             log.error("end_weight_update after a failed sync also failed: %r", e)
 
-    def _deliver(self, bucket: TensorBucket) -> None:
+    def _deliver(self, bucket: TensorBucket, flush_cache: bool) -> None:
         from .process_group import broadcast_from_trainer
 
         errors = []
 
         def engine_side():
             try:
-                self.engine.update_weights_from_distributed(bucket.metas, self.group_name)
+                self.engine.update_weights_from_distributed(bucket.metas, self.group_name, flush_cache=flush_cache)
             except BaseException as e:
                 errors.append(e)
 
@@ -319,7 +372,7 @@ class DistributedTransport(WeightSynchronizer):
         import torch.distributed as dist
 
         owner = self.source.stage_senders[0]
-        buf = self._new_buffer()
+        buf = self._buffers("relay")[0]
         for g in groups:
             b = pack_bucket(g, buf)
             dist.send_object_list([b.metas], dst=owner)
@@ -330,7 +383,8 @@ class DistributedTransport(WeightSynchronizer):
     def _relay_recv(self, src_rank: int):
         import torch.distributed as dist
 
-        buf = self._new_buffer()
+        bufs = self._buffers(f"from-{src_rank}", 2)  # two: one bucket may wait for the next (last-flush)
+        k = 0
         while True:
             box = [None]
             dist.recv_object_list(box, src=src_rank)
@@ -338,7 +392,8 @@ class DistributedTransport(WeightSynchronizer):
             if metas is None:
                 return
             nbytes = metas[-1].offset + metas[-1].nbytes
-            flat = buf.get(nbytes)[:nbytes]
+            flat = bufs[k % 2].get(nbytes)[:nbytes]
+            k += 1
             dist.recv(flat, src=src_rank)
             yield TensorBucket(flat, metas), (lambda: None)
 
@@ -353,6 +408,7 @@ class DistributedTransport(WeightSynchronizer):
                 self.engine.destroy_weights_update_group(self.group_name)
             close_weights_update_group(self._pg)
             self._pg = None
+        super().close()
 
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -384,9 +440,9 @@ class DiskTransport(WeightSynchronizer):
 
     name = "disk"
 
-    def __init__(self, source, engine, *, dtype, bucket_bytes=DEFAULT_BUCKET_BYTES, root: str | None = None,
-                 config_dir: str | None = None):
-        super().__init__(source, engine, dtype=dtype, bucket_bytes=bucket_bytes)
+    def __init__(self, source, engine, *, dtype, bucket_bytes=DEFAULT_BUCKET_BYTES, pipelined: bool = True,
+                 root: str | None = None, config_dir: str | None = None):
+        super().__init__(source, engine, dtype=dtype, bucket_bytes=bucket_bytes, pipelined=pipelined)
         if root is None:
             root = self._agree_on_tmp_root()
         self.root = Path(root)
@@ -416,7 +472,7 @@ class DiskTransport(WeightSynchronizer):
         if src.participates:
             if src.is_sender:
                 step_dir.mkdir(parents=True, exist_ok=True)
-                buf = self._new_buffer()
+                buf = self._buffers("disk")[0]
                 for k, g in enumerate(self._groups()):
                     b = pack_bucket(g, buf)
                     fname = f"model-pp{src.pp_rank:03d}-{k:05d}.safetensors"
@@ -443,7 +499,8 @@ class DiskTransport(WeightSynchronizer):
             for side in ("config.json", "generation_config.json"):
                 if (self.config_dir / side).is_file():
                     shutil.copyfile(self.config_dir / side, step_dir / side)
-            self.engine.update_weights_from_disk(str(step_dir))
+            self.engine.update_weights_from_disk(str(step_dir))  # flushes the cache itself
+            self._flushed = True
             if self._last is not None and self._last != step_dir:
                 shutil.rmtree(self._last, ignore_errors=True)
             self._last = step_dir

@@ -207,10 +207,7 @@ def test_wandb_offline_run_gets_every_record_and_keeps_its_id_on_resume(tmp_path
         def finish(self):
             calls["finish"] += 1
 
-    fake = types.SimpleNamespace(
-        init=lambda **kw: calls["init"].append(kw) or Run(),
-        util=types.SimpleNamespace(generate_id=lambda: "abc123"),
-    )
+    fake = types.SimpleNamespace(init=lambda **kw: calls["init"].append(kw) or Run())
     monkeypatch.setitem(sys.modules, "wandb", fake)
     cfg = ObservabilityConfig(tensorboard=False, progress=False, gpu_stats=False, wandb=True, wandb_project="hp")
     with MetricsLogger(tmp_path, cfg, run_config={"lr": 1e-6}) as logger:
@@ -219,9 +216,23 @@ def test_wandb_offline_run_gets_every_record_and_keeps_its_id_on_resume(tmp_path
         logger.log(2, {"reward": 0.6})
     first, second = calls["init"]
     assert first["mode"] == "offline" and first["project"] == "hp" and first["config"] == {"lr": 1e-6}
-    assert first["dir"] == str(tmp_path) and first["id"] == second["id"] == "abc123"
+    assert first["dir"] == str(tmp_path) and first["id"] == second["id"]
+    assert (tmp_path / "wandb_run_id").read_text().strip() == first["id"]
     assert [s for s, _ in calls["log"]] == [1, 2] and calls["finish"] == 2
     assert calls["log"][0][1]["reward"] == 0.5 and "p_schedule" not in calls["log"][0][1]
+
+
+def test_real_wandb_offline_needs_no_network(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = ObservabilityConfig(tensorboard=False, progress=False, gpu_stats=False, wandb=True)
+    with MetricsLogger(tmp_path, cfg, run_config={"lr": 1e-6}) as logger:
+        logger.log(1, {"reward": 0.5, "p_schedule": "linear"})
+    with MetricsLogger(tmp_path, cfg, resume_step=1) as logger:
+        logger.log(2, {"reward": 0.6})
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(runs) >= 1 and all(r.stat().st_size > 0 for r in runs)
 
 
 # ---------------------------------------------------------------- GPU stats

@@ -1,0 +1,185 @@
+"""Weight-sync benchmark on CPU: Megatron shards -> a real embedded SGLang engine, per transport.
+
+    .venv/bin/python bench/weight_sync.py                       # ~0.5B (Qwen2.5-0.5B shapes), TP1PP1 and TP2PP2
+    .venv/bin/python bench/weight_sync.py --size tiny --layouts 1x1
+
+For each layout a gloo world of tp*pp processes loads a random model (saved once as HF safetensors),
+global rank 0 hosts the embedded engine, and every transport syncs ``--repeats`` times. Reported:
+seconds and GB/s of HF bytes delivered (owner's clock, from pause to resumed generation), beside the
+time of one host memcpy of the same bytes (``torch.Tensor.copy_`` in this process, best of 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import timedelta
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+SIZES = {
+    # Qwen2.5-0.5B shapes as a Llama (494M parameters, tied embeddings; Llama because SGLang's
+    # get_weights_by_name, used for the spot check, does not serve Qwen2)
+    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    # ~40M parameters, same family: a quick smoke of the benchmark itself
+    "tiny": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+def save_random_model(directory: str, size: str) -> int:
+    """config.json + random float32 safetensors (written tensor by tensor). Returns HF bytes."""
+    import transformers
+    from safetensors.torch import save_file
+
+    from holderpo_megatron.checkpoint import expected_hf_shapes
+    from holderpo_megatron.models import ModelArch
+
+    cfg = transformers.LlamaConfig(max_position_embeddings=2048, rope_theta=1e6, rms_norm_eps=1e-6,
+                                   architectures=["LlamaForCausalLM"], **SIZES[size])
+    cfg.torch_dtype = torch.float32
+    cfg.save_pretrained(directory)
+    arch = ModelArch.from_pretrained_dir(directory)
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, shape in expected_hf_shapes(arch).items():
+        state[name] = (torch.ones(shape) + 0.1 * torch.randn(shape, generator=g)) if "norm" in name \
+            else 0.02 * torch.randn(shape, generator=g)
+    save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    return sum(t.numel() * 4 for t in state.values())
+
+
+def memcpy_seconds(nbytes: int, repeats: int = 5) -> float:
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _rank_main(rank, world, store, model_dir, tp, pp, transports, bucket_bytes, repeats, out_path):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1 if world > 1 else 2)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=900))
+    engine = None
+    try:
+        if rank == 0:  # the engine first: the CPU Megatron layer patches torch.cuda in this process
+            from holderpo_megatron.rollout import SGLangEngine, SGLangEngineConfig
+
+            t0 = time.perf_counter()
+            # mem_fraction_static counts the weights too: 2 GB of weights need ~0.1 of this machine
+            engine = SGLangEngine(SGLangEngineConfig(model_path=model_dir, dtype="float32", skip_tokenizer_init=True,
+                                                     context_length=256, mem_fraction_static=0.2))
+            print(f"[tp{tp}pp{pp}] engine up in {time.perf_counter() - t0:.1f} s", flush=True)
+        dist.barrier()
+        from holderpo_megatron.parallel.cpu_compat import enable_cpu_megatron
+
+        enable_cpu_megatron()
+        from holderpo_megatron.checkpoint import SafetensorsReader, load_hf_weights_into_model
+        from holderpo_megatron.models import ModelArch
+        from holderpo_megatron.parallel.layout import ParallelLayout, initialize_model_parallel
+        from holderpo_megatron.trainer.actor import MegatronActor
+        from holderpo_megatron.weight_sync import MegatronWeightSource, make_weight_synchronizer
+
+        arch = ModelArch.from_pretrained_dir(model_dir)
+        layout = ParallelLayout(tp=tp, pp=pp)
+        initialize_model_parallel(layout)
+        actor = MegatronActor(arch, layout, optimizer=None)
+        load_hf_weights_into_model(actor.unwrapped(), arch, SafetensorsReader(model_dir))
+        source = MegatronWeightSource(actor.unwrapped(), arch)
+        results = []
+        version = 0
+        for transport in transports:
+            sync = make_weight_synchronizer(source, engine, dtype=torch.float32, transport=transport,
+                                            bucket_bytes=bucket_bytes)
+            try:
+                for r in range(repeats):
+                    dist.barrier()
+                    version += 1
+                    rep = sync.sync(version)
+                    if rank == 0:
+                        results.append(dict(layout=f"TP{tp}PP{pp}", transport=transport, repeat=r,
+                                            seconds=rep.seconds, bytes=rep.bytes, buckets=rep.buckets,
+                                            gb_per_s=rep.gb_per_s))
+                        print(f"[tp{tp}pp{pp}] {transport} #{r}: {rep.seconds:.2f} s, {rep.gb_per_s:.2f} GB/s, "
+                              f"{rep.buckets} buckets", flush=True)
+            finally:
+                sync.close()
+            if rank == 0:  # spot check: the engine holds Megatron's values
+                name = "model.norm.weight"
+                want = SafetensorsReader(model_dir)[name]
+                assert torch.equal(engine.get_weight(name), want.float()), f"{transport}: {name} differs"
+        if rank == 0:
+            with open(out_path, "w") as f:
+                json.dump(results, f)
+    finally:
+        if engine is not None:
+            engine.shutdown()
+        dist.destroy_process_group()
+
+
+def run_layout(model_dir, tp, pp, transports, bucket_bytes, repeats) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "results.json")
+        mp.spawn(_rank_main, args=(tp * pp, os.path.join(d, "store"), model_dir, tp, pp, transports, bucket_bytes,
+                                   repeats, out), nprocs=tp * pp, join=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="0.5b")
+    ap.add_argument("--layouts", default="1x1,2x2", help="comma-separated TPxPP, e.g. 1x1,2x2")
+    ap.add_argument("--transports", default="tensor,distributed,disk")
+    ap.add_argument("--bucket-mb", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    transports = args.transports.split(",")
+    with tempfile.TemporaryDirectory(prefix="holderpo-bench-ws-") as model_dir:
+        t0 = time.perf_counter()
+        nbytes = save_random_model(model_dir, args.size)
+        print(f"random {args.size} model: {nbytes / 1e9:.3f} GB of float32 HF tensors "
+              f"({nbytes // 4 / 1e6:.0f}M params), saved in {time.perf_counter() - t0:.1f} s", flush=True)
+        copy_s = memcpy_seconds(nbytes)
+        copy_gbps = nbytes / copy_s / 1e9
+        print(f"host memcpy of {nbytes / 1e9:.3f} GB: {copy_s:.3f} s = {copy_gbps:.2f} GB/s "
+              f"({torch.get_num_threads()} threads)", flush=True)
+        rows = []
+        for lay in args.layouts.split(","):
+            tp, pp = (int(x) for x in lay.lower().split("x"))
+            rows += run_layout(model_dir, tp, pp, transports, args.bucket_mb * 1024**2, args.repeats)
+    print(f"\n| layout | transport | sync s (best of {args.repeats}) | first s | GB/s | x memcpy ({copy_gbps:.2f} GB/s) |")
+    print("|---|---|---|---|---|---|")
+    for lay in dict.fromkeys(r["layout"] for r in rows):
+        for tr in transports:
+            rs = [r for r in rows if r["layout"] == lay and r["transport"] == tr]
+            if not rs:
+                continue
+            best = min(rs, key=lambda r: r["seconds"])
+            print(f"| {lay} | {tr} | {best['seconds']:.2f} | {rs[0]['seconds']:.2f} | {best['gb_per_s']:.2f} | "
+                  f"{best['gb_per_s'] / copy_gbps:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(size=args.size, bytes=nbytes, memcpy_s=copy_s, rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
