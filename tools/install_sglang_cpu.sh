@@ -20,6 +20,11 @@ PY="$VENV/bin/python"
 SGLANG_VERSION=0.5.23
 [ -x "$PY" ] || { echo "no python at $PY: create the venv first (make install)" >&2; exit 1; }
 
+if [ -z "${SGLANG_CPU_FORCE:-}" ] && "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "CUDA is available: install SGLang the normal way (pip install sglang==$SGLANG_VERSION); skipping the CPU install"
+  echo "(set SGLANG_CPU_FORCE=1 to install the CPU stack anyway)"
+  exit 0
+fi
 TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
 CONSTRAINTS=$(mktemp)
 trap 'rm -f "$CONSTRAINTS"' EXIT

@@ -26,8 +26,12 @@ class SGLangEngineConfig:
     our launcher (``num_servers`` of them on ports from ``base_port``); requests are spread across
     them, or sent to ``router_url`` (an sglang-router in front of the servers) when given.
 
-    ``mem_fraction_static``/``attention_backend`` default per device (CPU: 0.05 / torch_native;
-    GPU: 0.7 / SGLang's choice). ``server_args`` passes any other ``sglang`` ServerArgs field.
+    ``mem_fraction_static``/``attention_backend`` default per device (CPU: 0.3 / torch_native;
+    GPU: 0.7 / SGLang's choice). On CPU SGLang sizes the KV cache as (free memory now) - (1 -
+    fraction) x (free memory before loading), so memory taken by *other* processes while it loads
+    counts against it: a small fraction (0.05) fails start-up on a busy machine; 0.3 leaves room
+    (the KV pages are reserved, not touched, until used). ``server_args`` passes any other
+    ``sglang`` ServerArgs field (e.g. ``max_total_tokens`` to cap the KV cache).
     """
 
     model_path: str
@@ -137,7 +141,7 @@ class SGLangEngineConfig:
             device=self.resolved_device,
             dtype=dtype_name,
             tp_size=self.tp_size,
-            mem_fraction_static=self.mem_fraction_static or (0.05 if cpu else 0.7),
+            mem_fraction_static=self.mem_fraction_static or (0.3 if cpu else 0.7),
             random_seed=self.random_seed,
             skip_tokenizer_init=self.skip_tokenizer_init,
             log_level=self.log_level,

@@ -180,6 +180,12 @@ class RolloutEngine(abc.ABC):
         ``flush_cache``: drop the KV / prefix cache after loading (pass it with the last bucket)."""
 
     @abc.abstractmethod
+    def update_weights_from_tensors(self, named_tensors: Sequence[tuple[str, torch.Tensor]], *,
+                                    flush_cache: bool = False) -> None:
+        """Colocated, zero-copy: load full HF tensors that already live in shared memory (CPU: the
+        trainer's own parameters moved there, sent as handles; each tensor may be a view)."""
+
+    @abc.abstractmethod
     def init_weights_update_group(self, master_address: str, master_port: int, group_name: str,
                                   backend: str) -> None:
         """Join a weights-update process group of ``1 + weights_update_world_size`` ranks whose

@@ -36,6 +36,16 @@ def bucket_payload(bucket: TensorBucket, tp_size: int) -> list[bytes]:
     return [data] * tp_size
 
 
+def tensors_payload(named_tensors, tp_size: int) -> list[bytes]:
+    """Named tensors as SGLang's plain ``update_weights_from_tensor`` payload. CPU tensors travel
+    as shared-memory handles (tensors not yet in shared memory are moved there: a copy)."""
+    from sglang.srt.utils.common import MultiprocessingSerializer
+
+    with file_system_sharing():
+        data = MultiprocessingSerializer.serialize([(n, t) for n, t in named_tensors])
+    return [data] * tp_size
+
+
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
@@ -72,8 +82,11 @@ class EmbeddedBackend:
         except ImportError as e:
             raise EngineStartError(
                 f"sglang is not importable ({e}); on CPU install it with tools/install_sglang_cpu.sh") from e
+        before = _child_pids()
         try:
             self.engine = sglang.Engine(**server_args)
+            # the processes this engine started (scheduler, detokenizer, ...), to stop only them
+            self._engine_pids = sorted(_child_pids() - before)
         except BaseException as e:  # SGLang raises SystemExit / RuntimeError from its children
             raise EngineStartError(
                 f"sglang.Engine failed to start for {server_args['model_path']!r} on {device}: {e!r}. "
@@ -112,6 +125,13 @@ class EmbeddedBackend:
 
         obj = UpdateWeightsFromTensorReqInput(serialized_named_tensors=bucket_payload(bucket, self.tp_size),
                                               load_format="flattened_bucket", flush_cache=flush_cache)
+        _check(self._run(self._tm.update_weights_from_tensor(obj, None)), "update_weights_from_tensor", self.name)
+
+    def update_weights_from_tensors(self, named_tensors, flush_cache: bool = False):
+        from sglang.srt.managers.io_struct import UpdateWeightsFromTensorReqInput
+
+        obj = UpdateWeightsFromTensorReqInput(serialized_named_tensors=tensors_payload(named_tensors, self.tp_size),
+                                              flush_cache=flush_cache)
         _check(self._run(self._tm.update_weights_from_tensor(obj, None)), "update_weights_from_tensor", self.name)
 
     def init_weights_update_group(self, master_address, master_port, rank_offset, world_size, group_name, backend):
@@ -173,7 +193,40 @@ class EmbeddedBackend:
         return not getattr(tm, "gracefully_exit", False)
 
     def shutdown(self):
-        self.engine.shutdown()
+        # sglang.Engine.shutdown kills *every* child of this process (kill_process_tree(getpid)):
+        # torch's shared-memory manager, servers and workers started by others included. Narrow
+        # it to the processes this engine started.
+        import sglang.srt.entrypoints.engine as engine_module
+
+        original = engine_module.kill_process_tree
+        own = list(self._engine_pids)
+
+        def kill_engine_processes(parent_pid, include_parent=True, **kw):
+            if parent_pid in (None, os.getpid()) and not include_parent:
+                for pid in own:
+                    original(pid, include_parent=True, **kw)
+            else:
+                original(parent_pid, include_parent=include_parent, **kw)
+
+        engine_module.kill_process_tree = kill_engine_processes
+        try:
+            self.engine.shutdown()
+        finally:
+            engine_module.kill_process_tree = original
+
+
+def _child_pids() -> set[int]:
+    """Direct children of this process, less torch's shared-memory manager (never the engine's)."""
+    import psutil
+
+    out = set()
+    for c in psutil.Process().children():
+        try:
+            if "torch_shm_manager" not in " ".join(c.cmdline()):
+                out.add(c.pid)
+        except psutil.Error:
+            pass
+    return out
 
 
 class ServerBackend:
@@ -229,6 +282,12 @@ class ServerBackend:
     def update_weights_from_bucket(self, bucket: TensorBucket, flush_cache: bool = False):
         payload = {"serialized_named_tensors": [base64.b64encode(p).decode() for p in bucket_payload(bucket, self.tp_size)],
                    "load_format": "flattened_bucket", "flush_cache": flush_cache}
+        _check(self._request("/update_weights_from_tensor", payload), "update_weights_from_tensor", self.name)
+
+    def update_weights_from_tensors(self, named_tensors, flush_cache: bool = False):
+        payload = {"serialized_named_tensors": [base64.b64encode(p).decode()
+                                                for p in tensors_payload(named_tensors, self.tp_size)],
+                   "flush_cache": flush_cache}
         _check(self._request("/update_weights_from_tensor", payload), "update_weights_from_tensor", self.name)
 
     def init_weights_update_group(self, master_address, master_port, rank_offset, world_size, group_name, backend):

@@ -252,6 +252,9 @@ class SGLangEngine(RolloutEngine):
     def update_weights_from_bucket(self, bucket: TensorBucket, *, flush_cache: bool = False) -> None:
         self._each("update_weights_from_bucket", bucket, flush_cache)
 
+    def update_weights_from_tensors(self, named_tensors, *, flush_cache: bool = False) -> None:
+        self._each("update_weights_from_tensors", list(named_tensors), flush_cache)
+
     @property
     def weights_update_world_size(self) -> int:
         return sum(b.tp_size for b in self._backends)

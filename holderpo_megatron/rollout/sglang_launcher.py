@@ -114,8 +114,13 @@ class SGLangServerProcess:
     def exit_code(self) -> int | None:
         return self.proc.poll()
 
-    def describe_death(self) -> str:
-        code = self.proc.poll()
+    def describe_death(self, grace_s: float = 5.0) -> str:
+        """State, exit code and log tail. A server that stopped answering is usually mid-exit:
+        give it ``grace_s`` to be reaped so the exit code can be reported."""
+        try:
+            code = self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            code = None
         state = "is running" if code is None else f"exited with code {code}"
         return f"server {self.url} {state}; log {self.log_path}, last lines:\n{log_tail(self.log_path)}"
 

@@ -9,7 +9,14 @@ import pickle
 
 import torch
 
-__all__ = ["file_system_sharing", "share_tensor", "dumps_shared", "loads_shared"]
+__all__ = ["file_system_sharing", "share_tensor", "dumps_shared", "loads_shared", "unlink_created_segments"]
+
+# Shared-memory files this process created. torch removes such a file when its reference count
+# (one per holder, plus one per pickled handle not yet unpickled) drops to zero, which never
+# happens if a holder is killed (an engine at shutdown) or the interpreter exits without freeing
+# the tensor: the file would outlive us in /dev/shm. So we unlink our own files at exit; memory
+# still mapped by a live process stays valid (only the name goes).
+_CREATED: set[str] = set()
 
 
 @contextlib.contextmanager
@@ -28,10 +35,30 @@ def file_system_sharing():
 
 
 def share_tensor(t: torch.Tensor) -> torch.Tensor:
-    """Move a CPU tensor's storage into shared memory (by file name); returns it."""
+    """Move a CPU tensor's storage into shared memory (by file name), in place; returns it. The
+    file is unlinked when this process exits (see :func:`unlink_created_segments`)."""
     with file_system_sharing():
         t.share_memory_()
+    _, name, _ = t.untyped_storage()._share_filename_cpu_()
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    if not _CREATED:
+        import atexit
+
+        atexit.register(unlink_created_segments)
+    _CREATED.add(name)
     return t
+
+
+def unlink_created_segments() -> None:
+    """Remove the names of the shared-memory files this process created (at exit)."""
+    import os
+
+    while _CREATED:
+        name = _CREATED.pop()
+        try:
+            os.unlink("/dev/shm/" + name.lstrip("/"))
+        except OSError:
+            pass
 
 
 def dumps_shared(obj) -> bytes:

@@ -11,7 +11,9 @@ One step:
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
 
 import torch
 import torch.distributed as dist
@@ -37,9 +39,16 @@ def run_training(cfg: RunConfig) -> None:
                 ctx.evaluate(step + 1)
             if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or step + 1 == cfg.train.steps:
                 ctx.save(step + 1)
+            _fault_injection(step + 1)
         ctx.finish()
     finally:
         ctx.close()
+
+
+def _fault_injection(step: int) -> None:
+    """Tests kill a run with SIGKILL after a given step: HOLDERPO_KILL_AFTER_STEP=N (rank 0)."""
+    if os.environ.get("HOLDERPO_KILL_AFTER_STEP") == str(step) and dist.get_rank() == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def one_step(ctx: TrainContext, step: int) -> dict:
@@ -140,6 +149,13 @@ def train_phase(ctx: TrainContext, batch: RolloutBatch, p: float) -> dict:
         grad_norms.append(ctx.actor.optimizer_step()["grad_norm"])
     merged = all_reduce_loss_metrics(merged, ctx.dp_group)
     out = merged.to_dict()
+    if ctx.layout.pp > 1:  # loss metrics exist on the last pipeline stage: share them with the stage
+        from megatron.core import parallel_state as ps
+
+        box = [out]
+        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                   group=ps.get_pipeline_model_parallel_group())
+        out = box[0]
     out["grad_norm"] = max(grad_norms) if grad_norms else math.nan
     out["lr"] = cfg.train.lr
     return out

@@ -3,8 +3,10 @@ the rollout engine and weight synchroniser (rank 0), data, reward, logger, check
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -75,8 +77,7 @@ class TrainContext:
             # resuming (even before a first checkpoint) drops records after the restart step
             resume_step=self.start_step if cfg.checkpoint.resume else None, total_steps=cfg.train.steps,
             run_config=asdict(cfg))
-        if self.rank == 0:
-            self._start_rollout_side()
+        self._start_rollout_side()
         if self.start_step > 0:
             self.sync_weights(version=self.start_step)
 
@@ -94,22 +95,34 @@ class TrainContext:
                                                direct=d.arithmetic_direct).items
         return load_math_dataset(d.train, root=d.resolved_data_dir()).items
 
-    def _start_rollout_side(self) -> None:
-        from transformers import AutoTokenizer
-
+    def _engine_config(self):
         from holderpo_megatron.rollout.config import SGLangEngineConfig
-        from holderpo_megatron.rollout.sglang_engine import SGLangEngine
 
         r = self.cfg.rollout
-        self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
-        self.reward = build_reward(RewardConfig(
-            kind=self.cfg.data.reward, template=self.cfg.data.answer_template, timeout_s=self.cfg.data.reward_timeout_s,
-            truncated_reward=self.cfg.algorithm.truncated_reward))
-        self.engine = SGLangEngine(SGLangEngineConfig(
+        return SGLangEngineConfig(
             model_path=str(self.hf_dir), mode=r.mode, tp_size=r.engine_tp, mem_fraction_static=r.mem_fraction_static,
             server_urls=tuple(r.server_urls), request_timeout_s=r.timeout_s, random_seed=self.cfg.train.seed,
-            context_length=r.max_prompt_tokens + r.max_new_tokens,
-            log_dir=str(self.cfg.run_dir / "sglang_logs")))
+            context_length=r.max_prompt_tokens + r.max_new_tokens, log_dir=str(self.cfg.run_dir / "sglang_logs"))
+
+    def _start_rollout_side(self) -> None:
+        """Rank 0: tokenizer, reward and engine; every rank: its part of the weight synchroniser."""
+        from holderpo_megatron.weight_sync import MegatronWeightSource, make_weight_synchronizer
+
+        engine_cfg = self._engine_config()  # validated on every rank; the engine itself starts on rank 0
+        if self.rank == 0:
+            from transformers import AutoTokenizer
+
+            from holderpo_megatron.rollout.sglang_engine import SGLangEngine
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
+            self.reward = build_reward(RewardConfig(
+                kind=self.cfg.data.reward, template=self.cfg.data.answer_template,
+                timeout_s=self.cfg.data.reward_timeout_s, truncated_reward=self.cfg.algorithm.truncated_reward))
+            with _without_torchrun_env():
+                self.engine = SGLangEngine(engine_cfg)
+        self.synchronizer = make_weight_synchronizer(
+            MegatronWeightSource(self.actor.unwrapped(), self.arch), self.engine, dtype=engine_cfg.torch_dtype,
+            transport=self.cfg.rollout.weight_sync, bucket_bytes=self.cfg.rollout.bucket_mb << 20)
 
     def prompt_ids(self, problem: str) -> list[int]:
         if self.template.chat:
@@ -119,11 +132,7 @@ class TrainContext:
 
     # ------------------------------------------------------------------ weights, eval, checkpoints
     def sync_weights(self, version: int) -> None:
-        from holderpo_megatron.weight_sync import sync_to_engine
-
-        sync_to_engine(self.actor.unwrapped(), self.arch, self.engine, version=version,
-                       transport=self.cfg.rollout.weight_sync, bucket_bytes=self.cfg.rollout.bucket_mb << 20,
-                       engine_rank=0)
+        self.synchronizer.sync(version)
         self.weight_version = version
 
     def evaluate(self, step: int) -> None:
@@ -164,10 +173,25 @@ class TrainContext:
     def close(self) -> None:
         if getattr(self, "logger", None) is not None:
             self.logger.close()
+        if self.synchronizer is not None:
+            self.synchronizer.close()
         if self.engine is not None:
             self.engine.shutdown()
         if self.reward is not None:
             self.reward.close()
+
+
+@contextlib.contextmanager
+def _without_torchrun_env():
+    """SGLang's scheduler processes inherit our environment; torchrun's variables (RANK, WORLD_SIZE,
+    TORCHELASTIC_USE_AGENT_STORE, ...) make their own torch.distributed join ours and die."""
+    keys = [k for k in os.environ if k.startswith(("TORCHELASTIC_", "TORCH_ELASTIC", "ROLE_", "GROUP_"))
+            or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")]
+    saved = {k: os.environ.pop(k) for k in keys}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def setup_training(cfg: RunConfig) -> TrainContext:

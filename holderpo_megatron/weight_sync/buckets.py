@@ -10,7 +10,8 @@ import torch
 from ..rollout.interface import TensorBucket, TensorMeta
 from ..rollout.shared_memory import share_tensor
 
-__all__ = ["DEFAULT_BUCKET_BYTES", "BucketBuffer", "group_into_buckets", "pack_bucket", "SyncLedger"]
+__all__ = ["DEFAULT_BUCKET_BYTES", "BucketBuffer", "group_into_buckets", "pack_bucket", "pack_unshared", "is_shared",
+           "SyncLedger"]
 
 DEFAULT_BUCKET_BYTES = 512 * 1024**2
 
@@ -70,6 +71,20 @@ def pack_bucket(group: list[tuple[str, torch.Tensor]], buffer: BucketBuffer) -> 
     return TensorBucket(buffer=buf, metas=metas)
 
 
+def is_shared(t: torch.Tensor) -> bool:
+    """A CPU tensor whose storage is in shared memory (an engine process can map it)."""
+    return t.device.type == "cpu" and t.untyped_storage().is_shared()
+
+
+def pack_unshared(group: list[tuple[str, torch.Tensor]], buffer: BucketBuffer) -> list[tuple[str, torch.Tensor]]:
+    """Zero-copy where possible: tensors already in shared memory (views of parameters moved
+    there) pass through untouched; the rest (fused-layout splits, TP-gathered or cast tensors) are
+    copied back to back into ``buffer`` and passed as views of it."""
+    rest = [(n, t) for n, t in group if not is_shared(t)]
+    packed = dict(pack_bucket(rest, buffer).tensors()) if rest else {}
+    return [(n, packed[n] if n in packed else t) for n, t in group]
+
+
 @dataclass
 class SyncLedger:
     """Every expected HF tensor arrives exactly once, with its shape and the engine's dtype.
@@ -106,6 +121,10 @@ class SyncLedger:
         for m in metas:
             self.add(m)
         self.buckets += 1
+
+    def add_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """A bucket sent as separate (shared-memory) tensors."""
+        self.add_bucket(TensorMeta(n, t.dtype, tuple(t.shape), 0, t.numel() * t.element_size()) for n, t in named_tensors)
 
     def check_complete(self) -> None:
         missing = [n for n in self.expected if n not in self.seen]

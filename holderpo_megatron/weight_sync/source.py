@@ -30,6 +30,7 @@ class WeightSource:
     stage_expected: dict[str, tuple[int, ...]]
     pp_rank: int = 0
     pp_size: int = 1
+    tp_size: int = 1  # >1: exported tensors are TP-gathered copies, never views of parameters
     participates: bool = True
     is_sender: bool = True
     stage_senders: list[int] = [0]
@@ -42,6 +43,18 @@ class WeightSource:
 
     def named_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def share_memory(self) -> None:
+        """Move the tensors this rank sends into shared memory (CPU, once), so a colocated engine
+        reads them in place: the tensor transport then copies only what the export creates."""
+
+
+def _share_all(tensors) -> None:
+    from ..rollout.shared_memory import share_tensor
+
+    for t in tensors:
+        if t.device.type == "cpu" and not t.untyped_storage().is_shared():
+            share_tensor(t)
 
 
 class MegatronWeightSource(WeightSource):
@@ -56,6 +69,7 @@ class MegatronWeightSource(WeightSource):
         self.arch = arch
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
         self.pp_size = ps.get_pipeline_model_parallel_world_size()
+        self.tp_size = ps.get_tensor_model_parallel_world_size()
         first_replica = ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
         self.participates = first_replica
         self.is_sender = first_replica and ps.get_tensor_model_parallel_rank() == 0
@@ -79,6 +93,13 @@ class MegatronWeightSource(WeightSource):
     def named_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         return export_hf_weights(self.model, self.arch, dtype=dtype)
 
+    def share_memory(self) -> None:
+        # In place: the parameters' storages move to shared memory (one copy, once); the optimizer
+        # and DDP keep the same Parameter objects. With the non-distributed optimizer (the CPU
+        # case) every parameter owns its storage.
+        chunks = self.model if isinstance(self.model, (list, tuple)) else [self.model]
+        _share_all(p.data for c in chunks for p in c.parameters())
+
 
 class StateDictSource(WeightSource):
     """An HF state dict in this process (``lm_head.weight`` of a tied model is dropped, as the
@@ -97,3 +118,6 @@ class StateDictSource(WeightSource):
     def named_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.expected:
             yield name, self.state[name].detach().to(dtype).contiguous()
+
+    def share_memory(self) -> None:
+        _share_all(self.state.values())

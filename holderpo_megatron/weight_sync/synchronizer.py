@@ -41,7 +41,7 @@ import torch
 
 from ..rollout.interface import RolloutEngine, TensorBucket, TensorMeta
 from ..rollout.shared_memory import dumps_shared, loads_shared
-from .buckets import DEFAULT_BUCKET_BYTES, BucketBuffer, SyncLedger, group_into_buckets, pack_bucket
+from .buckets import DEFAULT_BUCKET_BYTES, BucketBuffer, SyncLedger, group_into_buckets, pack_bucket, pack_unshared
 from .source import WeightSource
 
 __all__ = ["SyncReport", "SyncTopology", "WeightSynchronizer", "TensorTransport", "DistributedTransport",
@@ -157,7 +157,7 @@ class WeightSynchronizer(abc.ABC):
         pending: list = []  # [(bucket, done)] at most one
 
         def deliver(bucket, done, last=False):
-            ledger.add_bucket(bucket.metas)
+            _account(ledger, bucket)
             self._deliver(bucket, flush_cache=last)
             done()
 
@@ -197,8 +197,8 @@ class WeightSynchronizer(abc.ABC):
                 for k, g in enumerate(self._groups()):
                     while len(inflight) > (1 if self.pipelined else 0):  # bucket k-3's buffer (k % 3) must be free
                         inflight.popleft().result()
-                    b = pack_bucket(g, bufs[k % 3])
-                    ledger.add_bucket(b.metas)
+                    b = self._pack(g, bufs[k % 3])
+                    _account(ledger, b)
                     if pending is not None:
                         inflight.append(ex.submit(self._deliver, pending, False))
                     pending = b
@@ -214,9 +214,17 @@ class WeightSynchronizer(abc.ABC):
     def _new_buffer(self) -> BucketBuffer:
         return BucketBuffer(self.source.device)
 
-    def _count(self, b: TensorBucket) -> None:
-        self._sent[0] += b.nbytes
-        self._sent[1] += len(b.metas)
+    def _pack(self, group, buffer: BucketBuffer):
+        """What one delivery carries: a packed bucket (or, zero-copy, named tensors)."""
+        return pack_bucket(group, buffer)
+
+    def _count(self, b) -> None:
+        if isinstance(b, TensorBucket):
+            self._sent[0] += b.nbytes
+            self._sent[1] += len(b.metas)
+        else:
+            self._sent[0] += sum(t.numel() * t.element_size() for _, t in b)
+            self._sent[1] += len(b)
         self._sent[2] += 1
 
     def _deliver(self, bucket: TensorBucket, flush_cache: bool) -> None:
@@ -230,16 +238,41 @@ class WeightSynchronizer(abc.ABC):
 
 
 class TensorTransport(WeightSynchronizer):
-    """Colocated: buckets handed to the engine in memory (``update_weights_from_tensor``, between
-    ``begin_weight_update`` and ``end_weight_update``). On CPU every bucket lives in shared memory:
-    the engine's scheduler process maps it, and later pipeline stages hand the owner a handle to
-    their bucket instead of its bytes (so all senders must share the engine's host). Each sender
-    double-buffers: it packs bucket k+1 while the engine loads bucket k."""
+    """Colocated: tensors handed to the engine in memory (``update_weights_from_tensor``, between
+    ``begin_weight_update`` and ``end_weight_update``); all senders must share the engine's host.
+
+    On CPU at TP1 (``zero_copy``, the default there) each sender first moves its parameters into shared
+    memory (once, in place); a bucket is then a list of tensors sent as shared-memory handles:
+    views of the parameters as they are, and only what the export creates (q/k/v splits,
+    TP-gathered or dtype-cast tensors) is copied, into a reused shared buffer. The engine's
+    scheduler maps the memory and copies once, into its own weights. Without ``zero_copy`` (and
+    on GPU) every bucket is packed into one flat buffer (SGLang's flattened-bucket format).
+    Later pipeline stages hand the owner handles, not bytes. Senders double-buffer, and the owner
+    prepares bucket k+1 while the engine loads bucket k."""
 
     name = "tensor"
 
+    def __init__(self, source, engine, *, dtype, bucket_bytes=DEFAULT_BUCKET_BYTES, pipelined: bool = True,
+                 zero_copy: bool | None = None):
+        super().__init__(source, engine, dtype=dtype, bucket_bytes=bucket_bytes, pipelined=pipelined)
+        # default: on CPU at TP1, where most exported tensors are views of the parameters (at TP>1
+        # they are all-gathered copies: packing them flat is cheaper than one handle per tensor)
+        self.zero_copy = (source.device.type == "cpu" and source.tp_size == 1) if zero_copy is None else bool(zero_copy)
+        if self.zero_copy and source.device.type != "cpu":
+            raise ValueError("zero_copy=True needs CPU tensors (on GPU the transport sends CUDA IPC handles)")
+        self._shared = False
+
     def _new_buffer(self) -> BucketBuffer:
         return BucketBuffer(self.source.device, shared=True)
+
+    def _pack(self, group, buffer):
+        return pack_unshared(group, buffer) if self.zero_copy else pack_bucket(group, buffer)
+
+    def _transfer(self, ledger):
+        if self.zero_copy and not self._shared and self.source.is_sender:
+            self.source.share_memory()
+            self._shared = True
+        self._stream(ledger)
 
     def _begin(self):
         self.engine.begin_weight_update()
@@ -253,8 +286,11 @@ class TensorTransport(WeightSynchronizer):
         except Exception as e:  # the transfer's own error is the one to report
             log.error("end_weight_update after a failed sync also failed: %r", e)
 
-    def _deliver(self, bucket: TensorBucket, flush_cache: bool) -> None:
-        self.engine.update_weights_from_bucket(bucket, flush_cache=flush_cache)
+    def _deliver(self, bucket, flush_cache: bool) -> None:
+        if isinstance(bucket, TensorBucket):
+            self.engine.update_weights_from_bucket(bucket, flush_cache=flush_cache)
+        else:
+            self.engine.update_weights_from_tensors(bucket, flush_cache=flush_cache)
 
     def _relay_send(self, groups) -> None:
         import torch.distributed as dist
@@ -265,7 +301,7 @@ class TensorTransport(WeightSynchronizer):
         for k, g in enumerate(groups):
             if len(acks) == 2:  # bucket k-2's buffer is about to be reused: wait until the engine loaded it
                 acks.pop(0)[0].wait()
-            b = pack_bucket(g, buffers[k % 2])
+            b = self._pack(g, buffers[k % 2])
             # post the ack's receive first: gloo's send waits for a matching receive, and the owner
             # acknowledges bucket k while this rank is already sending bucket k+1
             ack = torch.zeros(1)
@@ -287,8 +323,6 @@ class TensorTransport(WeightSynchronizer):
                 return
             yield loads_shared(box[0]), (lambda: dist.send(ack, dst=src_rank))
 
-    def _transfer(self, ledger):
-        self._stream(ledger)
 
 
 class DistributedTransport(WeightSynchronizer):
@@ -383,7 +417,9 @@ class DistributedTransport(WeightSynchronizer):
     def _relay_recv(self, src_rank: int):
         import torch.distributed as dist
 
-        bufs = self._buffers(f"from-{src_rank}", 2)  # two: one bucket may wait for the next (last-flush)
+        # the owner's own staging buffers: its own stage is fully delivered before any relay starts;
+        # two alternate (one bucket may wait for the next: last-bucket flush)
+        bufs = self._buffers("own", 3)[:2]
         k = 0
         while True:
             box = [None]
@@ -508,6 +544,13 @@ class DiskTransport(WeightSynchronizer):
     def sync(self, version: int) -> SyncReport:
         self._version = int(version)
         return super().sync(version)
+
+
+def _account(ledger: SyncLedger, item) -> None:
+    if isinstance(item, TensorBucket):
+        ledger.add_bucket(item.metas)
+    else:
+        ledger.add_tensors(item)
 
 
 TRANSPORTS: dict[str, type[WeightSynchronizer]] = {

@@ -81,10 +81,14 @@ def _run(rank, model_dir, seqs, cases, engine):
     assert source.is_owner == (rank == 0) and source.is_sender == (rank in (0, 2))
 
     g = torch.Generator().manual_seed(3)
+    watched = ("model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight")
+    before = {n: engine.get_weight(n) for n in watched} if rank == 0 else {}
     for version, (transport, bucket_bytes) in enumerate(cases, start=1):
         old = actor.score(seqs, token_budget=256)
         batch = RolloutBatch(seqs, [len(s) // 2 for s in seqs], old, torch.randn(len(seqs), generator=g))
         actor.train_step(batch, loss_name="holder", loss_kwargs={"p": 1.0}, token_budget=256)
+        for n, w in before.items():  # the engine holds copies: training does not move its weights
+            assert torch.equal(engine.get_weight(n), w), f"before sync {version}: the engine's {n} changed"
         sync = make_weight_synchronizer(source, engine, dtype=torch.float32, transport=transport,
                                         bucket_bytes=bucket_bytes)
         try:
@@ -105,6 +109,7 @@ def _run(rank, model_dir, seqs, cases, engine):
             assert torch.equal(got, want.float()), f"{case}: engine {name} != Megatron's (max diff " \
                                                    f"{(got - want).abs().max().item():.3e})"
         assert engine.weight_version == version
+        before = {n: ref[n].float() for n in watched}
         for k, (lp_engine, lp_train, lp_old) in enumerate(zip(engine.score(seqs), trained, old)):
             err = (lp_engine.double() - lp_train.double()).abs().max().item()
             assert err <= 1e-3, f"{case}: sequence {k}: engine vs Megatron log-prob max diff {err:.2e}"

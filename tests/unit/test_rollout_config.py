@@ -48,7 +48,7 @@ def test_engine_config_resolves_cpu_defaults(model_dir):
     kw = cfg.server_args_dict()
     assert cfg.torch_dtype == torch.float32  # "auto": the checkpoint's dtype
     assert kw["attention_backend"] == "torch_native" and kw["disable_overlap_schedule"] is True
-    assert kw["mem_fraction_static"] == 0.05 and kw["device"] == "cpu" and kw["chunked_prefill_size"] == 512
+    assert kw["mem_fraction_static"] == 0.3 and kw["device"] == "cpu" and kw["chunked_prefill_size"] == 512
 
 
 @pytest.mark.parametrize("kw,field", [
