@@ -39,7 +39,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -452,13 +452,15 @@ def _json_extra(extra) -> dict:
 
 
 def save_train_state(root: str | os.PathLike, step: int, *, model, optimizer, extra: dict | None = None,
-                     keep_last: int | None = 2) -> Path:
+                     keep_last: int | None = 2, before_commit: Callable[[Path], None] | None = None) -> Path:
     """Save the training state at ``step`` under ``root`` atomically; every rank calls this.
 
     model: the Megatron model of this rank (a module or the list of virtual-pipeline chunks,
     DDP-wrapped or not); optimizer: its ``MegatronOptimizer`` (None saves no optimizer state);
     extra: JSON-able trainer state of rank 0 (data-loader position, p-schedule state, counters);
-    keep_last: complete states to keep after this one is committed (None: all).
+    keep_last: complete states to keep after this one is committed (None: all);
+    before_commit: called on rank 0 with the staging directory once every file is written, just
+    before the commit (the trainer's fault injection kills the run there in tests).
     Returns ``root/step_{step:08d}``.
     """
     from megatron.core import dist_checkpointing
@@ -485,6 +487,8 @@ def save_train_state(root: str | os.PathLike, step: int, *, model, optimizer, ex
               "optimizer_metadata": OPTIMIZER_METADATA}
 
     def finish():
+        if before_commit is not None:
+            before_commit(tmp)
         final = d.commit(tmp, step, marker)
         removed = d.rotate(keep_last)
         if removed:

@@ -11,9 +11,7 @@ One step:
 from __future__ import annotations
 
 import math
-import os
 import random
-import signal
 
 import torch
 import torch.distributed as dist
@@ -24,6 +22,7 @@ from holderpo_megatron.rollout.interface import SamplingParams
 
 from .actor import Regularizers, RolloutBatch
 from .config import RunConfig
+from .faults import KILL_AFTER_STEP, kill_if_asked
 from .setup import TrainContext, setup_training
 
 __all__ = ["run_training", "rollout_phase", "train_phase"]
@@ -39,16 +38,10 @@ def run_training(cfg: RunConfig) -> None:
                 ctx.evaluate(step + 1)
             if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or step + 1 == cfg.train.steps:
                 ctx.save(step + 1)
-            _fault_injection(step + 1)
+            kill_if_asked(KILL_AFTER_STEP, step + 1)
         ctx.finish()
     finally:
         ctx.close()
-
-
-def _fault_injection(step: int) -> None:
-    """Tests kill a run with SIGKILL after a given step: HOLDERPO_KILL_AFTER_STEP=N (rank 0)."""
-    if os.environ.get("HOLDERPO_KILL_AFTER_STEP") == str(step) and dist.get_rank() == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def one_step(ctx: TrainContext, step: int) -> dict:
@@ -75,7 +68,7 @@ def one_step(ctx: TrainContext, step: int) -> dict:
         old = [_rollout_as_full(lp, s, len(q)) for lp, s, q in zip(rollout_lp, starts, seqs)]
     adv = torch.tensor([batch["advantages"][i] for i in mine], dtype=torch.float32)
     with timer("train"):
-        metrics.update(train_phase(ctx, RolloutBatch(seqs, starts, old, adv, extra), p))
+        metrics.update(train_phase(ctx, RolloutBatch(seqs, starts, old, adv, extra), p, step))
     with timer("sync"):
         ctx.sync_weights(version=step + 1)
     return metrics
@@ -129,12 +122,12 @@ def rollout_phase(ctx: TrainContext, step: int) -> dict:
     return batch
 
 
-def train_phase(ctx: TrainContext, batch: RolloutBatch, p: float) -> dict:
+def train_phase(ctx: TrainContext, batch: RolloutBatch, p: float, step: int) -> dict:
     """``minibatches_per_step`` optimizer steps over this rank's share; metrics merged over DP."""
     cfg = ctx.cfg
     n = len(batch.sequences)
     order = list(range(n))
-    random.Random(cfg.train.seed + int(p * 1000)).shuffle(order)
+    random.Random(cfg.train.seed * 1_000_003 + step).shuffle(order)  # a function of the step: resumable
     k = cfg.train.minibatches_per_step
     merged, grad_norms = LossMetrics(), []
     reg = Regularizers(cfg.algorithm.kl_coef, cfg.algorithm.kl_estimator, cfg.algorithm.entropy_coef)

@@ -25,6 +25,7 @@ from holderpo_megatron.rewards.math import RewardConfig, build_reward
 
 from .actor import MegatronActor, OptimizerSettings
 from .config import RunConfig, validate_run
+from .faults import KILL_DURING_SAVE, kill_if_asked
 
 __all__ = ["TrainContext", "setup_training"]
 
@@ -150,19 +151,21 @@ class TrainContext:
     def _save(self, step: int) -> None:
         save_train_state(self.ckpt_root, step, model=self.actor.model, optimizer=self.actor.optimizer,
                          extra={"data": self.data.state_dict(), "schedule": self.schedule.to_dict()},
-                         keep_last=self.cfg.checkpoint.keep_last)
+                         keep_last=self.cfg.checkpoint.keep_last,
+                         before_commit=lambda _tmp: kill_if_asked(KILL_DURING_SAVE, step))
 
-    def _maybe_resume(self) -> dict | None:
+    def _maybe_resume(self) -> None:
+        """Model, optimizer, RNG states and the data position from the last committed state; the p
+        schedule and the minibatch order are functions of the step, so they follow."""
         if not self.cfg.checkpoint.resume:
-            return None
+            return
         info = load_latest_train_state(self.ckpt_root, model=self.actor.model, optimizer=self.actor.optimizer)
         if info is None:
-            return None
+            return
         self.start_step = info.step
         self.data.load_state_dict(info.extra["data"])
         if self.rank == 0:
             log.warning("resumed from %s at step %d", self.ckpt_root, info.step)
-        return info.extra
 
     def finish(self) -> None:
         if self.cfg.checkpoint.export_hf_at_end:
