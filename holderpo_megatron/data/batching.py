@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["plan_microbatches", "MicroBatch", "build_microbatch"]
+__all__ = ["plan_microbatches", "plan_units", "MicroBatch", "build_microbatch"]
 
 
 def plan_microbatches(lengths: list[int], token_budget: int, pack: bool = False,
@@ -44,6 +44,41 @@ def plan_microbatches(lengths: list[int], token_budget: int, pack: bool = False,
             cur, cur_max, cur_sum = [], 0, 0
         cur.append(i)
         cur_max, cur_sum = max(cur_max, n), cur_sum + n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def plan_units(unit_lengths: list[list[int]], token_budget: int, pack: bool = False,
+               names: list | None = None) -> list[list[int]]:
+    """Like :func:`plan_microbatches`, for units of several sequences that must share a microbatch
+    (a multi-turn trajectory's turns). ``unit_lengths[u]``: the lengths of unit u's sequences.
+    Returns groups of unit indices. A unit that alone exceeds the budget is an error, which names
+    it by ``names[u]`` (e.g. its trajectory id) when given."""
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+    if names is not None and len(names) != len(unit_lengths):
+        raise ValueError(f"plan_units: {len(names)} names for {len(unit_lengths)} units")
+
+    def cost(lengths: list[int]) -> int:
+        return sum(lengths) if pack else len(lengths) * max(lengths)
+
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    cur_lengths: list[int] = []
+    for u, lengths in enumerate(unit_lengths):
+        if not lengths or min(lengths) < 2:
+            raise ValueError(f"unit {u} has sequences {lengths}; each needs at least 2 tokens")
+        if cost(lengths) > token_budget:
+            what = f"unit {u} (a trajectory of " if names is None else f"trajectory {names[u]} ("
+            raise ValueError(f"{what}{len(lengths)} turns, {sum(lengths)} tokens) costs "
+                             f"{cost(lengths)} tokens ({'packed' if pack else 'padded'}), more than the microbatch "
+                             f"token budget {token_budget}; raise train.token_budget or shorten the episodes")
+        if cur and cost(cur_lengths + lengths) > token_budget:
+            groups.append(cur)
+            cur, cur_lengths = [], []
+        cur.append(u)
+        cur_lengths += lengths
     if cur:
         groups.append(cur)
     return groups

@@ -21,13 +21,13 @@ import torch
 import torch.distributed as dist
 
 from holderpo_megatron.algorithms import LossMetrics, LossOutput, compute_policy_loss, kl_penalty
-from holderpo_megatron.data.batching import MicroBatch, build_microbatch, plan_microbatches
+from holderpo_megatron.data.batching import MicroBatch, build_microbatch, plan_microbatches, plan_units
 from holderpo_megatron.models import ModelArch, build_gpt_model, to_transformer_config
 from holderpo_megatron.parallel.aggregation import PackedSequenceReducer
 from holderpo_megatron.parallel.layout import ParallelLayout
 from holderpo_megatron.parallel.logprobs import vocab_parallel_logprobs
 
-__all__ = ["OptimizerSettings", "MegatronActor", "RolloutBatch", "Regularizers"]
+__all__ = ["OptimizerSettings", "MegatronActor", "RolloutBatch", "Regularizers", "trajectory_units", "loss_mask"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,23 @@ class Regularizers:
     entropy_coef: float = 0.0
 
 
+def loss_mask(length: int, response_start: int) -> torch.Tensor:
+    """``[length-1]`` bool over next-token positions: True where the predicted token x_t is a response
+    token (t >= response_start). Position t-1 predicts x_t, so the prompt (and every observation
+    an agent's prompt holds) never enters the loss."""
+    return torch.arange(1, length) >= response_start
+
+
+def trajectory_units(n: int, trajectory: list[int] | None) -> list[list[int]]:
+    """Indices of ``n`` samples grouped by trajectory id (first appearance order); None: singletons."""
+    if trajectory is None:
+        return [[i] for i in range(n)]
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(trajectory):
+        groups.setdefault(t, []).append(i)
+    return list(groups.values())
+
+
 @dataclass
 class RolloutBatch:
     """What a training step consumes, for this data-parallel rank.
@@ -55,6 +72,11 @@ class RolloutBatch:
     sequences: token ids (prompt + response) per sample; response_start: index of the first
     response token per sample; old_logprobs: per sample ``[n-1]`` log-probs of the behaviour policy
     at next-token positions; advantages: ``[num_samples]``.
+
+    trajectory: for multi-turn agents, the episode of each sample (one sample per turn; the turns
+    of an episode share its advantage). The loss then reduces over every response token of a
+    trajectory, across its turns, as one sequence (the Hölder mean spans the whole episode; the
+    prompts, which hold the observations, are masked). None: every sample is its own sequence.
     """
 
     sequences: list[list[int]]
@@ -62,6 +84,7 @@ class RolloutBatch:
     old_logprobs: list[torch.Tensor]
     advantages: torch.Tensor
     extra: dict = field(default_factory=dict)
+    trajectory: list[int] | None = None
 
     def __post_init__(self):
         n = len(self.sequences)
@@ -75,6 +98,27 @@ class RolloutBatch:
                 raise ValueError(f"sample {i}: response_start={r} must be in [1, {len(s) - 1}]")
             if lp.numel() != len(s) - 1:
                 raise ValueError(f"sample {i}: old_logprobs has {lp.numel()} values, expected {len(s) - 1}")
+        if self.trajectory is not None:
+            if len(self.trajectory) != n:
+                raise ValueError(f"RolloutBatch.trajectory has {len(self.trajectory)} ids for {n} sequences")
+            first: dict[int, float] = {}
+            for i, t in enumerate(self.trajectory):
+                a = float(self.advantages[i])
+                if first.setdefault(t, a) != a:
+                    raise ValueError(f"trajectory {t}: its turns carry different advantages ({first[t]} vs {a})")
+
+    def units(self) -> list[list[int]]:
+        """Sample indices that must stay together (one microbatch, one DP rank): a trajectory's
+        turns, or each sample alone. In order of first appearance."""
+        return trajectory_units(len(self.sequences), self.trajectory)
+
+    def select(self, units: list[list[int]]) -> "RolloutBatch":
+        """The sub-batch made of these units (lists of sample indices), trajectory ids kept."""
+        idx = [i for u in units for i in u]
+        return RolloutBatch([self.sequences[i] for i in idx], [self.response_start[i] for i in idx],
+                            [self.old_logprobs[i] for i in idx], self.advantages[idx],
+                            {k: [v[i] for i in idx] for k, v in self.extra.items()},
+                            None if self.trajectory is None else [self.trajectory[i] for i in idx])
 
 
 class MegatronActor:
@@ -193,21 +237,36 @@ class MegatronActor:
         return (out.logprobs, out.entropy) if entropy else out.logprobs
 
     def _plan(self, sequences: list[list[int]], token_budget: int, pack: bool,
-              max_sequences: int | None = None) -> list[MicroBatch]:
+              max_sequences: int | None = None, units: list[list[int]] | None = None,
+              unit_names: list | None = None) -> list[MicroBatch]:
         for i, s in enumerate(sequences):
             if len(s) > self.max_seq_length:
                 raise ValueError(
                     f"sequence {i} has {len(s)} tokens, more than the model's max length {self.max_seq_length}"
                 )
-        groups = plan_microbatches([len(s) for s in sequences], token_budget, pack=pack, max_sequences=max_sequences)
-        if self.layout.vpp and len(groups) % self.layout.pp:
-            # interleaved 1F1B wants a multiple of pp microbatches: split the largest groups
-            while len(groups) % self.layout.pp:
-                big = max(range(len(groups)), key=lambda k: len(groups[k]))
-                if len(groups[big]) < 2:
-                    raise ValueError(f"cannot make a multiple of pp={self.layout.pp} microbatches from {len(sequences)} sequences")
-                g = groups.pop(big)
-                groups[big:big] = [g[: len(g) // 2], g[len(g) // 2:]]
+        if units is None:
+            units = [[i] for i in range(len(sequences))]
+        if any(len(u) > 1 for u in units):
+            # a trajectory's turns share one microbatch (its Hölder mean needs all of its tokens)
+            if max_sequences is not None:
+                raise ValueError("max_sequences_per_microbatch cannot be combined with multi-turn trajectories "
+                                 "(a trajectory's turns must share a microbatch); bound train.token_budget instead")
+            ugroups = plan_units([[len(sequences[i]) for i in u] for u in units], token_budget, pack=pack,
+                                 names=unit_names)
+        else:
+            ugroups = plan_microbatches([len(sequences[u[0]]) for u in units], token_budget, pack=pack,
+                                        max_sequences=max_sequences)
+        if self.layout.vpp and len(ugroups) % self.layout.pp:
+            # interleaved 1F1B wants a multiple of pp microbatches: split the largest groups, at
+            # unit boundaries (a trajectory is never cut in two)
+            while len(ugroups) % self.layout.pp:
+                big = max(range(len(ugroups)), key=lambda k: len(ugroups[k]))
+                if len(ugroups[big]) < 2:
+                    raise ValueError(f"cannot make a multiple of pp={self.layout.pp} microbatches from "
+                                     f"{len(sequences)} sequences in {len(units)} unsplittable units (trajectories)")
+                g = ugroups.pop(big)
+                ugroups[big:big] = [g[: len(g) // 2], g[len(g) // 2:]]
+        groups = [[i for k in g for i in units[k]] for g in ugroups]
         if self.layout.vpp:
             # Megatron's interleaved schedule sends activations of one fixed shape: pad every
             # microbatch to the largest length and row count of the step.
@@ -266,7 +325,10 @@ class MegatronActor:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        mbs = self._plan(batch.sequences, token_budget, pack, max_sequences_per_microbatch)
+        units = batch.units()
+        names = None if batch.trajectory is None else [batch.trajectory[u[0]] for u in units]
+        mbs = self._plan(batch.sequences, token_budget, pack, max_sequences_per_microbatch, units=units,
+                         unit_names=names)
         collected: list[LossMetrics] = []
 
         def loss_func(mb: MicroBatch, logits: torch.Tensor):
@@ -301,12 +363,22 @@ class MegatronActor:
         sequence by segment id, no padding to ``[B, T]``) plus the KL and entropy terms."""
         dev = logp.device
         old = torch.cat([batch.old_logprobs[i].float() for i in mb.seq_indices]).to(dev)
-        # position t-1 predicts token t; response tokens are t >= response_start
-        pos = torch.cat([torch.arange(1, n) for n in mb.seq_lengths])
-        starts = torch.tensor([batch.response_start[i] for i in mb.seq_indices])
-        mask = (pos >= starts[mb.seq_id]).to(dev)
-        adv = batch.advantages[mb.seq_indices].float().to(dev)
-        reducer = PackedSequenceReducer(mb.seq_id.to(dev), num_sequences=mb.num_sequences)
+        mask = torch.cat([loss_mask(n, batch.response_start[i]) for n, i in zip(mb.seq_lengths, mb.seq_indices)]).to(dev)
+        if batch.trajectory is None:
+            seq_id, heads = mb.seq_id, list(range(mb.num_sequences))
+        else:  # reduce per trajectory: all turns of an episode are one "sequence" of the loss
+            local: dict[int, int] = {}
+            heads = []
+            of_sample = []
+            for k, i in enumerate(mb.seq_indices):
+                t = batch.trajectory[i]
+                if t not in local:
+                    local[t] = len(local)
+                    heads.append(k)
+                of_sample.append(local[t])
+            seq_id = torch.tensor(of_sample, dtype=torch.long)[mb.seq_id]
+        adv = batch.advantages[[mb.seq_indices[k] for k in heads]].float().to(dev)
+        reducer = PackedSequenceReducer(seq_id.to(dev), num_sequences=len(heads))
         out = compute_policy_loss(loss_name, logp, old, adv, mask, reducer=reducer, **loss_kwargs)
         maskf = mask.float()
         n_tok = maskf.sum()

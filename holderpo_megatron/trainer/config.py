@@ -19,7 +19,8 @@ from .config_loader import ConfigError, apply_overrides, from_dict, load_yaml_wi
 
 __all__ = [
     "RunConfig", "ModelSection", "ParallelSection", "RolloutSection", "AlgorithmSection", "TrainSection",
-    "DataSection", "EvalSection", "CheckpointSection", "LoggingSection", "load_run_config", "validate_run",
+    "DataSection", "EvalSection", "CheckpointSection", "LoggingSection", "AgentSection", "load_run_config",
+    "validate_run",
     "ConfigError",
 ]
 
@@ -89,6 +90,10 @@ class RolloutSection:
     bucket_mb: int = 512
     drift_warn: float = 0.1  # warn when max |logp_train - logp_rollout| exceeds this (nats)
     timeout_s: float = 600.0
+    # SGLang's deterministic inference: per-request sampling seeds, batch-invariant kernels, so a
+    # resumed run samples exactly what an uninterrupted one would. Needs a GPU attention backend
+    # (triton, fa3, flashinfer); SGLang on CPU refuses it.
+    deterministic: bool = False
 
     def __post_init__(self):
         _need(self.group_size >= 2, f"rollout.group_size must be >= 2 (group advantages), got {self.group_size}")
@@ -210,6 +215,62 @@ class DataSection:
         return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
+ENV_KINDS = ("none", "alfworld")
+ALFWORLD_SPLITS = ("train", "valid_seen", "valid_unseen", "valid_train")
+
+
+@dataclass
+class AgentSection:
+    """Multi-turn agent training (``env: alfworld``); ``none`` trains on single-turn prompts (data:).
+
+    In an agent run a training step plays ``train.prompts_per_step`` games, each ``rollout.group_size``
+    times; ``rollout.max_prompt_tokens`` / ``max_new_tokens`` bound one turn's prompt / response.
+    """
+
+    env: str = "none"
+    train_split: str = "train"
+    games_limit: int | None = None  # train on the first N games of the split (tiny runs)
+    eval_splits: list[str] = field(default_factory=lambda: ["valid_seen", "valid_unseen"])
+    eval_limit: int | None = None  # first N games per eval split
+    num_workers: int = 8  # environment worker processes
+    max_turns: int = 50
+    history_length: int = 2  # recent (observation, action) pairs shown each turn
+    think: bool = True  # <think> reasoning, then <action>
+    win_reward: float = 10.0
+    invalid_penalty: float = 0.1
+    step_timeout_s: float = 60.0
+    episode_timeout_s: float = 1800.0
+    save_transcripts: bool = True  # run_dir/transcripts/step_N.jsonl
+
+    def __post_init__(self):
+        _need(self.env in ENV_KINDS, f"agent.env {self.env!r} is not one of {ENV_KINDS}")
+        _need(self.train_split in ALFWORLD_SPLITS, f"agent.train_split {self.train_split!r} is not one of {ALFWORLD_SPLITS}")
+        for s in self.eval_splits:
+            _need(s in ALFWORLD_SPLITS, f"agent.eval_splits entry {s!r} is not one of {ALFWORLD_SPLITS}")
+        for k in ("games_limit", "eval_limit"):
+            v = getattr(self, k)
+            _need(v is None or v >= 1, f"agent.{k} must be null or >= 1, got {v}")
+        for k in ("num_workers", "max_turns"):
+            _need(getattr(self, k) >= 1, f"agent.{k} must be >= 1, got {getattr(self, k)}")
+        _need(self.history_length >= 0, f"agent.history_length must be >= 0, got {self.history_length}")
+        _need(self.win_reward >= 0 and self.invalid_penalty >= 0,
+              f"agent.win_reward and agent.invalid_penalty must be >= 0, got {self.win_reward}, {self.invalid_penalty}")
+        _need(self.step_timeout_s > 0 and self.episode_timeout_s > 0,
+              f"agent.step_timeout_s and agent.episode_timeout_s must be > 0, got {self.step_timeout_s}, "
+              f"{self.episode_timeout_s}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.env != "none"
+
+    def agent_config(self, max_prompt_tokens: int):
+        from holderpo_megatron.rollout.agent import AgentConfig
+
+        return AgentConfig(max_turns=self.max_turns, history_length=self.history_length,
+                           max_prompt_tokens=max_prompt_tokens, think=self.think, win_reward=self.win_reward,
+                           invalid_penalty=self.invalid_penalty)
+
+
 @dataclass
 class EvalSection:
     every: int = 0  # steps between evaluations; 0 = off
@@ -264,6 +325,7 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    agent: AgentSection = field(default_factory=AgentSection)
 
     def __post_init__(self):
         samples = self.train.prompts_per_step * self.rollout.group_size
@@ -306,7 +368,9 @@ def validate_run(cfg: RunConfig, arch=None, check_paths: bool = True) -> None:
             raise ConfigError(f"model.hf_path {hf!r} is not a directory")
         if cfg.model.megatron_load and not Path(cfg.model.megatron_load).is_dir():
             raise ConfigError(f"model.megatron_load {cfg.model.megatron_load!r} is not a directory")
-        if cfg.data.train != "arithmetic":
+        if cfg.agent.enabled:
+            pass  # the game files are unpacked (and their absence reported) by envs.alfworld on rank 0
+        elif cfg.data.train != "arithmetic":
             t = Path(cfg.data.train)
             if not (t.suffix == ".jsonl" and t.is_file()) and not (cfg.data.resolved_data_dir() / "math" / cfg.data.train / "data.jsonl").is_file():
                 raise ConfigError(

@@ -13,7 +13,7 @@ from holderpo_megatron.rollout.interface import SamplingParams
 
 from .config import RunConfig
 
-__all__ = ["math_eval_config", "evaluate_with_engine", "eval_main"]
+__all__ = ["math_eval_config", "evaluate_with_engine", "agent_eval_with_engine", "eval_main"]
 
 
 def math_eval_config(cfg: RunConfig) -> MathEvalConfig:
@@ -50,6 +50,26 @@ def evaluate_with_engine(cfg: RunConfig, engine, tokenizer, out_dir: Path) -> di
     return out
 
 
+def agent_eval_with_engine(cfg: RunConfig, engine, tokenizer, pool, out_dir: Path) -> dict:
+    """Greedy play of every game of ``agent.eval_splits`` (first ``agent.eval_limit`` each);
+    returns flat metrics: ``<split>/success_rate`` and ``<split>/<task type>``."""
+    from holderpo_megatron.eval.agent_eval import run_agent_eval
+
+    from .agent_loop import agent_games, chat_tokenizer
+
+    a, r = cfg.agent, cfg.rollout
+    splits = {s: agent_games(cfg, s, a.eval_limit) for s in a.eval_splits}
+    tokenize, detokenize = chat_tokenizer(tokenizer)
+    sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=r.max_new_tokens, stop=tuple(r.stop))
+    summary = run_agent_eval(engine, pool, tokenize, detokenize, splits, sampling,
+                             a.agent_config(r.max_prompt_tokens), out_dir)
+    flat = {}
+    for split, s in summary.items():
+        flat[f"{split}/success_rate"] = s["success_rate"]
+        flat.update({f"{split}/{t}": v["success_rate"] for t, v in s["per_task_type"].items()})
+    return flat
+
+
 def eval_main(cfg: RunConfig, out: str | None) -> int:
     from transformers import AutoTokenizer
 
@@ -63,9 +83,19 @@ def eval_main(cfg: RunConfig, out: str | None) -> int:
     engine = SGLangEngine(SGLangEngineConfig(model_path=str(hf_dir), mode=r.mode, tp_size=r.engine_tp,
                                              mem_fraction_static=r.mem_fraction_static, server_urls=tuple(r.server_urls),
                                              random_seed=cfg.train.seed))
+    out_dir = Path(out) if out else cfg.run_dir / "eval"
+    pool = None
     try:
-        summary = evaluate_with_engine(cfg, engine, tok, Path(out) if out else cfg.run_dir / "eval")
+        if cfg.agent.enabled:
+            from .agent_loop import build_env_pool
+
+            pool = build_env_pool(cfg)
+            summary = agent_eval_with_engine(cfg, engine, tok, pool, out_dir)
+        else:
+            summary = evaluate_with_engine(cfg, engine, tok, out_dir)
     finally:
+        if pool is not None:
+            pool.close()
         engine.shutdown()
     for k, v in summary.items():
         print(f"{k:>16}: {100 * v:.1f}")

@@ -20,7 +20,8 @@ from holderpo_megatron.algorithms import LossMetrics, group_advantages
 from holderpo_megatron.parallel.loss_scaling import all_reduce_loss_metrics
 from holderpo_megatron.rollout.interface import SamplingParams
 
-from .actor import Regularizers, RolloutBatch
+from .actor import Regularizers, RolloutBatch, trajectory_units
+from .agent_loop import agent_payload
 from .config import RunConfig
 from .faults import KILL_AFTER_STEP, kill_if_asked
 from .setup import TrainContext, setup_training
@@ -54,7 +55,9 @@ def one_step(ctx: TrainContext, step: int) -> dict:
     if not batch["sequences"]:  # dynamic sampling dropped every group
         metrics["skipped_update"] = 1.0
         return metrics
-    mine = list(range(ctx.dp_rank, len(batch["sequences"]), ctx.dp_size))
+    # this DP rank's share: whole samples, or whole trajectories (an agent episode's turns)
+    units = trajectory_units(len(batch["sequences"]), batch.get("trajectory"))
+    mine = [i for u in units[ctx.dp_rank::ctx.dp_size] for i in u]
     seqs = [batch["sequences"][i] for i in mine]
     starts = [batch["starts"][i] for i in mine]
     rollout_lp = [batch["rollout_logprobs"][i] for i in mine]
@@ -68,7 +71,8 @@ def one_step(ctx: TrainContext, step: int) -> dict:
         old = [_rollout_as_full(lp, s, len(q)) for lp, s, q in zip(rollout_lp, starts, seqs)]
     adv = torch.tensor([batch["advantages"][i] for i in mine], dtype=torch.float32)
     with timer("train"):
-        metrics.update(train_phase(ctx, RolloutBatch(seqs, starts, old, adv, extra), p, step))
+        traj = [batch["trajectory"][i] for i in mine] if batch.get("trajectory") is not None else None
+        metrics.update(train_phase(ctx, RolloutBatch(seqs, starts, old, adv, extra, traj), p, step))
     with timer("sync"):
         ctx.sync_weights(version=step + 1)
     return metrics
@@ -80,62 +84,65 @@ def rollout_phase(ctx: TrainContext, step: int) -> dict:
     items = ctx.data.next_batch()  # every rank advances its iterator, so all save the same position
     payload = [None]
     if ctx.rank == 0:
-        prompts = [ctx.prompt_ids(item.problem) for item in items]
-        params = SamplingParams(n=cfg.rollout.group_size, temperature=cfg.rollout.temperature,
-                                top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                                max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.train.seed * 100_003 + step)
-        groups = ctx.engine.generate(prompts, params)
-        samples = [s for g in groups for s in g]
-        texts = [ctx.tokenizer.decode(s.output_ids, skip_special_tokens=True) for s in samples]
-        answers = [list(items[s.prompt_index].answers) for s in samples]
-        scored = ctx.reward.score(texts, answers, [s.finish_reason for s in samples])
-        rewards = torch.tensor(scored.rewards, dtype=torch.float32)
-        adv = group_advantages(rewards, cfg.rollout.group_size, cfg.algorithm.advantage)
-        keep = list(range(len(samples)))
-        if cfg.algorithm.dynamic_sampling:  # drop groups whose rewards are all equal (no signal)
-            g = cfg.rollout.group_size
-            keep = [i for i in keep if rewards[i - i % g: i - i % g + g].unique().numel() > 1]
-            keep = keep[: len(keep) - len(keep) % ctx.dp_size]
-        lengths = torch.tensor([len(s.output_ids) for s in samples], dtype=torch.float32)
-        metrics = {
-            "reward_mean": rewards.mean().item(),
-            "accuracy": (rewards > 0).float().mean().item(),
-            "response_length_mean": lengths.mean().item(),
-            "response_length_max": lengths.max().item(),
-            "truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
-            "kept_samples": float(len(keep)),
-            "tokens": float(sum(len(s.prompt_ids) + len(s.output_ids) for s in samples)),
-            "reward_timeouts": float(scored.stats.get("timeout", 0)),
-            "stale_samples": float(sum(s.is_stale(ctx.weight_version) for s in samples)),
-        }
-        payload = [{
-            "sequences": [samples[i].prompt_ids + samples[i].output_ids for i in keep],
-            "starts": [len(samples[i].prompt_ids) for i in keep],
-            "rollout_logprobs": [samples[i].logprobs.float() for i in keep],
-            "advantages": [float(adv[i]) for i in keep],
-            "metrics": metrics,
-            "examples": [texts[i] for i in range(min(2, len(texts)))],
-        }]
+        payload = [agent_payload(ctx, items, step) if cfg.agent.enabled else _prompt_payload(ctx, items, step)]
     dist.broadcast_object_list(payload, src=0)
     batch = payload[0]
     ctx.last_examples = batch.pop("examples")
     return batch
 
 
+def _prompt_payload(ctx: TrainContext, items: list, step: int) -> dict:
+    """Rank 0, single-turn prompts: generate a group per prompt, score, advantages."""
+    cfg = ctx.cfg
+    prompts = [ctx.prompt_ids(item.problem) for item in items]
+    params = SamplingParams(n=cfg.rollout.group_size, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                            max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.train.seed * 100_003 + step)
+    groups = ctx.engine.generate(prompts, params)
+    samples = [s for g in groups for s in g]
+    texts = [ctx.tokenizer.decode(s.output_ids, skip_special_tokens=True) for s in samples]
+    answers = [list(items[s.prompt_index].answers) for s in samples]
+    scored = ctx.reward.score(texts, answers, [s.finish_reason for s in samples])
+    rewards = torch.tensor(scored.rewards, dtype=torch.float32)
+    adv = group_advantages(rewards, cfg.rollout.group_size, cfg.algorithm.advantage)
+    keep = list(range(len(samples)))
+    if cfg.algorithm.dynamic_sampling:  # drop groups whose rewards are all equal (no signal)
+        g = cfg.rollout.group_size
+        keep = [i for i in keep if rewards[i - i % g: i - i % g + g].unique().numel() > 1]
+        keep = keep[: len(keep) - len(keep) % ctx.dp_size]
+    lengths = torch.tensor([len(s.output_ids) for s in samples], dtype=torch.float32)
+    metrics = {
+        "reward_mean": rewards.mean().item(),
+        "accuracy": (rewards > 0).float().mean().item(),
+        "response_length_mean": lengths.mean().item(),
+        "response_length_max": lengths.max().item(),
+        "truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
+        "kept_samples": float(len(keep)),
+        "tokens": float(sum(len(s.prompt_ids) + len(s.output_ids) for s in samples)),
+        "reward_timeouts": float(scored.stats.get("timeout", 0)),
+        "stale_samples": float(sum(s.is_stale(ctx.weight_version) for s in samples)),
+    }
+    return {
+        "sequences": [samples[i].prompt_ids + samples[i].output_ids for i in keep],
+        "starts": [len(samples[i].prompt_ids) for i in keep],
+        "rollout_logprobs": [samples[i].logprobs.float() for i in keep],
+        "advantages": [float(adv[i]) for i in keep],
+        "metrics": metrics,
+        "examples": [texts[i] for i in range(min(2, len(texts)))],
+    }
+
+
 def train_phase(ctx: TrainContext, batch: RolloutBatch, p: float, step: int) -> dict:
     """``minibatches_per_step`` optimizer steps over this rank's share; metrics merged over DP."""
     cfg = ctx.cfg
-    n = len(batch.sequences)
-    order = list(range(n))
-    random.Random(cfg.train.seed * 1_000_003 + step).shuffle(order)  # a function of the step: resumable
+    units = batch.units()
+    n = len(units)
+    random.Random(cfg.train.seed * 1_000_003 + step).shuffle(units)  # a function of the step: resumable
     k = cfg.train.minibatches_per_step
     merged, grad_norms = LossMetrics(), []
     reg = Regularizers(cfg.algorithm.kl_coef, cfg.algorithm.kl_estimator, cfg.algorithm.entropy_coef)
     for part in range(k):
-        idx = order[part * n // k: (part + 1) * n // k]
-        sub = RolloutBatch([batch.sequences[i] for i in idx], [batch.response_start[i] for i in idx],
-                           [batch.old_logprobs[i] for i in idx], batch.advantages[idx],
-                           {key: [v[i] for i in idx] for key, v in batch.extra.items()})
+        sub = batch.select(units[part * n // k: (part + 1) * n // k])
         m = ctx.actor.forward_backward(sub, loss_name=cfg.algorithm.loss, loss_kwargs=cfg.algorithm.loss_kwargs(p),
                                        token_budget=cfg.train.token_budget, pack=cfg.train.pack, regularizers=reg)
         merged = merged.merge(m)

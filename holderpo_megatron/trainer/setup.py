@@ -64,7 +64,7 @@ class TrainContext:
         self.schedule = cfg.algorithm.p_schedule.build()
         self.data = BatchIterator(self._train_items(), cfg.train.prompts_per_step, seed=t.seed, shuffle=cfg.data.shuffle)
         self.template = get_prompt_template(cfg.data.prompt_template)
-        self.engine = self.tokenizer = self.reward = self.synchronizer = None
+        self.engine = self.tokenizer = self.reward = self.synchronizer = self.env_pool = None
         self.weight_version = 0
         self.last_examples: list[str] = []
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else cfg.run_dir / "checkpoints"
@@ -91,6 +91,10 @@ class TrainContext:
 
     def _train_items(self):
         d = self.cfg.data
+        if self.cfg.agent.enabled:  # games (EpisodeSpec) instead of prompts
+            from .agent_loop import agent_games
+
+            return agent_games(self.cfg, self.cfg.agent.train_split, self.cfg.agent.games_limit)
         if d.train == "arithmetic":
             return generate_arithmetic_problems(50_000, seed=self.cfg.train.seed, max_operand=d.arithmetic_max_operand,
                                                direct=d.arithmetic_direct).items
@@ -103,7 +107,8 @@ class TrainContext:
         return SGLangEngineConfig(
             model_path=str(self.hf_dir), mode=r.mode, tp_size=r.engine_tp, mem_fraction_static=r.mem_fraction_static,
             server_urls=tuple(r.server_urls), request_timeout_s=r.timeout_s, random_seed=self.cfg.train.seed,
-            context_length=r.max_prompt_tokens + r.max_new_tokens, log_dir=str(self.cfg.run_dir / "sglang_logs"))
+            context_length=r.max_prompt_tokens + r.max_new_tokens, log_dir=str(self.cfg.run_dir / "sglang_logs"),
+            server_args={"enable_deterministic_inference": True} if r.deterministic else {})
 
     def _start_rollout_side(self) -> None:
         """Rank 0: tokenizer, reward and engine; every rank: its part of the weight synchroniser."""
@@ -121,6 +126,10 @@ class TrainContext:
                 timeout_s=self.cfg.data.reward_timeout_s, truncated_reward=self.cfg.algorithm.truncated_reward))
             with _without_torchrun_env():
                 self.engine = SGLangEngine(engine_cfg)
+                if self.cfg.agent.enabled:
+                    from .agent_loop import build_env_pool
+
+                    self.env_pool = build_env_pool(self.cfg)
         self.synchronizer = make_weight_synchronizer(
             MegatronWeightSource(self.actor.unwrapped(), self.arch), self.engine, dtype=engine_cfg.torch_dtype,
             transport=self.cfg.rollout.weight_sync, bucket_bytes=self.cfg.rollout.bucket_mb << 20)
@@ -138,9 +147,13 @@ class TrainContext:
 
     def evaluate(self, step: int) -> None:
         if self.rank == 0:
-            from .evaluate import evaluate_with_engine
+            from .evaluate import agent_eval_with_engine, evaluate_with_engine
 
-            summary = evaluate_with_engine(self.cfg, self.engine, self.tokenizer, self.cfg.run_dir / "eval" / f"step_{step:06d}")
+            out = self.cfg.run_dir / "eval" / f"step_{step:06d}"
+            if self.cfg.agent.enabled:
+                summary = agent_eval_with_engine(self.cfg, self.engine, self.tokenizer, self.env_pool, out)
+            else:
+                summary = evaluate_with_engine(self.cfg, self.engine, self.tokenizer, out)
             self.logger.log_extra(step, {f"eval/{k}": v for k, v in summary.items()})
         dist.barrier()
 
@@ -178,6 +191,8 @@ class TrainContext:
             self.logger.close()
         if self.synchronizer is not None:
             self.synchronizer.close()
+        if self.env_pool is not None:
+            self.env_pool.close()
         if self.engine is not None:
             self.engine.shutdown()
         if self.reward is not None:

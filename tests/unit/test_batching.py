@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from holderpo_megatron.data.batching import build_microbatch, plan_microbatches
+from holderpo_megatron.data.batching import build_microbatch, plan_microbatches, plan_units
 
 
 def test_plan_padded_and_packed_respect_budget():
@@ -47,3 +47,52 @@ def test_microbatch_targets_and_positions(pack):
         assert mb.position_ids[0, :9].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1]
     else:
         assert mb.attention_mask is None and mb.input_ids.shape[0] == 3
+
+
+def _cost(lengths, pack):
+    return sum(lengths) if pack else len(lengths) * max(lengths)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_plan_units_never_splits_a_unit_and_respects_the_budget(pack):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        units = [torch.randint(2, 25, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()
+                 for _ in range(int(torch.randint(1, 12, (1,), generator=g)))]
+        budget = max(_cost(u, pack) for u in units) + int(torch.randint(0, 60, (1,), generator=g))
+        groups = plan_units(units, budget, pack=pack)
+        assert sum(groups, []) == list(range(len(units)))  # every unit once, in order, whole
+        for grp in groups:
+            assert _cost([n for k in grp for n in units[k]], pack) <= budget
+        for a, b in zip(groups, groups[1:]):  # greedy: the next unit did not fit
+            assert _cost([n for k in a + b[:1] for n in units[k]], pack) > budget
+
+
+def test_plan_units_packed_vs_padded_cost():
+    units = [[10, 30], [5], [20, 20, 4]]  # padded costs 60, 5, 60; packed 40, 5, 44
+    assert plan_units(units, 70) == [[0], [1], [2]]  # [1] + [2] padded: 4 rows x 20 = 80
+    assert plan_units(units, 70, pack=True) == [[0, 1], [2]]  # 45; then 89 > 70
+    # fits packed (40 tokens), not padded (3 rows x 30)
+    assert plan_units([[30, 5, 5]], 60, pack=True) == [[0]]
+    with pytest.raises(ValueError, match=r"trajectory 11 \(3 turns, 40 tokens\) costs 90 tokens \(padded\), "
+                                         r"more than the microbatch token budget 60"):
+        plan_units([[3], [30, 5, 5]], 60, names=[4, 11])
+    with pytest.raises(ValueError, match=r"unit 0 \(a trajectory of 3 turns, 40 tokens\) costs 40 tokens \(packed\)"):
+        plan_units([[30, 5, 5]], 39, pack=True)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_plan_units_of_single_sequences_is_plan_microbatches(pack):
+    lengths = [5, 9, 3, 8, 2, 7, 12, 4]
+    for budget in (12, 20, 33, 100):
+        assert plan_units([[n] for n in lengths], budget, pack=pack) == plan_microbatches(lengths, budget, pack=pack)
+
+
+@pytest.mark.parametrize("units,budget,match", [
+    ([[5], []], 20, "unit 1 has sequences"),
+    ([[5, 1]], 20, "each needs at least 2 tokens"),
+    ([[3]], 0, "token_budget must be"),
+])
+def test_plan_units_bad_input(units, budget, match):
+    with pytest.raises(ValueError, match=match):
+        plan_units(units, budget)

@@ -9,7 +9,8 @@ from holderpo_megatron.trainer.config_loader import from_dict
 from holderpo_megatron.trainer.plan import arch_for_plan, plan_run
 
 RECIPES = ["tiny-cpu", "deepseek-r1-distill-qwen-7b", "qwen2.5-math-7b", "deepseek-r1-distill-qwen-7b-grpo",
-           "deepseek-r1-distill-qwen-7b-gspo", "qwen2.5-32b", "llama-3.1-70b"]
+           "deepseek-r1-distill-qwen-7b-gspo", "qwen2.5-32b", "llama-3.1-70b", "alfworld-qwen2.5-1.5b-instruct",
+           "alfworld-tiny-cpu"]
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -70,6 +71,13 @@ BAD = [
     ({"checkpoint": {"keep_last": 0}}, "checkpoint.keep_last must be >= 1"),
     ({"logging": {"tensorboard": "yes"}}, "logging.tensorboard: expected true/false"),
     ({"data": {"reward": "bleu"}}, "data.reward: 'bleu' is not allowed"),
+    ({"agent": {"env": "minecraft"}}, "agent.env 'minecraft' is not one of"),
+    ({"agent": {"env": "alfworld", "train_split": "test"}}, "agent.train_split 'test' is not one of"),
+    ({"agent": {"eval_splits": ["valid_seen", "seen"]}}, "agent.eval_splits entry 'seen' is not one of"),
+    ({"agent": {"num_workers": 0}}, "agent.num_workers must be >= 1"),
+    ({"agent": {"max_turns": 0}}, "agent.max_turns must be >= 1"),
+    ({"agent": {"step_timeout_s": 0}}, "agent.step_timeout_s and agent.episode_timeout_s must be > 0"),
+    ({"agent": {"games_limit": 0}}, "agent.games_limit must be null or >= 1"),
 ]
 
 
