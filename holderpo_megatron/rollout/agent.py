@@ -87,6 +87,7 @@ class AgentTurn:
 class Episode:
     spec: EpisodeSpec
     task: str = ""
+    first_observation: str = ""
     turns: list[AgentTurn] = field(default_factory=list)
     won: bool = False
     failed: bool = False  # the environment failed (crash, hang, error): not the agent's doing
@@ -97,6 +98,7 @@ class Episode:
     def transcript(self) -> dict:
         return {
             "game": self.spec.game, "task_type": self.spec.task_type, "split": self.spec.split, "task": self.task,
+            "first_observation": self.first_observation,
             "won": self.won, "failed": self.failed, "error": self.error, "reward": self.reward,
             "invalid_actions": self.invalid_actions, "turns": len(self.turns),
             "steps": [{"response": t.response, "action": t.action, "valid": t.valid, "observation": t.observation,
@@ -149,7 +151,7 @@ class _Live:
             self.episode.failed, self.episode.error, self.done = True, first.error or "reset failed", True
             self.observation, self.admissible = "", ()
         else:
-            self.episode.task = first.task
+            self.episode.task, self.episode.first_observation = first.task, first.observation
             self.observation, self.admissible = first.observation, tuple(first.admissible_actions)
 
 

@@ -48,6 +48,22 @@ class Regularizers:
     entropy_coef: float = 0.0
 
 
+def _thd_params(mb: MicroBatch, device):
+    """Megatron's PackedSeqParams (THD) for one packed row: a segment per sequence, plus one for
+    the row's tail padding (which then attends only to itself)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    bounds = [0]
+    for n in mb.seq_lengths:
+        bounds.append(bounds[-1] + n)
+    if mb.input_ids.shape[1] > bounds[-1]:
+        bounds.append(mb.input_ids.shape[1])
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
+
+
 def loss_mask(length: int, response_start: int) -> torch.Tensor:
     """``[length-1]`` bool over next-token positions: True where the predicted token x_t is a response
     token (t >= response_start). Position t-1 predicts x_t, so the prompt (and every observation
@@ -147,6 +163,11 @@ class MegatronActor:
             virtual_pipeline_model_parallel_size=layout.vpp,
         )
         chunks = layout.vpp or 1
+        from holderpo_megatron.models import te_available
+
+        # Packed rows: the local spec's attention honours our block-diagonal mask; TE's causal
+        # attention would ignore it, so with TE packed rows go as THD (cu_seqlens, flash varlen).
+        self.packed_as_thd = te_available() if use_te is None else bool(use_te)
         self.model = [
             build_gpt_model(arch, self.config, use_te=use_te, vp_stage=(v if layout.vpp else None))
             for v in range(chunks)
@@ -205,8 +226,12 @@ class MegatronActor:
 
         def forward_step(data_iterator, model):
             mb: MicroBatch = next(data_iterator)
-            mask = None if mb.attention_mask is None else mb.attention_mask.to(dev)
-            out = model(mb.input_ids.to(dev), mb.position_ids.to(dev), mask)
+            if mb.attention_mask is not None and self.packed_as_thd:
+                out = model(mb.input_ids.to(dev), mb.position_ids.to(dev), None,
+                            packed_seq_params=_thd_params(mb, dev))
+            else:
+                mask = None if mb.attention_mask is None else mb.attention_mask.to(dev)
+                out = model(mb.input_ids.to(dev), mb.position_ids.to(dev), mask)
             return out, partial(loss_func_for, mb)
 
         n = len(microbatches)
