@@ -148,7 +148,11 @@ class SGLangEngineConfig:
             enable_memory_saver=self.enable_memory_saver,
         )
         if cpu:
-            kw.update(attention_backend=self.attention_backend or "torch_native", disable_overlap_schedule=True)
+            # sleep_on_idle: an idle scheduler waits on its sockets instead of polling, so it does not
+            # take a core from the trainer ranks during score/train (bench/e2e_vs_trl.py: scheduler
+            # CPU 42-55 -> 13-14 s per step on 2 cores)
+            kw.update(attention_backend=self.attention_backend or "torch_native", disable_overlap_schedule=True,
+                      sleep_on_idle=True)
         elif self.attention_backend:
             kw["attention_backend"] = self.attention_backend
         if self.context_length:

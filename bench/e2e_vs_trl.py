@@ -1,0 +1,651 @@
+"""End to end: steps/s and generated tokens/s of our loop vs TRL's ``GRPOTrainer`` on CPU, side by side.
+
+    python bench/e2e_vs_trl.py [--steps 6] [--quick] [--sides ours,trl] [--out bench/results/e2e_vs_trl_cpu.json]
+
+Needs TRL (bench only): ``pip install -r requirements-bench.txt -c <(pip freeze | grep -v '^-e')``.
+
+Both sides run in one invocation, one after the other, each in its own subprocess (ours first, then
+TRL), for the same number of steps, from the same recipe (examples/recipes/tiny-cpu.yaml):
+
+* model      SmolLM2-135M-Instruct (``builtin:smollm2-135m-instruct``), fp32 on both sides
+* prompts    the run's own arithmetic problems, in the order our loop draws them (same seed, same
+             ``BatchIterator``), rendered with the ``arithmetic`` chat template by the model's tokenizer
+             (``apply_chat_template(..., add_generation_prompt=True)`` on both sides: same prompt tokens)
+* reward     our ``ExactIntReward`` (with the run's ``truncated_reward`` for completions cut at the
+             length limit), wrapped as a TRL reward function
+* sampling   group size 8, 4 prompts per step -> 32 completions per step, temperature 1.0, top-p 1,
+             no top-k, at most 32 new tokens (TRL 1.16 has no prompt-length cap: our prompts are far
+             below the recipe's ``max_prompt_tokens``, so neither side truncates a prompt)
+* loss       GSPO on both sides: ours ``algorithm.loss=holder`` (variant ``seq``) at constant p = 0
+             (the geometric-mean / GSPO limit); TRL ``importance_sampling_level="sequence"`` with
+             ``loss_type="grpo"`` (per-sequence loss, mean over sequences: the same sequence mean),
+             clip 0.2 / 0.2 (``epsilon``, ``epsilon_high``), ``beta=0`` (no KL, no reference model),
+             group-normalised advantages (``scale_rewards="group"``)
+* optimiser  Adam(W) at the recipe's lr (constant; TRL ``lr_scheduler_type="constant"``), weight decay 0,
+             grad-norm clip 1.0
+
+Step mapping. Our step = one rollout of 32 completions, one forward-only re-score (old log-probs),
+then ``train.minibatches_per_step = 2`` optimizer updates on 16 completions each, then the weight
+sync to SGLang. TRL counts optimizer updates as its steps, so it gets
+``per_device_train_batch_size = 32 / 2 = 16``, ``gradient_accumulation_steps = 1``,
+``steps_per_generation = 2`` (=> ``generation_batch_size = 32``: 4 prompts x 8 generations per
+generation) and ``num_iterations = 1``: it generates 32 completions, then does 2 optimizer updates
+on 16 each. Because ``gradient_accumulation_steps % steps_per_generation != 0``, TRL also computes the
+old log-probs with a forward-only pass right after generation, as we do. One of our steps = two TRL
+optimizer steps (``max_steps = 2 * steps``); the prompts are given in our order with
+``shuffle_dataset=False``.
+
+What is measured (honestly):
+
+* step time: ours = the loop's own ``time/step`` (metrics.jsonl; wall time between two step
+  records, rank 0); TRL = wall time between the ends of consecutive generation batches (a
+  ``TrainerCallback``: ``on_step_end`` of its optimizer steps 2k and 2k+2; the first from
+  ``on_step_begin`` of step 0). Both include everything the loop does in a step (logging too).
+* steps/s = 1 / mean step time; generated tokens/s = sum of completion lengths / sum of step times,
+  both over the steps after the first (step 1 is warm-up and is reported on its own). Completion
+  length counts the sampled tokens including the end-of-sequence token where one was sampled (SGLang's
+  ``output_ids``, TRL's completion ids up to and including the first EOS).
+* start-up = from launching the subprocess to the start of step 1 (imports, model load, Megatron
+  and process-group init, SGLang engine start / TRL trainer construction); reported separately.
+* phases, ours: the loop's phase timers: ``rollout`` (SGLang generation + detokenise + reward +
+  broadcast to rank 1), ``score`` (Megatron forward-only old log-probs), ``train`` (2 x
+  forward/backward through the PP2 pipeline + optimizer steps), ``sync`` (weights Megatron -> SGLang),
+  ``other`` = step - their sum. TRL: wrappers on the trainer's own methods: ``generate`` (the HF
+  ``model.generate`` call), ``reward`` (``_calculate_rewards``), ``score`` (the forward-only old
+  log-prob pass inside ``_generate_and_score_completions``), ``prep`` (the rest of
+  ``_generate_and_score_completions``: tokenise, decode, pad, advantages), ``train`` = step - all of
+  ``_generate_and_score_completions`` (2 x forward/backward + optimizer steps + trainer overhead);
+  TRL has no weight sync (it generates with the model it trains).
+* CPU s/step: user + system CPU seconds of each side's whole process tree during each step (read
+  from /proc once a second, interpolated at the step boundaries), split by process group (trainer
+  ranks, SGLang scheduler / detokenizer, TRL worker); "cores busy" = CPU s / wall s. CPU time hardly
+  grows when a process waits for a core, so it is the number to look at on a shared machine; it
+  does grow when threads spin (an idle SGLang scheduler polling, an OpenMP team waiting at a barrier
+  for a thread the OS has descheduled).
+* threads: ours as ``holderpo train`` sets them (``OMP_NUM_THREADS = cores / 2`` per rank: 2 ranks;
+  SGLang's scheduler process on rank 0); TRL one process with torch's default thread count. Both
+  get the whole machine; the 1-minute load average is sampled while each side runs (the machine may
+  be shared: compare only runs with similar load). Multi-threaded torch ops degrade much more under
+  CPU contention than single-threaded ones, so on a busy machine the TRL side (2 threads) slows down
+  far more than ours (1 thread per process): read the per-step rows in the JSON, not only the means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "examples" / "recipes" / "tiny-cpu.yaml"
+DEFAULT_OUT = ROOT / "bench" / "results" / "e2e_vs_trl_cpu.json"
+
+
+# --------------------------------------------------------------------------- shared settings
+
+def our_overrides(steps: int, workdir: Path) -> list[str]:
+    """The recipe overrides of our side (also used to derive TRL's settings from the same config)."""
+    return [
+        f"output_dir={workdir}", "name=ours", f"train.steps={steps}",
+        "model.dtype=fp32",
+        "algorithm.loss=holder", "algorithm.variant=seq", "algorithm.kl_coef=0.0",
+        "algorithm.p_schedule.kind=constant", "algorithm.p_schedule.p_min=0.0", "algorithm.p_schedule.p_max=0.0",
+        "eval.every=0", "checkpoint.every=0", "checkpoint.resume=false", "checkpoint.export_hf_at_end=false",
+        "logging.tensorboard=false", "logging.wandb=false",
+    ]
+
+
+def shared_settings(steps: int, workdir: Path) -> dict:
+    """Everything both sides must agree on, read from the recipe + our overrides."""
+    from holderpo_megatron.data.datasets import BatchIterator, generate_arithmetic_problems
+    from holderpo_megatron.models.builtin import resolve_model_path
+    from holderpo_megatron.trainer.config import load_run_config
+
+    cfg = load_run_config(RECIPE, our_overrides(steps, workdir))
+    d, r, t, a = cfg.data, cfg.rollout, cfg.train, cfg.algorithm
+    if d.train != "arithmetic" or d.reward != "exact_int":
+        raise SystemExit("this bench expects the arithmetic data and the exact_int reward of tiny-cpu.yaml")
+    # The batches our loop draws (setup.py: 50_000 problems, BatchIterator over them), in order.
+    items = generate_arithmetic_problems(50_000, seed=t.seed, max_operand=d.arithmetic_max_operand,
+                                         direct=d.arithmetic_direct).items
+    it = BatchIterator(items, t.prompts_per_step, seed=t.seed, shuffle=d.shuffle)
+    batches = [it.next_batch() for _ in range(steps)]
+    return {
+        "recipe": str(RECIPE.relative_to(ROOT)),
+        "model_dir": str(resolve_model_path(cfg.model.hf_path)),
+        "model": cfg.model.hf_path,
+        "dtype": "fp32",
+        "steps": steps,
+        "group_size": r.group_size,
+        "prompts_per_step": t.prompts_per_step,
+        "minibatches_per_step": t.minibatches_per_step,
+        "max_new_tokens": r.max_new_tokens,
+        "max_prompt_tokens": r.max_prompt_tokens,
+        "temperature": r.temperature,
+        "top_p": r.top_p,
+        "top_k": r.top_k,
+        "lr": t.lr,
+        "weight_decay": t.weight_decay,
+        "adam_beta1": t.adam_beta1,
+        "adam_beta2": t.adam_beta2,
+        "adam_eps": t.adam_eps,
+        "clip_grad": t.clip_grad,
+        "clip_low": a.clip_low,
+        "clip_high": a.clip_high,
+        "truncated_reward": a.truncated_reward,
+        "seed": t.seed,
+        "prompt_template": d.prompt_template,
+        "loss_ours": f"{a.loss} variant={a.variant} p={a.p_schedule.build().value(0)} ({a.p_schedule.kind})",
+        "loss_trl": "importance_sampling_level=sequence loss_type=grpo beta=0",
+        "problems": [{"problem": it.problem, "answers": list(it.answers)} for b in batches for it in b],
+    }
+
+
+# --------------------------------------------------------------------------- load and CPU sampling
+
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, utime+stime ticks) of every process we can read."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+            out[int(name)] = (int(rest[1]), int(rest[11]) + int(rest[12]))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def _group(pid: int) -> str:
+    """Which part of a side a process is: trainer ranks, SGLang processes, the TRL worker, the rest."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "other"
+    if "sglang::" in cmd:
+        return "sglang_" + cmd.split("sglang::", 1)[1].split()[0]
+    if "trainer.main" in cmd:
+        return "trainer_ranks"
+    if "--_trl-worker" in cmd:
+        return "trl_worker"
+    return "other"
+
+
+class Monitor:
+    """While a side runs: the 1-minute load average, and the CPU seconds (user + system) of the side's
+    process tree, per group of processes, sampled every ``every_s`` (Linux /proc; none elsewhere).
+    CPU seconds are load-insensitive where wall time is not: a step that waits for the CPU takes
+    longer but uses about the same CPU time (spin-waiting threads excepted)."""
+
+    def __init__(self, root_pid: int, every_s: float = 1.0):
+        self.root, self.every_s = root_pid, every_s
+        self.load: list[float] = []
+        self.cpu: list[tuple[float, dict[str, float]]] = []  # (time.time(), cumulative CPU s per group)
+        self._last: dict[int, tuple[str, int]] = {}  # pid -> (group, last ticks): exited processes keep theirs
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.available = os.path.isdir("/proc")
+
+    def _sample(self):
+        self.load.append(os.getloadavg()[0])
+        if not self.available:
+            return
+        table = _proc_table()
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        todo, tree = [self.root], []
+        while todo:
+            pid = todo.pop()
+            if pid in table:
+                tree.append(pid)
+                todo.extend(children.get(pid, []))
+        for pid in tree:
+            known = self._last.get(pid)
+            group = known[0] if known and known[0] != "other" else _group(pid)
+            self._last[pid] = (group, table[pid][1])
+        totals: dict[str, float] = {}
+        for group, ticks in self._last.values():
+            totals[group] = totals.get(group, 0.0) + ticks / _HZ
+        self.cpu.append((time.time(), totals))
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.every_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def cpu_between(self, t0: float, t1: float) -> dict[str, float] | None:
+        """CPU seconds per group (and ``total``) used in the wall-clock interval [t0, t1] (interpolated)."""
+        if len(self.cpu) < 2 or t0 < self.cpu[0][0] or t1 > self.cpu[-1][0]:
+            return None
+
+        def at(t, group):
+            for (ta, a), (tb, b) in zip(self.cpu, self.cpu[1:]):
+                if ta <= t <= tb:
+                    va, vb = a.get(group, 0.0), b.get(group, 0.0)
+                    return va + (vb - va) * ((t - ta) / (tb - ta) if tb > ta else 1.0)
+            return self.cpu[-1][1].get(group, 0.0)
+
+        groups = sorted({g for _, d in self.cpu for g in d})
+        out = {g: at(t1, g) - at(t0, g) for g in groups}
+        out["total"] = sum(out.values())
+        return out
+
+    def load_summary(self) -> dict:
+        s = self.load or [float("nan")]
+        return {"load1_mean": round(statistics.fmean(s), 2), "load1_max": round(max(s), 2), "samples": len(s)}
+
+
+def _run_monitored(cmd: list[str], log_path: Path, env: dict | None = None) -> tuple[int, float, float, Monitor]:
+    """Run ``cmd`` (stdout+stderr to ``log_path``) under a Monitor; (exit code, launch time, wall s, monitor)."""
+    t_launch = time.time()
+    with open(log_path, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        with Monitor(proc.pid) as mon:
+            rc = proc.wait()
+    return rc, t_launch, time.time() - t_launch, mon
+
+
+def _add_cpu(rows: list[dict], mon: Monitor) -> None:
+    for row in rows:
+        row["cpu_s"] = mon.cpu_between(row["t_start"], row["t_end"])
+
+
+# --------------------------------------------------------------------------- our side
+
+OUR_PHASES = ("rollout", "score", "train", "sync")
+
+
+def run_ours(settings: dict, workdir: Path, cmd: list[str] | None = None, env: dict | None = None,
+             tag: str = "ours") -> dict:
+    """Our loop through ``holderpo train`` (``cmd``/``env``: another launch of the same run, for experiments)."""
+    steps = settings["steps"]
+    run_dir = workdir / "ours"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cmd = cmd or [sys.executable, "-m", "holderpo_megatron.cli", "train", "--config", str(RECIPE),
+                  *our_overrides(steps, workdir)]
+    print(f"[{tag}] load average before: {os.getloadavg()}", flush=True)
+    print(f"[{tag}] {' '.join(cmd)}", flush=True)
+    rc, t_launch, wall, mon = _run_monitored(cmd, workdir / f"{tag}.log", env=env)
+    if rc != 0:
+        raise SystemExit(f"[{tag}] failed with exit code {rc}; see {workdir / f'{tag}.log'}")
+    from holderpo_megatron.observability import read_metrics
+
+    recs = [r for r in read_metrics(run_dir) if "time/step" in r]
+    n_samples = settings["prompts_per_step"] * settings["group_size"]
+    rows = []
+    for r in recs:
+        phases = {p: r.get(f"time/{p}", 0.0) or 0.0 for p in OUR_PHASES}
+        row = {"step": r["step"], "time": r["time/step"], **phases,
+               "gen_tokens": round(r["response_length_mean"] * n_samples),
+               "reward_mean": r.get("reward_mean"), "truncated_frac": r.get("truncated_frac"),
+               "t_start": r["wall_time"] - r["time/step"], "t_end": r["wall_time"]}
+        rows.append(row)
+    # Step 1's time/step also counts the SGLang engine start (the logger's clock starts before it):
+    # step 1 proper = its phases; start-up = launch -> start of step 1's rollout.
+    first = recs[0]
+    step1 = sum(rows[0][p] for p in OUR_PHASES)
+    rows[0]["time"] = step1
+    rows[0]["t_start"] = first["wall_time"] - step1
+    startup = rows[0]["t_start"] - t_launch
+    _add_cpu(rows, mon)
+    for row in rows:
+        row["other"] = row["time"] - sum(row[p] for p in OUR_PHASES)
+    from holderpo_megatron.trainer.config import load_run_config
+
+    cfg = load_run_config(RECIPE, our_overrides(steps, workdir))
+    nproc = cfg.parallel.nproc_per_node
+    omp = (env or os.environ).get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
+    return {"rc": rc, "wall_s": wall, "startup_s": startup, "steps": rows, "load": mon.load_summary(),
+            "threads": f"{nproc} ranks (tp{cfg.parallel.tp} x pp{cfg.parallel.pp}) x OMP_NUM_THREADS={omp}"
+                       " + SGLang scheduler process"}
+
+
+# --------------------------------------------------------------------------- TRL side
+
+TRL_PHASES = ("generate", "reward", "score", "prep", "train")
+
+
+def run_trl(settings: dict, workdir: Path) -> dict:
+    spec = workdir / "trl_settings.json"
+    out = workdir / "trl_result.json"
+    spec.write_text(json.dumps(settings))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_trl-worker", str(spec), str(out)]
+    print(f"[trl] load average before: {os.getloadavg()}", flush=True)
+    print(f"[trl] {' '.join(cmd)}", flush=True)
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rc, t_launch, wall, mon = _run_monitored(cmd, workdir / "trl.log", env=env)
+    if rc != 0:
+        raise SystemExit(f"[trl] failed with exit code {rc}; see {workdir / 'trl.log'}")
+    res = json.loads(out.read_text())
+    res.update(rc=rc, wall_s=wall, startup_s=res.pop("first_step_wall") - t_launch, load=mon.load_summary())
+    _add_cpu(res["steps"], mon)
+    return res
+
+
+def trl_worker(spec_path: str, out_path: str) -> int:
+    """Runs in its own process: TRL GRPOTrainer on the shared settings, timing each generation batch."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from holderpo_megatron.data.templates import get_prompt_template
+    from holderpo_megatron.rewards.math import ExactIntReward
+
+    s = json.loads(Path(spec_path).read_text())
+    G, P, K, steps = s["group_size"], s["prompts_per_step"], s["minibatches_per_step"], s["steps"]
+    if (P * G) % K:
+        raise SystemExit(f"{P * G} completions per step do not split into {K} minibatches")
+    tpl = get_prompt_template(s["prompt_template"])
+    data = Dataset.from_list([{"prompt": tpl.messages(x["problem"]), "answer": x["answers"]} for x in s["problems"]])
+    tok = AutoTokenizer.from_pretrained(s["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(s["model_dir"], dtype=torch.float32)
+    eos_ids = {tok.eos_token_id} | set(model.generation_config.eos_token_id
+                                       if isinstance(model.generation_config.eos_token_id, list)
+                                       else [model.generation_config.eos_token_id])
+    reward = ExactIntReward(truncated_reward=s["truncated_reward"])
+    max_new = s["max_new_tokens"]
+
+    def exact_int(prompts, completions, completion_ids, answer, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        reasons = ["length" if len(ids) >= max_new and (not ids or ids[-1] not in eos_ids) else "stop"
+                   for ids in completion_ids]
+        got = reward.score(texts, [list(a) for a in answer], reasons).rewards
+        phases["reward_mean"] = sum(got) / len(got)
+        return got
+
+    args = GRPOConfig(
+        output_dir=str(Path(out_path).parent / "trl_out"),
+        use_cpu=True, bf16=False, fp16=False, seed=s["seed"], data_seed=s["seed"],
+        # one generation batch = P prompts x G completions; K optimizer updates on it (see module docstring)
+        num_generations=G, per_device_train_batch_size=P * G // K, gradient_accumulation_steps=1,
+        steps_per_generation=K, num_iterations=1, max_steps=K * steps, shuffle_dataset=False,
+        max_completion_length=max_new, temperature=s["temperature"], top_p=s["top_p"],
+        top_k=0 if s["top_k"] == -1 else s["top_k"],
+        learning_rate=s["lr"], lr_scheduler_type="constant", weight_decay=s["weight_decay"],
+        adam_beta1=s["adam_beta1"], adam_beta2=s["adam_beta2"], adam_epsilon=s["adam_eps"],
+        max_grad_norm=s["clip_grad"],
+        beta=0.0, epsilon=s["clip_low"], epsilon_high=s["clip_high"], importance_sampling_level="sequence",
+        loss_type="grpo", scale_rewards="group", mask_truncated_completions=False,
+        gradient_checkpointing=False, use_vllm=False,
+        report_to="none", save_strategy="no", logging_strategy="steps", logging_steps=1, disable_tqdm=True,
+        log_completions=False, dataloader_num_workers=0,
+    )
+    phases: dict[str, float] = {}
+    gens: list[dict] = []
+    inside = {"prepare": False}
+
+    def timed(obj, name, key, only_inside=False, after=None):
+        orig = getattr(obj, name)
+
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                out = orig(*a, **k)
+            finally:
+                if not only_inside or inside["prepare"]:
+                    phases[key] = phases.get(key, 0.0) + time.perf_counter() - t0
+            if after is not None:
+                after(out)
+            return out
+
+        setattr(obj, name, wrapper)
+
+    trainer = GRPOTrainer(model=model, reward_funcs=[exact_int], args=args, train_dataset=data, processing_class=tok)
+
+    def count_tokens(out):
+        prompt_ids, completion_ids = out[0], out[1]
+        phases["gen_tokens"] = phases.get("gen_tokens", 0) + sum(len(c) for c in completion_ids)
+        phases["prompt_tokens_max"] = max(len(p) for p in prompt_ids)
+
+    timed(trainer, "_generate", "generate_outer", after=count_tokens)
+    timed(trainer.model, "generate", "generate")
+    timed(trainer, "_calculate_rewards", "reward")
+    timed(trainer, "_get_per_token_logps_and_entropies", "score", only_inside=True)
+    orig_prepare = trainer._generate_and_score_completions
+
+    def prepare(*a, **k):
+        phases.clear()
+        inside["prepare"] = True
+        t0 = time.perf_counter()
+        try:
+            return orig_prepare(*a, **k)
+        finally:
+            inside["prepare"] = False
+            phases["prepare"] = time.perf_counter() - t0
+            gens.append(dict(phases))
+
+    trainer._generate_and_score_completions = prepare
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.first = self.first_wall = None
+            self.ends: list[float] = []
+            self.ends_wall: list[float] = []
+            self.logs: list[dict] = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self.first is None:
+                self.first, self.first_wall = time.perf_counter(), time.time()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ends.append(time.perf_counter())
+            self.ends_wall.append(time.time())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            self.logs.append(dict(logs or {}))
+
+    clock = Clock()
+    trainer.add_callback(clock)
+    trainer.train()
+
+    if len(gens) != steps or len(clock.ends) != K * steps:
+        raise SystemExit(f"expected {steps} generations and {K * steps} optimizer steps, "
+                         f"got {len(gens)} and {len(clock.ends)}")
+    if any("generate" not in g for g in gens):
+        raise SystemExit("the model.generate wrapper was not called: TRL generated through another path")
+    bounds = [clock.first] + [clock.ends[K * (i + 1) - 1] for i in range(steps)]
+    walls = [clock.first_wall] + [clock.ends_wall[K * (i + 1) - 1] for i in range(steps)]
+    rows = []
+    for i, g in enumerate(gens):
+        t = bounds[i + 1] - bounds[i]
+        row = {"step": i + 1, "time": t, "generate": g["generate"], "reward": g.get("reward", 0.0),
+               "score": g.get("score", 0.0),
+               "prep": g["prepare"] - g["generate"] - g.get("reward", 0.0) - g.get("score", 0.0),
+               "train": t - g["prepare"], "gen_tokens": int(g["gen_tokens"]),
+               "prompt_tokens_max": g["prompt_tokens_max"], "reward_mean": g.get("reward_mean"),
+               "t_start": walls[i], "t_end": walls[i + 1]}
+        rows.append(row)
+    Path(out_path).write_text(json.dumps({
+        "first_step_wall": clock.first_wall, "steps": rows, "trl_logs": clock.logs, "threads": f"1 process x torch threads={torch.get_num_threads()}",
+        "trl_config": {k: getattr(args, k) for k in (
+            "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation", "generation_batch_size",
+            "num_iterations", "num_generations", "max_steps", "max_completion_length", "learning_rate", "beta",
+            "epsilon", "epsilon_high", "importance_sampling_level", "loss_type", "scale_rewards", "use_cpu", "bf16",
+            "gradient_checkpointing", "temperature", "top_k", "top_p")},
+    }, default=str))
+    return 0
+
+
+# --------------------------------------------------------------------------- summary
+
+def _cpu_summary(steady: list[dict], total_time: float) -> dict:
+    cpus = [r.get("cpu_s") for r in steady]
+    if not cpus or any(c is None for c in cpus):
+        return {"cpu_s_per_step": None, "cpu_s_per_step_by_group": None, "cores_busy": None}
+    groups = sorted({g for c in cpus for g in c})
+    by = {g: statistics.fmean(c.get(g, 0.0) for c in cpus) for g in groups}
+    return {"cpu_s_per_step": by.pop("total"), "cpu_s_per_step_by_group": by,
+            "cores_busy": sum(c["total"] for c in cpus) / total_time}
+
+
+def summarise(side: dict, phase_names: tuple[str, ...]) -> dict:
+    rows = side["steps"]
+    steady = rows[1:] if len(rows) > 1 else rows
+    t = [r["time"] for r in steady]
+    tot = sum(t)
+    return {
+        "startup_s": side["startup_s"],
+        "step1_s": rows[0]["time"],
+        "steady_steps": len(steady),
+        "step_s_mean": statistics.fmean(t),
+        "step_s_median": statistics.median(t),
+        "step_s_min": min(t),
+        "step_s_max": max(t),
+        "steps_per_s": len(t) / tot,
+        "gen_tokens_per_step": statistics.fmean(r["gen_tokens"] for r in steady),
+        "gen_tokens_per_s": sum(r["gen_tokens"] for r in steady) / tot,
+        "phases_s": {p: statistics.fmean(r[p] for r in steady) for p in phase_names},
+        **_cpu_summary(steady, tot),
+        "reward_mean": [r.get("reward_mean") for r in rows],
+        "wall_s": side["wall_s"],
+        "load": side["load"],
+        "threads": side["threads"],
+    }
+
+
+def table(s_ours: dict | None, s_trl: dict | None) -> str:
+    def cell(s, key, fmt):
+        return format(s[key], fmt) if s and s.get(key) is not None else "-"
+
+    lines = [f"{'':28}{'ours':>12}{'TRL':>12}{'ours/TRL':>10}"]
+    for label, key, fmt, higher in [("steps/s", "steps_per_s", ".4f", True),
+                                    ("generated tokens/s", "gen_tokens_per_s", ".2f", True),
+                                    ("s/step (mean, steady)", "step_s_mean", ".2f", False),
+                                    ("s/step median", "step_s_median", ".2f", False),
+                                    ("s/step min", "step_s_min", ".2f", False),
+                                    ("s/step max", "step_s_max", ".2f", False),
+                                    ("generated tokens/step", "gen_tokens_per_step", ".1f", None),
+                                    ("CPU s/step (process tree)", "cpu_s_per_step", ".1f", False),
+                                    ("cores busy (CPU s / wall s)", "cores_busy", ".2f", None),
+                                    ("step 1 (warm-up) s", "step1_s", ".2f", False),
+                                    ("start-up s", "startup_s", ".1f", False)]:
+        ratio = ""
+        if s_ours and s_trl and higher is not None and s_trl.get(key) and s_ours.get(key):
+            ratio = f"{s_ours[key] / s_trl[key]:.2f}x" if higher else f"{s_trl[key] / s_ours[key]:.2f}x"
+        lines.append(f"{label:28}{cell(s_ours, key, fmt):>12}{cell(s_trl, key, fmt):>12}{ratio:>10}")
+    for name, s, phs in (("ours", s_ours, OUR_PHASES + ("other",)), ("TRL", s_trl, TRL_PHASES)):
+        if not s:
+            continue
+        mean = s["step_s_mean"]
+        parts = "  ".join(f"{p} {s['phases_s'][p]:.2f}s ({100 * s['phases_s'][p] / mean:.0f}%)" for p in phs)
+        lines.append(f"phases {name:5} (mean s/step): {parts}")
+        if s.get("cpu_s_per_step_by_group"):
+            lines.append(f"CPU    {name:5} (mean CPU s/step): " + "  ".join(
+                f"{g} {v:.1f}" for g, v in s["cpu_s_per_step_by_group"].items()))
+    for name, s in (("ours", s_ours), ("TRL", s_trl)):
+        if s:
+            lines.append(f"load {name:5}: 1-min load avg mean {s['load']['load1_mean']} max {s['load']['load1_max']}"
+                         f"  ({s['threads']})")
+            lines.append(f"reward {name:5}: " + " ".join("-" if r is None else f"{r:.3f}" for r in s["reward_mean"]))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6, help="steps per side (the first is warm-up)")
+    ap.add_argument("--quick", action="store_true", help="3 steps per side (1 warm-up + 2 measured)")
+    ap.add_argument("--sides", default="ours,trl", help="comma list of ours,trl (default both)")
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON result (a .log with the same stem is written beside it)")
+    ap.add_argument("--workdir", default=None, help="scratch directory (default: a new temp dir, removed at the end)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--_trl-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._trl_worker:
+        return trl_worker(*args._trl_worker)
+    steps = 3 if args.quick else args.steps
+    if steps < 2:
+        ap.error("--steps must be >= 2 (the first step is warm-up)")
+    sides = [x.strip() for x in args.sides.split(",") if x.strip()]
+    if not set(sides) <= {"ours", "trl"} or not sides:
+        ap.error("--sides takes ours, trl or ours,trl")
+    if "trl" in sides:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            raise SystemExit("TRL is not installed: pip install -r requirements-bench.txt (see its header)")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="e2e_vs_trl_")).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    settings = shared_settings(steps, workdir)
+    res: dict = {"bench": "e2e_vs_trl", "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                                   "python": platform.python_version()},
+                 "settings": {k: v for k, v in settings.items() if k != "problems"}, "sides": {}}
+    import torch
+    import transformers
+
+    res["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import sglang
+        res["versions"]["sglang"] = getattr(sglang, "__version__", "?")
+    except Exception:  # noqa: BLE001 - only a version string
+        pass
+    if "trl" in sides:
+        import trl
+        res["versions"]["trl"] = trl.__version__
+    print(f"{steps} steps per side, {settings['prompts_per_step']} prompts x {settings['group_size']} completions, "
+          f"<= {settings['max_new_tokens']} new tokens; scratch {workdir}", flush=True)
+    summaries = {}
+    try:
+        if "ours" in sides:
+            r = run_ours(settings, workdir)
+            res["sides"]["ours"] = r
+            summaries["ours"] = summarise(r, OUR_PHASES + ("other",))
+            print(f"[ours] done: {summaries['ours']['step_s_mean']:.2f} s/step (steady)", flush=True)
+        if "trl" in sides:
+            r = run_trl(settings, workdir)
+            res["sides"]["trl"] = r
+            summaries["trl"] = summarise(r, TRL_PHASES)
+            print(f"[trl] done: {summaries['trl']['step_s_mean']:.2f} s/step (steady)", flush=True)
+    finally:
+        logs = {n: (workdir / f"{n}.log").read_text(errors="replace") for n in ("ours", "trl")
+                if (workdir / f"{n}.log").exists()}
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    res["summary"] = summaries
+    if "ours" in summaries and "trl" in summaries:
+        res["ratio_ours_over_trl"] = {
+            "steps_per_s": summaries["ours"]["steps_per_s"] / summaries["trl"]["steps_per_s"],
+            "gen_tokens_per_s": summaries["ours"]["gen_tokens_per_s"] / summaries["trl"]["gen_tokens_per_s"],
+        }
+    text = table(summaries.get("ours"), summaries.get("trl"))
+    print("\n" + text, flush=True)
+    out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    with open(out.with_suffix(".log"), "w") as f:
+        f.write(f"python bench/e2e_vs_trl.py {' '.join(argv if argv is not None else sys.argv[1:])}\n\n{text}\n")
+        for name, body in logs.items():
+            f.write(f"\n===== {name} subprocess output =====\n{body}")
+    print(f"wrote {out} and {out.with_suffix('.log')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
