@@ -112,3 +112,19 @@ def test_two_training_steps_on_four_games(tiny_model, tmp_path):
     assert len(eps) == 4 and all(len(e["steps"]) == 2 and e["task"] for e in eps)
     assert all(s["observation"] for e in eps for s in e["steps"])
     assert (run / "hf" / "config.json").is_file()
+
+
+def test_holderpo_eval_for_agents_writes_summary_table_and_transcripts(tiny_model, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "holderpo_megatron.cli", "eval", "--config",
+           str(ROOT / "examples/recipes/alfworld-tiny-cpu.yaml"), f"model.hf_path={tiny_model}", "agent.eval_limit=3",
+           "agent.max_turns=2", "rollout.max_new_tokens=8", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())["valid_seen"]
+    assert summary["episodes"] == 3 and summary["env_failures"] == 0
+    assert summary["success_rate"] == 0.0 and summary["ci95"][0] == 0.0 and 0.4 < summary["ci95"][1] < 0.7
+    assert len(summary["per_task_type"]) == 3  # list_alfworld_games takes the task types in turn
+    episodes = [json.loads(line) for line in (tmp_path / "valid_seen.jsonl").read_text().splitlines()]
+    assert len(episodes) == 3 and all(len(e["steps"]) == 2 and e["first_observation"] for e in episodes)
+    assert "| valid_seen | 3 | 0.0 |" in (tmp_path / "results.md").read_text()
