@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from holderpo_megatron.envs.interface import EnvObservation, EnvStep, EpisodeSpec, TextEnv
+from holderpo_megatron.envs.interface import EnvObservation, EnvStep, EpisodeSpec, TextEnv, normalise_action
 
 __all__ = ["ALFWORLD_SPLITS", "ALFWORLD_TASK_TYPES", "AlfworldEnv", "AlfworldEnvConfig", "default_data_root",
            "list_alfworld_games", "prepare_alfworld_data"]
@@ -156,10 +156,6 @@ def _import_textworld(cache_dir: str | os.PathLike):
     return textworld, AlfredDemangler
 
 
-def _normalise(action: str) -> str:
-    return " ".join(action.lower().split())
-
-
 class AlfworldEnv(TextEnv):
     """One ALFWorld game at a time. ``reward`` is 1.0 on the winning step, else 0.0; ``invalid``:
     the action (whitespace and case normalised) was not among the admissible actions; it is still
@@ -211,8 +207,8 @@ class AlfworldEnv(TextEnv):
             raise RuntimeError("AlfworldEnv.step called with no episode running: reset first (or again after done)")
         if not isinstance(action, str):
             raise TypeError(f"action must be a str, got {type(action).__name__}: {action!r}")
-        command = _normalise(action)
-        invalid = command not in {_normalise(a) for a in self._admissible}
+        command = normalise_action(action)
+        invalid = command not in {normalise_action(a) for a in self._admissible}
         state, _, game_over = self._game.step(command)
         self._steps += 1
         won = bool(state["won"])

@@ -17,7 +17,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["EnvObservation", "EnvStep", "TextEnv", "EnvFactory", "EpisodeSpec"]
+__all__ = ["EnvObservation", "EnvStep", "TextEnv", "EnvFactory", "EpisodeSpec", "normalise_action"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,11 @@ class TextEnv(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
+
+
+def normalise_action(action: str) -> str:
+    """How actions are compared with the admissible ones: lower case, whitespace collapsed."""
+    return " ".join(action.lower().split())
 
 
 # A picklable zero-argument callable returning a TextEnv (e.g. functools.partial(AlfworldEnv, cfg)).

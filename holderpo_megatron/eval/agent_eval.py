@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from holderpo_megatron.envs.interface import EpisodeSpec
-from holderpo_megatron.rollout.agent import AgentConfig, Episode, run_agent_episodes
+from holderpo_megatron.rollout.agent import AgentConfig, Episode, run_agent_episodes, write_transcripts
 from holderpo_megatron.rollout.interface import RolloutEngine, SamplingParams
 
 __all__ = ["wilson_interval", "summarise_episodes", "run_agent_eval"]
@@ -59,9 +59,7 @@ def run_agent_eval(engine: RolloutEngine, pool, tokenize: Callable[[str], list[i
     summary = {}
     for split, specs in splits.items():
         episodes = run_agent_episodes(engine, pool, tokenize, detokenize, specs, sampling, cfg)
-        with open(out / f"{split}.jsonl", "w") as f:
-            for e in episodes:
-                f.write(json.dumps(e.transcript()) + "\n")
+        write_transcripts(out / f"{split}.jsonl", episodes)
         summary[split] = summarise_episodes(episodes)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.md").write_text(_markdown(summary))

@@ -19,6 +19,7 @@ This module knows the engine and environment *interfaces* only (no Megatron, no 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -27,11 +28,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from holderpo_megatron.envs.interface import EnvObservation, EnvStep, EpisodeSpec
+from holderpo_megatron.envs.interface import EnvObservation, EnvStep, EpisodeSpec, normalise_action
 
 from .interface import RolloutEngine, SamplingParams
 
-__all__ = ["AgentConfig", "AgentTurn", "Episode", "parse_action", "build_agent_prompt", "run_agent_episodes"]
+__all__ = ["AgentConfig", "AgentTurn", "Episode", "parse_action", "build_agent_prompt", "run_agent_episodes",
+           "write_transcripts"]
 
 log = logging.getLogger("holderpo.agent")
 
@@ -107,6 +109,13 @@ class Episode:
         }
 
 
+def write_transcripts(path, episodes: Sequence[Episode]) -> None:
+    """Every episode's transcript, one JSON line each."""
+    with open(path, "w") as f:
+        for e in episodes:
+            f.write(json.dumps(e.transcript()) + "\n")
+
+
 def parse_action(text: str) -> str | None:
     """The text inside the last ``<action>...</action>`` (a missing close tag is tolerated), or None."""
     found = _ACTION.findall(text)
@@ -114,10 +123,6 @@ def parse_action(text: str) -> str | None:
         return None
     action = " ".join(found[-1].split())
     return action or None
-
-
-def _normalise(action: str) -> str:
-    return " ".join(action.lower().split())
 
 
 def build_agent_prompt(task: str, observation: str, admissible: Sequence[str],
@@ -180,7 +185,7 @@ def run_agent_episodes(engine: RolloutEngine, pool, tokenize: Callable[[str], li
             text = detokenize(sample.output_ids)
             parsed = parse_action(text)
             e = live[i]
-            ok = parsed is not None and _normalise(parsed) in {_normalise(a) for a in e.admissible}
+            ok = parsed is not None and normalise_action(parsed) in {normalise_action(a) for a in e.admissible}
             action = parsed if parsed is not None else " ".join(text.split())[: cfg.max_action_chars]
             e.episode.turns.append(AgentTurn(ids, list(sample.output_ids), sample.logprobs.float(),
                                              sample.finish_reason, text, action, ok))

@@ -9,8 +9,6 @@ the whole episode as one sequence.
 
 from __future__ import annotations
 
-import json
-import logging
 from functools import partial
 from pathlib import Path
 
@@ -18,15 +16,13 @@ import torch
 
 from holderpo_megatron.algorithms import group_advantages
 from holderpo_megatron.envs.interface import EpisodeSpec
-from holderpo_megatron.rollout.agent import Episode, run_agent_episodes
+from holderpo_megatron.rollout.agent import Episode, run_agent_episodes, write_transcripts
 from holderpo_megatron.rollout.interface import SamplingParams
 
+from .actor import trajectory_units
 from .config import RunConfig
 
 __all__ = ["agent_games", "build_env_pool", "agent_payload", "episodes_to_samples", "chat_tokenizer"]
-
-log = logging.getLogger("holderpo")
-
 
 def agent_games(cfg: RunConfig, split: str, limit: int | None) -> list[EpisodeSpec]:
     """The games of ``split`` (the first ``limit`` of them, or all)."""
@@ -78,11 +74,12 @@ def episodes_to_samples(episodes: list[Episode], group_size: int, estimator: str
         rewards = torch.tensor([e.reward for _, e in ok], dtype=torch.float32)
         adv = group_advantages(rewards, len(ok), estimator)
         for (k, e), a in zip(ok, adv.tolist()):
+            generated = [t for t in e.turns if t.output_ids]
             turns, used = [], 0
-            for t in reversed([t for t in e.turns if t.output_ids]):
+            for t in reversed(generated):
                 n = len(t.prompt_ids) + len(t.output_ids)
                 if used + n > token_budget:  # this turn and every earlier one stay out of the loss
-                    dropped += len([t for t in e.turns if t.output_ids]) - len(turns)
+                    dropped += len(generated) - len(turns)
                     break
                 turns.append(t)
                 used += n
@@ -125,9 +122,8 @@ def agent_payload(ctx, items: list[EpisodeSpec], step: int) -> dict:
                                   cfg.agent.agent_config(r.max_prompt_tokens))
     payload = episodes_to_samples(episodes, r.group_size, cfg.algorithm.advantage, cfg.train.token_budget)
     # every DP rank needs whole trajectories: drop the last ones that do not divide evenly
-    ids = sorted(set(payload["trajectory"]), key=payload["trajectory"].index)
-    keep_ids = set(ids[: len(ids) - len(ids) % ctx.dp_size])
-    keep = [i for i, t in enumerate(payload["trajectory"]) if t in keep_ids]
+    units = trajectory_units(len(payload["sequences"]), payload["trajectory"])
+    keep = [i for u in units[: len(units) - len(units) % ctx.dp_size] for i in u]
     for k in ("sequences", "starts", "rollout_logprobs", "advantages", "trajectory"):
         payload[k] = [payload[k][i] for i in keep]
     metrics = episode_metrics(episodes)
@@ -140,9 +136,7 @@ def agent_payload(ctx, items: list[EpisodeSpec], step: int) -> dict:
     if cfg.agent.save_transcripts:
         out = Path(cfg.run_dir) / "transcripts"
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / f"step_{step + 1:06d}.jsonl", "w") as f:
-            for e in episodes:
-                f.write(json.dumps(e.transcript()) + "\n")
+        write_transcripts(out / f"step_{step + 1:06d}.jsonl", episodes)
     payload["metrics"] = metrics
     payload["examples"] = [e.turns[0].response for e in episodes[:2] if e.turns]
     return payload
