@@ -1,46 +1,37 @@
 """A small process pool with a per-call wall-clock timeout that kills and replaces stuck workers.
 
 ``concurrent.futures.ProcessPoolExecutor`` cannot cancel a running call, and a SymPy
-simplification can run for hours inside C code where no signal reaches it; so each worker here
-owns one pair of pipes, the parent sends one call at a time, and a worker that overruns its
-deadline is SIGKILLed and replaced. The call scores as a timeout; the batch never stalls.
+simplification can run for hours inside C code where no signal reaches it; so each worker runs
+one call at a time, and a worker that overruns its deadline is SIGKILLed and replaced. The call
+scores as a timeout; the batch never stalls.
 
-Workers are fresh interpreters (``python -c`` + ``subprocess``), not ``multiprocessing``
-processes: spawn/forkserver re-import the parent's ``__main__`` in every worker (a trainer's main
-module imports torch and Megatron: seconds and hundreds of MB per worker, and unguarded scripts
-recurse), and fork is unsafe in a parent with CUDA or threads. The function to run travels
-pickled (by reference: a module-level function) with the parent's ``sys.path``.
+The worker processes (fresh interpreters, deadlines, kill, orphan exit) are
+:mod:`holderpo_megatron.workers.subprocess_pool`'s; this module hands calls to whichever worker
+is free and turns each event into a :class:`CallOutcome`. The function to run travels pickled (by
+reference: a module-level function) with the parent's ``sys.path``.
 
-Not thread-safe: one ``map`` at a time. A worker stuck in C code when the parent dies abnormally
-lingers until its computation ends (idle workers exit on the closed pipe).
+Not thread-safe: one ``map`` at a time.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
-import subprocess
-import sys
+import logging
 import time
 import traceback
-import weakref
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
-from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from holderpo_megatron.workers.subprocess_pool import Lost, Reply, SubprocessPool, WorkerProcess, WorkerProgram
 
 __all__ = ["TimeoutPool", "CallOutcome"]
 
-# The directory holding the holderpo_megatron package, so the worker's bootstrap import works
-# from a source checkout that is not pip-installed.
-_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
-_BOOTSTRAP = ("import sys; from holderpo_megatron.rewards.pool import _worker_entry; "
-              "_worker_entry(int(sys.argv[1]), int(sys.argv[2]))")
+log = logging.getLogger("holderpo.rewards")
 
 
 @dataclass(frozen=True)
 class CallOutcome:
-    """What one call came to: ``status`` is "ok" (``value`` set), "timeout" or "error" (``error`` set)."""
+    """What one call came to: ``status`` is "ok" (``value`` set), "timeout" or "error" (``error`` set).
+    ``seconds``: wall time from dispatch to outcome."""
 
     status: str
     value: Any = None
@@ -48,82 +39,24 @@ class CallOutcome:
     seconds: float = 0.0
 
 
-def _worker_entry(read_fd: int, write_fd: int) -> None:
-    """Worker main loop: (sys.path, fn, initializer) first, then one (task_id, args) per call."""
-    inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
-    sys_path, payload = inbox.recv()
-    sys.path[:0] = [p for p in sys_path if p not in sys.path]
-    fn, initializer = pickle.loads(payload)  # after sys.path: fn's module may live in tests/
-    if initializer is not None:
-        initializer()
-    outbox.send(("ready", None))
-    while True:
-        try:
-            msg = inbox.recv()
-        except EOFError:  # the parent went away
-            return
-        if msg is None:
-            return
-        task_id, args = msg
-        try:
-            out = ("ok", fn(*args))
-        except Exception as exc:  # reported to the parent, which counts it
-            out = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}")
-        outbox.send((task_id, out))
+@dataclass
+class _CallProgram(WorkerProgram):
+    """What each worker runs: ``initializer()`` once at start-up, then ``fn(*args)`` per request."""
 
+    fn: Callable
+    initializer: Callable | None = None
 
-class _Worker:
-    def __init__(self, payload: bytes):
-        p2c_r, p2c_w = os.pipe()
-        c2p_r, c2p_w = os.pipe()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
-        try:
-            self.proc = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, str(p2c_r), str(c2p_w)],
-                                         pass_fds=(p2c_r, c2p_w), stdin=subprocess.DEVNULL, env=env)
-        finally:
-            os.close(p2c_r)
-            os.close(c2p_w)
-        self.send_conn = Connection(p2c_w, readable=False)
-        self.conn = Connection(c2p_r, writable=False)  # what the parent waits on
-        self.send_conn.send((list(sys.path), payload))
-        self.started_at = time.monotonic()
-        self.ready = False
-        self.task: int | None = None
-        self.deadline = 0.0
-        self.dispatched_at = 0.0
+    def start(self) -> str:
+        if self.initializer is not None:
+            self.initializer()  # raising ends the worker: the parent reports a start-up failure
+        return ""
 
-    def send(self, msg) -> None:
-        self.send_conn.send(msg)
+    def handle(self, args: tuple) -> Any:
+        return self.fn(*args)
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10.0)
-        for c in (self.send_conn, self.conn):
-            if not c.closed:
-                c.close()
-
-
-def _shutdown(workers: list[_Worker]) -> None:
-    # Idle workers exit on a None message; busy or still-starting ones are killed outright.
-    idle = []
-    for w in workers:
-        if w.ready and w.task is None and w.proc.poll() is None:
-            try:
-                w.send(None)
-                idle.append(w)
-                continue
-            except (OSError, ValueError):
-                pass
-        w.kill()
-    for w in idle:
-        try:
-            w.proc.wait(timeout=2.0)
-        except subprocess.TimeoutExpired:
-            pass
-        w.kill()
-    workers.clear()
+    def describe_error(self, exc: Exception) -> str:
+        # the verifier's own frames say where it failed; three are enough
+        return f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
 
 
 class TimeoutPool:
@@ -146,23 +79,11 @@ class TimeoutPool:
         self.timeout_s = float(timeout_s)
         self.initializer = initializer
         self.startup_timeout_s = startup_timeout_s
-        # Pickled once, here: an unpicklable fn (a lambda, a local function) fails now, not in a worker.
-        self._payload = pickle.dumps((fn, initializer))
-        self._workers: list[_Worker] = []
+        # pickled here: an unpicklable fn (a lambda, a local function) fails now, not in a worker
+        self._pool = SubprocessPool(_CallProgram(fn, initializer), workers, name="verifier", log=log,
+                                    startup_timeout_s=startup_timeout_s, stop_grace_s=2.0, start=False)
         self.restarts = 0  # workers killed and replaced over the pool's life
         self._closed = False
-        self._finalizer = weakref.finalize(self, _shutdown, self._workers)
-
-    def _spawn(self) -> _Worker:
-        w = _Worker(self._payload)
-        self._workers.append(w)
-        return w
-
-    def _replace(self, w: _Worker) -> None:
-        w.kill()
-        self._workers.remove(w)
-        self.restarts += 1
-        self._spawn()
 
     def map(self, calls: Sequence[tuple]) -> list[CallOutcome]:
         """Run ``fn(*args)`` for every ``args`` in ``calls``; outcomes come back in input order."""
@@ -170,17 +91,15 @@ class TimeoutPool:
             raise RuntimeError("TimeoutPool.map called after close()")
         if not calls:
             return []
-        while len(self._workers) < self.n_workers:
-            self._spawn()
+        self._pool.fill()
         try:
             return self._run(calls)
         except BaseException:
             # Interrupted (Ctrl-C, a start-up failure): drop busy workers so that no stale result
             # reaches the next map; the next map starts fresh ones.
-            for w in list(self._workers):
-                if w.task is not None:
-                    w.kill()
-                    self._workers.remove(w)
+            for w in list(self._pool.workers):
+                if w.busy:
+                    self._pool.discard(w)
             raise
 
     def _run(self, calls: Sequence[tuple]) -> list[CallOutcome]:
@@ -188,72 +107,41 @@ class TimeoutPool:
         next_call = 0
         remaining = len(calls)
         while remaining:
-            now = time.monotonic()
-            for w in list(self._workers):
-                if w.ready and w.task is None and next_call < len(calls):
-                    try:
-                        w.send((next_call, tuple(calls[next_call])))
-                    except (BrokenPipeError, ConnectionResetError, EOFError):
-                        self._replace(w)  # died while idle; the call waits for another worker
-                        continue
-                    w.task, w.dispatched_at = next_call, now
-                    w.deadline = now + self.timeout_s
-                    next_call += 1
-            busy = [w for w in self._workers if w.task is not None]
-            starting = [w for w in self._workers if not w.ready]
-            wake = [w.deadline for w in busy] + [w.started_at + self.startup_timeout_s for w in starting]
-            wait_s = max(0.0, min(wake) - time.monotonic()) if wake else None
-            ready_conns = wait([w.conn for w in busy + starting], timeout=wait_s)
-            by_conn = {id(w.conn): w for w in self._workers}
-            for conn in ready_conns:
-                w = by_conn[id(conn)]
-                try:
-                    task_id, out = conn.recv()
-                except (EOFError, OSError):
-                    # The worker died (crash, OOM kill): its call is an error, the worker replaced.
-                    if not w.ready:
-                        try:
-                            code = w.proc.wait(timeout=10.0)
-                        except subprocess.TimeoutExpired:
-                            code = None
-                        _shutdown(self._workers)
-                        raise RuntimeError(f"verifier worker exited during start-up (exit code {code})")
-                    secs = time.monotonic() - w.dispatched_at
-                    try:
-                        code = w.proc.wait(timeout=5.0)
-                    except subprocess.TimeoutExpired:  # pipe closed but process alive: kill below
-                        code = None
-                    results[w.task] = CallOutcome("error", error=f"worker died (exit code {code})", seconds=secs)
-                    remaining -= 1
-                    w.task = None
-                    self._replace(w)
+            for w in self._pool.idle():
+                if next_call == len(calls):
+                    break
+                if not self._pool.submit(w, tuple(calls[next_call]), next_call, self.timeout_s):
+                    self._replace(w)  # died while idle; the call waits for another worker
                     continue
-                if task_id == "ready":
-                    w.ready = True
-                    continue
-                assert task_id == w.task, (task_id, w.task)
-                status, payload = out
-                secs = time.monotonic() - w.dispatched_at
-                results[task_id] = (CallOutcome("ok", value=payload, seconds=secs) if status == "ok"
-                                    else CallOutcome("error", error=payload, seconds=secs))
+                next_call += 1
+            for event in self._pool.wait(self._pool.waiting()):
+                if isinstance(event, Reply):
+                    results[event.tag] = (CallOutcome("ok", value=event.value, seconds=event.seconds) if event.ok
+                                          else CallOutcome("error", error=event.value, seconds=event.seconds))
+                else:
+                    results[event.tag] = self._lost(event)
                 remaining -= 1
-                w.task = None
-            now = time.monotonic()
-            for w in list(self._workers):
-                if w.task is not None and now >= w.deadline and results[w.task] is None:
-                    results[w.task] = CallOutcome("timeout", seconds=now - w.dispatched_at)
-                    remaining -= 1
-                    w.task = None
-                    self._replace(w)
-                elif not w.ready and now - w.started_at > self.startup_timeout_s:
-                    _shutdown(self._workers)
-                    raise RuntimeError(f"verifier worker did not start within {self.startup_timeout_s:.0f} s")
         return results  # type: ignore[return-value]
+
+    def _lost(self, event: Lost) -> CallOutcome:
+        """A worker that died or overran: its call's outcome; the worker replaced. One that could
+        not start raises (a broken environment would fail every call the same way)."""
+        if event.during_startup:
+            self._pool.stop()
+            raise RuntimeError(f"verifier worker pid {event.worker.pid} {event.reason}")
+        self._replace(event.worker)
+        if event.cause == "timeout":
+            return CallOutcome("timeout", seconds=event.seconds)
+        return CallOutcome("error", error=f"worker died ({event.how})", seconds=event.seconds)
+
+    def _replace(self, w: WorkerProcess) -> None:
+        self._pool.replace(w)
+        self.restarts += 1
 
     def close(self) -> None:
         """Stop every worker (idempotent); the pool cannot be used afterwards."""
         self._closed = True
-        self._finalizer()
+        self._pool.close()
 
     def __enter__(self) -> "TimeoutPool":
         return self
