@@ -1,10 +1,11 @@
-"""Bucketing, the exactly-once ledger, the transport factory: no engine, no Megatron."""
+"""Bucketing, the exactly-once ledger, the factory's argument checks: no engine, no Megatron.
+(Transport choice by topology: test_weight_sync_factory.py.)"""
 
 import pytest
 import torch
 
 from holderpo_megatron.rollout.shared_memory import dumps_shared, loads_shared
-from holderpo_megatron.weight_sync import SyncLedger, SyncTopology, choose_transport, make_weight_synchronizer
+from holderpo_megatron.weight_sync import SyncLedger, make_weight_synchronizer
 from holderpo_megatron.weight_sync.buckets import BucketBuffer, group_into_buckets, pack_bucket
 
 
@@ -67,12 +68,9 @@ def test_ledger_counts_each_tensor_exactly_once():
             pack_bucket([("x", torch.zeros(2, dtype=torch.bfloat16))], BucketBuffer()).metas[0])
 
 
-def test_transport_choice_and_factory_errors():
+def test_factory_errors():
     from holderpo_megatron.weight_sync import StateDictSource
 
-    assert choose_transport(SyncTopology(colocated=True)) == "tensor"
-    assert choose_transport(SyncTopology(colocated=False)) == "distributed"
-    assert choose_transport(SyncTopology(colocated=False, network=False)) == "disk"
     src = StateDictSource({"a": torch.zeros(2)})
     with pytest.raises(ValueError, match="transport='nccl2' is invalid; allowed: 'auto' | 'tensor'"):
         make_weight_synchronizer(src, object(), dtype=torch.float32, transport="nccl2")

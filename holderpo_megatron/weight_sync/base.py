@@ -1,0 +1,272 @@
+"""The synchroniser every transport shares: roles, streaming in buckets, the ledger, the engine protocol.
+
+Every trainer rank calls :meth:`WeightSynchronizer.sync` together. Roles (from the
+:class:`~.source.WeightSource`): all TP ranks of the first data-parallel replica export their
+stage (in step); one *sender* per pipeline stage packs its stage's tensors into buckets of at most
+``bucket_bytes``, cast to the engine's dtype; stage 0's sender is the *owner*, the rank that holds
+the :class:`~holderpo_megatron.rollout.RolloutEngine`. Later stages' senders relay their buckets to
+the owner one at a time (how depends on the transport), so at most two buckets per stage are in
+memory. The owner counts every tensor against the model's expected HF tensor list
+(:class:`~.buckets.SyncLedger`: each name exactly once, shapes, dtype, total bytes) before it
+declares the new weight version.
+
+Around the transfer the owner pauses generation, and afterwards flushes the engine's KV / prefix
+cache, sets the weight version (stamped on every later sample) and resumes generation.
+
+A transport is a subclass in its own module (``tensor_transport``, ``distributed_transport``,
+``disk_transport``); :mod:`.factory` picks one from the topology.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from ..rollout.interface import RolloutEngine, TensorBucket
+from .buckets import DEFAULT_BUCKET_BYTES, BucketBuffer, SyncLedger, group_into_buckets, pack_bucket
+from .source import WeightSource
+
+__all__ = ["SyncReport", "WeightSynchronizer"]
+
+log = logging.getLogger(__name__)
+
+# One item a transport delivers to the engine: a packed bucket, or (zero-copy) a list of named tensors.
+Delivery = TensorBucket | list[tuple[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """One sync as this rank saw it. ``bytes``/``tensors``/``buckets``: what reached the engine
+    (owner) or what this rank sent (other senders; 0 on ranks that send nothing). ``seconds``:
+    wall time of the whole sync on this rank."""
+
+    transport: str
+    version: int
+    seconds: float
+    bytes: int
+    tensors: int
+    buckets: int
+
+    @property
+    def gb_per_s(self) -> float:
+        """Throughput in 10^9 bytes per second (inf for an instantaneous sync)."""
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+    def to_dict(self, prefix: str = "weight_sync/") -> dict[str, float]:
+        """Metrics: ``weight_sync/seconds``, ``weight_sync/gb_per_s``, ``weight_sync/bytes``,
+        ``weight_sync/tensors``, ``weight_sync/buckets``."""
+        return {prefix + "seconds": self.seconds, prefix + "gb_per_s": self.gb_per_s, prefix + "bytes": float(self.bytes),
+                prefix + "tensors": float(self.tensors), prefix + "buckets": float(self.buckets)}
+
+
+@dataclass
+class _Sent:
+    """What this rank sent during one sync (a non-owner sender's report)."""
+
+    bytes: int = 0
+    tensors: int = 0
+    buckets: int = 0
+
+    def add(self, item: Delivery) -> None:
+        if isinstance(item, TensorBucket):
+            self.bytes += item.nbytes
+            self.tensors += len(item.metas)
+        else:
+            self.bytes += sum(t.numel() * t.element_size() for _, t in item)
+            self.tensors += len(item)
+        self.buckets += 1
+
+
+def _account(ledger: SyncLedger, item: Delivery) -> None:
+    if isinstance(item, TensorBucket):
+        ledger.add_bucket(item.metas)
+    else:
+        ledger.add_tensors(item)
+
+
+class WeightSynchronizer(abc.ABC):
+    """Push the trainer's current weights into the rollout engine; see the module docstring.
+
+    ``dtype``: the engine's weight dtype (every rank knows it); ``bucket_bytes``: the largest
+    bucket, in bytes; ``pipelined``: the owner packs bucket k+1 while the engine loads bucket k.
+    ``engine``: on the owner rank only, None elsewhere."""
+
+    name: str = ""
+    #: several engine calls make one update, bracketed by begin/end_weight_update (tensor,
+    #: distributed); False: one engine call is the whole update (disk)
+    brackets_engine_update: bool = True
+
+    def __init__(self, source: WeightSource, engine: RolloutEngine | None, *, dtype: torch.dtype,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, pipelined: bool = True):
+        if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes={bucket_bytes!r} is invalid; allowed: an int >= 1")
+        if source.is_owner and engine is None:
+            raise ValueError("the owner rank (pipeline stage 0's sender, usually global rank 0) must hold the engine")
+        if not source.is_owner and engine is not None:
+            raise ValueError("only the owner rank (pipeline stage 0's sender) may hold the engine")
+        if engine is not None and engine.dtype != dtype:
+            raise ValueError(f"dtype={dtype} but the engine holds {engine.dtype}; pass the engine's dtype")
+        self.source = source
+        self.engine = engine
+        self.dtype = dtype
+        self.bucket_bytes = bucket_bytes
+        self.pipelined = pipelined
+        self._bufs: dict[str, list[BucketBuffer]] = {}
+        self._sent = _Sent()
+
+    # -- the protocol, the same for every transport ----------------------------------------------
+    def sync(self, version: int) -> SyncReport:
+        """Every trainer rank, together: the engine ends up holding this step's weights, stamped
+        ``version``. Returns this rank's :class:`SyncReport`."""
+        src, eng = self.source, self.engine
+        version = int(version)
+        t0 = time.perf_counter()
+        ledger = SyncLedger(src.expected, self.dtype) if src.is_owner else None
+        self._sent = _Sent()
+        if eng is not None:
+            eng.pause_generation()
+            self._connect()
+            if self.brackets_engine_update:
+                eng.begin_weight_update()
+        try:
+            flushed = self._transfer(ledger, version)
+            if eng is not None and self.brackets_engine_update:
+                eng.end_weight_update()
+        except BaseException:
+            if eng is not None and self.brackets_engine_update:
+                self._end_after_failure()
+            raise
+        if eng is not None:
+            ledger.check_complete()
+            if not flushed:
+                eng.flush_cache()
+            eng.set_weight_version(version)
+            eng.continue_generation()
+        seconds = time.perf_counter() - t0
+        if ledger is not None:
+            return SyncReport(self.name, version, seconds, ledger.bytes, len(ledger.seen), ledger.buckets)
+        return SyncReport(self.name, version, seconds, self._sent.bytes, self._sent.tensors, self._sent.buckets)
+
+    def _end_after_failure(self) -> None:
+        try:
+            self.engine.end_weight_update()
+        except Exception as e:  # the transfer's own error is the one to report
+            log.error("end_weight_update after a failed sync also failed: %r", e)
+
+    def close(self) -> None:
+        """Release what the transport keeps between syncs (process groups, files, buffers)."""
+        self._bufs = {}
+
+    def _buffers(self, key: str, n: int = 1) -> list[BucketBuffer]:
+        """Staging buffers kept across syncs (fresh memory costs page faults on every sync)."""
+        if key not in self._bufs:
+            self._bufs[key] = [self._new_buffer() for _ in range(n)]
+        return self._bufs[key]
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _connect(self) -> None:
+        """Owner only, before each update: make sure the engine can receive (distributed: the
+        weights-update group, opened on the first sync)."""
+
+    def _transfer(self, ledger: SyncLedger | None, version: int) -> bool:
+        """Move this rank's part of the weights; ``ledger`` on the owner, None elsewhere.
+        True if the engine's cache was flushed with the last update (saves a separate flush).
+        Default: stream buckets (tensor, distributed)."""
+        return self._stream(ledger)
+
+    def _deliver(self, item: Delivery, flush_cache: bool) -> None:
+        """Owner: load one bucket into the engine."""
+        raise NotImplementedError
+
+    def _relay_send(self, groups: Iterator[list[tuple[str, torch.Tensor]]]) -> None:
+        """A later stage's sender: hand every group to the owner, then an end marker."""
+        raise NotImplementedError
+
+    def _relay_recv(self, src_rank: int) -> Iterator[tuple[Delivery, Callable[[], None]]]:
+        """Owner: yield ``(bucket, done)`` per bucket relayed by ``src_rank``; call ``done()``
+        once the engine has loaded it (the sender may then reuse its buffer)."""
+        raise NotImplementedError
+
+    # -- streaming (tensor, distributed) ---------------------------------------------------------
+    def _groups(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        return group_into_buckets(self.source.named_tensors(self.dtype), self.bucket_bytes)
+
+    def _stream(self, ledger: SyncLedger | None) -> bool:
+        """Every rank's part of a streamed sync; True if the last delivery flushed the cache."""
+        src = self.source
+        flushed = False
+        if src.participates:
+            if src.is_owner:
+                flushed = self._stream_own(ledger, last_stage=src.pp_size == 1)
+            elif src.is_sender:
+                self._relay_send(self._groups())
+            else:
+                for _ in self._groups():  # TP peers: the export all-gathers in step with the sender
+                    pass
+        if src.is_owner and src.pp_size > 1:
+            flushed = self._deliver_relayed(ledger)
+        return flushed
+
+    def _deliver_relayed(self, ledger: SyncLedger) -> bool:
+        """Owner: every later stage's buckets, in stage order. Each bucket is delivered once the
+        next one has arrived, so the very last can flush the engine's cache in the same call
+        (SGLang's standalone flush on CPU runs a full gc pass, ~0.4 s)."""
+        pending: list[tuple[Delivery, Callable[[], None]]] = []  # at most one
+
+        def deliver(bucket, done, last=False):
+            _account(ledger, bucket)
+            self._deliver(bucket, flush_cache=last)
+            done()
+
+        for stage in range(1, self.source.pp_size):
+            for bucket, done in self._relay_recv(self.source.stage_senders[stage]):
+                if pending:
+                    deliver(*pending.pop())
+                pending.append((bucket, done))
+        if not pending:
+            return False
+        deliver(*pending.pop(), last=True)
+        return True
+
+    def _stream_own(self, ledger: SyncLedger, last_stage: bool) -> bool:
+        """The owner's own stage: pack bucket k+1 while the engine loads bucket k (a delivery
+        thread; the engine works in its own process, so the two overlap on two cores). Three
+        staging buffers: one being packed, one waiting (last-bucket lookahead), one loading.
+        True if the last bucket flushed the cache (only when this stage is the last)."""
+        bufs = self._buffers("own", 3)
+        inflight: deque = deque()
+        pending = None
+        flushed = False
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync-deliver") as ex:
+            try:
+                for k, g in enumerate(self._groups()):
+                    while len(inflight) > (1 if self.pipelined else 0):  # bucket k-3's buffer (k % 3) must be free
+                        inflight.popleft().result()
+                    b = self._pack(g, bufs[k % 3])
+                    _account(ledger, b)
+                    if pending is not None:
+                        inflight.append(ex.submit(self._deliver, pending, False))
+                    pending = b
+                if pending is not None:
+                    inflight.append(ex.submit(self._deliver, pending, last_stage))
+                    flushed = last_stage
+                while inflight:
+                    inflight.popleft().result()
+            finally:
+                for f in inflight:
+                    f.cancel()
+        return flushed
+
+    def _new_buffer(self) -> BucketBuffer:
+        return BucketBuffer(self.source.device)
+
+    def _pack(self, group: list[tuple[str, torch.Tensor]], buffer: BucketBuffer) -> Delivery:
+        """What one delivery carries: a packed bucket (or, zero-copy, named tensors)."""
+        return pack_bucket(group, buffer)

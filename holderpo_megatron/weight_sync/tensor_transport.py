@@ -1,0 +1,88 @@
+"""The ``tensor`` transport: tensors handed to a colocated engine in memory (shared memory on CPU,
+CUDA IPC handles on GPU); every stage sender must share the engine's host."""
+
+from __future__ import annotations
+
+import torch
+
+from ..rollout.interface import TensorBucket
+from ..rollout.shared_memory import dumps_shared, loads_shared
+from .base import Delivery, WeightSynchronizer
+from .buckets import DEFAULT_BUCKET_BYTES, BucketBuffer, SyncLedger, pack_bucket, pack_unshared
+
+__all__ = ["TensorTransport"]
+
+
+class TensorTransport(WeightSynchronizer):
+    """Colocated: tensors handed to the engine in memory (``update_weights_from_tensor``, between
+    ``begin_weight_update`` and ``end_weight_update``); all senders must share the engine's host.
+
+    On CPU at TP1 (``zero_copy``, the default there) each sender first moves its parameters into shared
+    memory (once, in place); a bucket is then a list of tensors sent as shared-memory handles:
+    views of the parameters as they are, and only what the export creates (q/k/v splits,
+    TP-gathered or dtype-cast tensors) is copied, into a reused shared buffer. The engine's
+    scheduler maps the memory and copies once, into its own weights. Without ``zero_copy`` (and
+    on GPU) every bucket is packed into one flat buffer (SGLang's flattened-bucket format).
+    Later pipeline stages hand the owner handles, not bytes. Senders double-buffer, and the owner
+    prepares bucket k+1 while the engine loads bucket k."""
+
+    name = "tensor"
+
+    def __init__(self, source, engine, *, dtype, bucket_bytes=DEFAULT_BUCKET_BYTES, pipelined: bool = True,
+                 zero_copy: bool | None = None):
+        super().__init__(source, engine, dtype=dtype, bucket_bytes=bucket_bytes, pipelined=pipelined)
+        # default: on CPU at TP1, where most exported tensors are views of the parameters (at TP>1
+        # they are all-gathered copies: packing them flat is cheaper than one handle per tensor)
+        self.zero_copy = (source.device.type == "cpu" and source.tp_size == 1) if zero_copy is None else bool(zero_copy)
+        if self.zero_copy and source.device.type != "cpu":
+            raise ValueError("zero_copy=True needs CPU tensors (on GPU the transport sends CUDA IPC handles)")
+        self._shared = False
+
+    def _new_buffer(self) -> BucketBuffer:
+        return BucketBuffer(self.source.device, shared=True)
+
+    def _pack(self, group, buffer) -> Delivery:
+        return pack_unshared(group, buffer) if self.zero_copy else pack_bucket(group, buffer)
+
+    def _transfer(self, ledger: SyncLedger | None, version: int) -> bool:
+        if self.zero_copy and not self._shared and self.source.is_sender:
+            self.source.share_memory()  # once: the parameters stay in shared memory afterwards
+            self._shared = True
+        return self._stream(ledger)
+
+    def _deliver(self, item: Delivery, flush_cache: bool) -> None:
+        if isinstance(item, TensorBucket):
+            self.engine.update_weights_from_bucket(item, flush_cache=flush_cache)
+        else:
+            self.engine.update_weights_from_tensors(item, flush_cache=flush_cache)
+
+    def _relay_send(self, groups) -> None:
+        import torch.distributed as dist
+
+        owner = self.source.stage_senders[0]
+        buffers = self._buffers("relay", 2)
+        acks: list = []  # (request, tensor) per bucket in flight, oldest first
+        for k, g in enumerate(groups):
+            if len(acks) == 2:  # bucket k-2's buffer is about to be reused: wait until the engine loaded it
+                acks.pop(0)[0].wait()
+            b = self._pack(g, buffers[k % 2])
+            # post the ack's receive first: gloo's send waits for a matching receive, and the owner
+            # acknowledges bucket k while this rank is already sending bucket k+1
+            ack = torch.zeros(1)
+            acks.append((dist.irecv(ack, src=owner), ack))
+            dist.send_object_list([dumps_shared(b)], dst=owner)
+            self._sent.add(b)
+        dist.send_object_list([None], dst=owner)
+        for req, _ in acks:
+            req.wait()
+
+    def _relay_recv(self, src_rank: int):
+        import torch.distributed as dist
+
+        ack = torch.ones(1)
+        while True:
+            box = [None]
+            dist.recv_object_list(box, src=src_rank)
+            if box[0] is None:
+                return
+            yield loads_shared(box[0]), (lambda: dist.send(ack, dst=src_rank))
