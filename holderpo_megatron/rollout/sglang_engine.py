@@ -8,7 +8,9 @@ whose server stopped answering on another server (at most ``max_retries`` times)
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -38,6 +40,10 @@ class SGLangEngine(RolloutEngine):
 
     def __init__(self, config: SGLangEngineConfig):
         self.config = config
+        if config.log_dir:  # what this engine runs with, beside its logs (a user compares runs by it)
+            os.makedirs(config.log_dir, exist_ok=True)
+            with open(os.path.join(config.log_dir, "engine_config.json"), "w") as f:
+                json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
         self.dtype = config.torch_dtype
         self.device = config.resolved_device
         self._version = 0
