@@ -30,7 +30,7 @@ from .config_loader import ConfigError, apply_overrides, from_dict, load_yaml_wi
 __all__ = [
     "RunConfig", "ModelSection", "ParallelSection", "RolloutSection", "AlgorithmSection", "TrainSection",
     "DataSection", "EvalSection", "CheckpointSection", "AgentSection", "load_run_config", "validate_run",
-    "engine_config", "ConfigError",
+    "run_placement", "engine_config", "ConfigError",
 ]
 
 
@@ -86,6 +86,18 @@ class RolloutSection:
     mode: Literal["embedded", "servers"] = "embedded"  # embedded: one in-process sglang.Engine on rank 0
     server_urls: list[str] = field(default_factory=list)  # mode=servers: given URLs; empty = we launch them
     engine_tp: int = 1
+    # Where engines run (parallel/placement.py; `holderpo plan` prints it). colocated: on the trainer's
+    # GPUs, nproc_per_node / engine_tp per node. separate: on GPUs the trainer does not use, given as
+    # engine_gpus_per_node (extra GPUs on each trainer node, or on each of engine_nodes dedicated nodes)
+    # or as server_urls (placement separate, mode servers) that someone else runs.
+    placement: Literal["colocated", "separate"] = "colocated"
+    engines_per_node: int | None = None  # null: every slot; fewer leaves GPUs without an engine (CPU demo: 1)
+    engine_gpus_per_node: int = 0
+    engine_nodes: int = 0
+    # colocated on GPU: engines release weights and KV while Megatron trains (SGLang's memory saver), so
+    # `holderpo plan` counts max(training, rollout) per GPU; off (or on CPU, where engines cannot release):
+    # the sum
+    release_memory_during_train: bool = True
     mem_fraction_static: float | None = None  # None: the engine's per-device default
     group_size: int = 8  # samples per prompt
     temperature: float = 1.0
@@ -119,6 +131,14 @@ class RolloutSection:
         _need(self.drift_warn > 0, f"rollout.drift_warn must be > 0, got {self.drift_warn}")
         _need(self.mode == "servers" or not self.server_urls,
               "rollout.server_urls is only used with rollout.mode=servers")
+        _need(self.engines_per_node is None or self.engines_per_node >= 1,
+              f"rollout.engines_per_node must be null or >= 1, got {self.engines_per_node}")
+        _need(self.engine_gpus_per_node >= 0 and self.engine_nodes >= 0,
+              f"rollout.engine_gpus_per_node and rollout.engine_nodes must be >= 0, got {self.engine_gpus_per_node}, "
+              f"{self.engine_nodes}")
+        _need(not self.engine_nodes or self.mode == "servers",
+              f"rollout.engine_nodes={self.engine_nodes}: no trainer process runs on an engine node, so its engines "
+              f"are servers: set rollout.mode=servers, got mode={self.mode}")
 
 
 @dataclass
@@ -319,11 +339,26 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None)
     return from_dict(RunConfig, data)
 
 
+def run_placement(cfg: RunConfig):
+    """The run's engines (parallel.placement.Placement); a ConfigError when the layout cannot hold them."""
+    from holderpo_megatron.parallel.placement import plan_placement
+
+    p, r = cfg.parallel, cfg.rollout
+    try:
+        return plan_placement(nnodes=p.nnodes, gpus_per_node=p.nproc_per_node, tp=p.tp, pp=p.pp, cp=p.cp,
+                              engine_tp=r.engine_tp, placement=r.placement, engines_per_node=r.engines_per_node,
+                              engine_gpus_per_node=r.engine_gpus_per_node, engine_nodes=r.engine_nodes,
+                              server_urls=r.server_urls)
+    except ValueError as e:
+        raise ConfigError(f"rollout placement: {e}") from e
+
+
 def validate_run(cfg: RunConfig, arch=None, check_paths: bool = True) -> None:
     """Checks that need the model's config or the file system (run before any worker starts)."""
     from holderpo_megatron.models import check_layout
 
     p = cfg.parallel
+    run_placement(cfg)
     if arch is not None:
         try:
             check_layout(arch, p.tp, p.pp, p.cp, world_size=p.world_size,
