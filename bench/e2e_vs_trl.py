@@ -97,7 +97,7 @@ def our_overrides(steps: int, workdir: Path) -> list[str]:
     return [
         f"output_dir={workdir}", "name=ours", f"train.steps={steps}",
         "model.dtype=fp32",
-        "algorithm.loss=holder", "algorithm.variant=seq", "algorithm.kl_coef=0.0",
+        "algorithm.loss=holder", "algorithm.options.variant=seq", "algorithm.regularizers.kl_coef=0.0",
         "algorithm.p_schedule.kind=constant", "algorithm.p_schedule.p_min=0.0", "algorithm.p_schedule.p_max=0.0",
         "eval.every=0", "checkpoint.every=0", "checkpoint.resume=false", "checkpoint.export_hf_at_end=false",
         "logging.tensorboard=false", "logging.wandb=false",
@@ -112,6 +112,7 @@ def shared_settings(steps: int, workdir: Path) -> dict:
 
     cfg = load_run_config(RECIPE, our_overrides(steps, workdir))
     d, r, t, a = cfg.data, cfg.rollout, cfg.train, cfg.algorithm
+    o, lo = t.optimizer, a.loss_options
     if d.train != "arithmetic" or d.reward != "exact_int":
         raise SystemExit("this bench expects the arithmetic data and the exact_int reward of tiny-cpu.yaml")
     # The batches our loop draws (setup.py: 50_000 problems, BatchIterator over them), in order.
@@ -133,18 +134,18 @@ def shared_settings(steps: int, workdir: Path) -> dict:
         "temperature": r.temperature,
         "top_p": r.top_p,
         "top_k": r.top_k,
-        "lr": t.lr,
-        "weight_decay": t.weight_decay,
-        "adam_beta1": t.adam_beta1,
-        "adam_beta2": t.adam_beta2,
-        "adam_eps": t.adam_eps,
-        "clip_grad": t.clip_grad,
-        "clip_low": a.clip_low,
-        "clip_high": a.clip_high,
+        "lr": o.lr,
+        "weight_decay": o.weight_decay,
+        "adam_beta1": o.adam_beta1,
+        "adam_beta2": o.adam_beta2,
+        "adam_eps": o.adam_eps,
+        "clip_grad": o.clip_grad,
+        "clip_low": lo.clip_low,
+        "clip_high": lo.clip_high,
         "truncated_reward": a.truncated_reward,
         "seed": t.seed,
         "prompt_template": d.prompt_template,
-        "loss_ours": f"{a.loss} variant={a.variant} p={a.p_schedule.build().value(0)} ({a.p_schedule.kind})",
+        "loss_ours": f"{a.loss} variant={lo.variant} p={a.p_schedule.value(0)} ({a.p_schedule.kind})",
         "loss_trl": "importance_sampling_level=sequence loss_type=grpo beta=0",
         "problems": [{"problem": it.problem, "answers": list(it.answers)} for b in batches for it in b],
     }

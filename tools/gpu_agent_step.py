@@ -43,7 +43,8 @@ def main(argv=None):
     from holderpo_megatron.models import ModelArch
     from holderpo_megatron.models.known import KNOWN_CONFIGS
     from holderpo_megatron.parallel.layout import ParallelLayout, init_distributed, initialize_model_parallel
-    from holderpo_megatron.trainer.actor import MegatronActor, OptimizerSettings, RolloutBatch
+    from holderpo_megatron.trainer.actor import ActorSettings, MegatronActor, OptimizerSettings
+    from holderpo_megatron.trainer.batch import RolloutBatch
 
     init_distributed()
     if args.tiny:
@@ -57,7 +58,8 @@ def main(argv=None):
     initialize_model_parallel(ParallelLayout())
     dtype = torch.bfloat16 if cuda else torch.float32
     t0 = time.perf_counter()
-    actor = MegatronActor(arch, ParallelLayout(), params_dtype=dtype, max_seq_length=4096,
+    actor = MegatronActor(arch, ParallelLayout(), ActorSettings(token_budget=args.budget), params_dtype=dtype,
+                          max_seq_length=4096,
                           optimizer=OptimizerSettings(lr=1e-6, clip_grad=1.0))
     report = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "model": "random Qwen2.5-1.5B shape" if not args.tiny else "tiny", "build_s": time.perf_counter() - t0}
@@ -73,11 +75,11 @@ def main(argv=None):
             starts.append(p)
             traj.append(e)
             adv.append(float(episode_adv[e]))
-    old = actor.score(seqs, token_budget=args.budget)
+    old = actor.score(seqs)
     old = [lp - 0.05 * torch.randn(lp.shape, generator=g) for lp in old]  # off-policy: ratios != 1
     batch = RolloutBatch(seqs, starts, old, torch.tensor(adv), trajectory=traj)
     per_turn = RolloutBatch(seqs, starts, old, torch.tensor(adv))
-    kw = dict(loss_name="holder", loss_kwargs={"p": 2.0, "variant": "seq"}, token_budget=args.budget)
+    kw = dict(p=2.0)
     actor.train_step(batch, **kw)  # warm-up: optimizer state
     if cuda:
         torch.cuda.synchronize()

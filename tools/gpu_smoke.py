@@ -78,7 +78,8 @@ def main(argv=None):
     from holderpo_megatron.checkpoint.mapping import load_hf_weights_into_model
     from holderpo_megatron.models import ModelArch, te_available
     from holderpo_megatron.parallel.layout import ParallelLayout, init_distributed, initialize_model_parallel
-    from holderpo_megatron.trainer.actor import MegatronActor, OptimizerSettings, RolloutBatch
+    from holderpo_megatron.trainer.actor import ActorSettings, MegatronActor, OptimizerSettings
+    from holderpo_megatron.trainer.batch import RolloutBatch
 
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -107,10 +108,11 @@ def main(argv=None):
             lg = hf(input_ids=ids).logits[0, :-1].float()
             ref.append(torch.log_softmax(lg, -1).gather(-1, ids[0, 1:, None]).squeeze(-1).cpu())
     budget = 2 * args.length
-    actor.score(seqs[:1], token_budget=budget)  # warm-up
+    actor.settings = ActorSettings(token_budget=budget)
+    actor.score(seqs[:1])  # warm-up
     sync()
     t = time.perf_counter()
-    ours = actor.score(seqs, token_budget=budget)
+    ours = actor.score(seqs)
     sync()
     report["score_s"] = time.perf_counter() - t
     diff = torch.cat([(a - b).abs() for a, b in zip(ours, ref)])
@@ -120,7 +122,7 @@ def main(argv=None):
 
     g2 = torch.Generator().manual_seed(2)
     batch = RolloutBatch(seqs, [n // 2 for n in lengths], [lp.clone() for lp in ours], torch.randn(len(seqs), generator=g2))
-    kw = dict(loss_name="holder", loss_kwargs={"p": 1.0}, token_budget=budget)
+    kw = dict(p=1.0)
     actor.train_step(batch, **kw)  # warm-up (allocates optimizer state)
     sync()
     if cuda:

@@ -12,18 +12,21 @@ tensors are padded ``[B, T]`` rows; with a reducer they are token-shaped for tha
 sequences, a context-parallel shard) and ``advantages`` is ``[S]``, one per sequence of the reducer.
 The loss code is the same for all layouts: it only sums, maxes and broadcasts through the reducer.
 
-Adding a loss is one decorated function::
+Each loss owns a typed, frozen options dataclass (:class:`LossOptions` and subclasses), validated
+when it is built; a run builds it once from YAML (``algorithm.options``) and injects per step only
+what a schedule changes (:meth:`LossOptions.at_p`). Adding a loss is one decorated function::
 
-    @register_policy_loss("my_loss")
-    def my_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, ...) -> LossOutput: ...
+    @register_policy_loss("my_loss", options=ClipOptions)
+    def my_loss(logp, old_logp, advantages, mask, options, *, denominator=None, strict=False,
+                reducer=None) -> LossOutput: ...
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -33,7 +36,15 @@ from .reducers import PaddedReducer, SequenceReducer
 
 __all__ = [
     "LossOutput",
+    "LossOptions",
+    "ClipOptions",
+    "HolderOptions",
+    "GRPOOptions",
+    "DrGRPOOptions",
+    "GMPOOptions",
     "register_policy_loss",
+    "policy_loss_options",
+    "make_loss_options",
     "get_policy_loss",
     "policy_loss_names",
     "compute_policy_loss",
@@ -58,16 +69,107 @@ class LossOutput:
     metrics: LossMetrics
 
 
-_POLICY_LOSSES: dict[str, Callable[..., LossOutput]] = {}
+@dataclass(frozen=True)
+class LossOptions:
+    """A loss's options, built once and validated in ``__post_init__`` (ValueError naming the option).
+
+    ``scheduled`` names the options a schedule sets per step (not settable from the config)."""
+
+    scheduled: ClassVar[tuple[str, ...]] = ()
+
+    def at_p(self, p: float) -> "LossOptions":
+        """These options at power ``p`` of the p schedule; a loss without a power ignores it."""
+        return self
 
 
-def register_policy_loss(name: str):
-    """Decorator: make a loss selectable by ``name``."""
+@dataclass(frozen=True)
+class ClipOptions(LossOptions):
+    """PPO-style clip range ``[1 - clip_low, 1 + clip_high]``; ``dual_clip`` bounds the loss of a
+    negative advantage at ``-A * dual_clip`` (None: off)."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+
+    def __post_init__(self):
+        _check_clip(self.clip_low, self.clip_high, self.dual_clip)
+
+
+@dataclass(frozen=True)
+class HolderOptions(ClipOptions):
+    """HölderPO: ``p`` is the power of the mean (set per step by the p schedule); ``variant`` is
+    where the clip acts (see :func:`holder_policy_loss`)."""
+
+    scheduled: ClassVar[tuple[str, ...]] = ("p",)
+    p: float = 1.0
+    variant: str = "seq"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.variant not in HOLDER_VARIANTS:
+            raise ValueError(f"variant must be one of {HOLDER_VARIANTS}, got {self.variant!r}")
+        if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not math.isfinite(self.p):
+            raise ValueError(f"p must be a finite number, got {self.p!r}")
+
+    def at_p(self, p: float) -> "HolderOptions":
+        return dataclasses.replace(self, p=p)
+
+
+@dataclass(frozen=True)
+class GRPOOptions(ClipOptions):
+    aggregation: str = "token-mean"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.aggregation not in GRPO_AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {GRPO_AGGREGATIONS}, got {self.aggregation!r}")
+
+
+@dataclass(frozen=True)
+class DrGRPOOptions(ClipOptions):
+    """``max_len``: the constant divisor (the generation budget); None: the layout's default (the
+    tokens dimension of a padded batch; the Actor's packed layout carries ``rollout.max_new_tokens``)."""
+
+    max_len: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_len is not None and (isinstance(self.max_len, bool) or not isinstance(self.max_len, int)
+                                         or self.max_len <= 0):
+            raise ValueError(f"max_len must be a positive int or None, got {self.max_len!r}")
+
+
+@dataclass(frozen=True)
+class GMPOOptions(LossOptions):
+    """GMPO clips token ratios sign-aware; it has no dual clip."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+
+    def __post_init__(self):
+        _check_clip(self.clip_low, self.clip_high, None)
+
+
+@dataclass(frozen=True)
+class _Registered:
+    fn: Callable[..., LossOutput]
+    options: type[LossOptions]
+
+
+_POLICY_LOSSES: dict[str, _Registered] = {}
+
+
+def register_policy_loss(name: str, options: type[LossOptions] = ClipOptions):
+    """Decorator: make a loss selectable by ``name``, with ``options`` as its options dataclass.
+    The loss is called as ``fn(logp, old_logp, advantages, mask, options, *, denominator, strict,
+    reducer)``."""
+    if not (isinstance(options, type) and issubclass(options, LossOptions)):
+        raise ValueError(f"options of policy loss {name!r} must be a LossOptions subclass, got {options!r}")
 
     def deco(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
         if name in _POLICY_LOSSES:
             raise ValueError(f"policy loss {name!r} is already registered")
-        _POLICY_LOSSES[name] = fn
+        _POLICY_LOSSES[name] = _Registered(fn, options)
         return fn
 
     return deco
@@ -77,21 +179,44 @@ def policy_loss_names() -> list[str]:
     return sorted(_POLICY_LOSSES)
 
 
-def get_policy_loss(name: str) -> Callable[..., LossOutput]:
+def _lookup(name: str) -> _Registered:
     if name not in _POLICY_LOSSES:
         raise ValueError(f"unknown policy loss {name!r}; registered losses: {', '.join(policy_loss_names())}")
     return _POLICY_LOSSES[name]
 
 
-def compute_policy_loss(name: str, logp, old_logp, advantages, mask, **kwargs) -> LossOutput:
-    """Look ``name`` up and call it, rejecting keyword arguments that loss does not take."""
-    fn = get_policy_loss(name)
-    params = inspect.signature(fn).parameters
-    accepted = [k for k, v in params.items() if v.kind == inspect.Parameter.KEYWORD_ONLY]
-    for k in kwargs:
-        if k not in accepted:
-            raise ValueError(f"policy loss {name!r} does not take argument {k!r}; it takes: {', '.join(accepted)}")
-    return fn(logp, old_logp, advantages, mask, **kwargs)
+def get_policy_loss(name: str) -> Callable[..., LossOutput]:
+    return _lookup(name).fn
+
+
+def policy_loss_options(name: str) -> type[LossOptions]:
+    """The options dataclass registered with loss ``name``."""
+    return _lookup(name).options
+
+
+def make_loss_options(name: str, **options) -> LossOptions:
+    """Loss ``name``'s options from keyword values; an option it does not have is refused, naming
+    the ones it has."""
+    cls = policy_loss_options(name)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    for k in options:
+        if k not in allowed:
+            raise ValueError(f"policy loss {name!r} does not take option {k!r}; it takes: {', '.join(allowed)}")
+    return cls(**options)
+
+
+def compute_policy_loss(name: str, logp, old_logp, advantages, mask, options: LossOptions | None = None, *,
+                        denominator=None, strict: bool = False, reducer=None, **option_values) -> LossOutput:
+    """Loss ``name`` with ``options`` (or options built from ``option_values``, for tests and
+    one-off calls)."""
+    reg = _lookup(name)
+    if options is None:
+        options = make_loss_options(name, **option_values)
+    elif option_values:
+        raise ValueError(f"pass either options or option values to policy loss {name!r}, not both")
+    if not isinstance(options, reg.options):
+        raise ValueError(f"policy loss {name!r} takes {reg.options.__name__}, got {type(options).__name__}")
+    return reg.fn(logp, old_logp, advantages, mask, options, denominator=denominator, strict=strict, reducer=reducer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,17 +356,14 @@ def _seq_metrics(batch: _Batch, rho, clipped, p: float | None) -> LossMetrics:
 # HölderPO
 
 
+@register_policy_loss("holder", options=HolderOptions)
 def holder_policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    p: float,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    variant: str = "seq",
+    options: HolderOptions,
     *,
-    dual_clip: float | None = None,
     denominator: float | torch.Tensor | None = None,
     strict: bool = False,
     reducer: SequenceReducer | None = None,
@@ -257,11 +379,8 @@ def holder_policy_loss(
     out of the loss and counted in ``nonfinite_seqs``; ``strict=True`` raises instead.
     ``reducer``: the token layout (default padded ``[B, T]``; see the module docstring).
     """
-    if variant not in HOLDER_VARIANTS:
-        raise ValueError(f"variant must be one of {HOLDER_VARIANTS}, got {variant!r}")
-    if not isinstance(p, (int, float)) or not math.isfinite(p):
-        raise ValueError(f"p must be a finite number, got {p!r}")
-    _check_clip(clip_low, clip_high, dual_clip)
+    p, variant = options.p, options.variant
+    clip_low, clip_high, dual_clip = options.clip_low, options.clip_high, options.dual_clip
     b = _prepare(logp, old_logp, advantages, mask, strict, reducer)
     R = b.reducer
 
@@ -287,31 +406,19 @@ def holder_policy_loss(
     return _finish(R.total(per_seq), R.total(b.seq_valid.float()), denominator, "sequence", metrics)
 
 
-@register_policy_loss("holder")
-def holder_loss(
-    logp, old_logp, advantages, mask, *,
-    p: float, clip_low: float = 0.2, clip_high: float = 0.2, variant: str = "seq",
-    dual_clip: float | None = None, denominator=None, strict: bool = False, reducer=None,
-) -> LossOutput:
-    return holder_policy_loss(
-        logp, old_logp, advantages, mask, p, clip_low, clip_high, variant,
-        dual_clip=dual_clip, denominator=denominator, strict=strict, reducer=reducer,
-    )
-
-
 # ----------------------------------------------------------------------------------------------
 # Baselines
 
 
-def _token_ppo(b: _Batch, clip_low, clip_high, dual_clip):
+def _token_ppo(b: _Batch, clip: ClipOptions):
     """Per-token PPO objective (token-shaped, 0 at masked positions), token ratios and clip mask."""
     ratio = torch.exp(b.d)
     adv = b.adv_tok
     unclipped = -adv * ratio
-    clipped_obj = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    clipped_obj = -adv * ratio.clamp(1.0 - clip.clip_low, 1.0 + clip.clip_high)
     per_tok = torch.maximum(unclipped, clipped_obj)
-    if dual_clip is not None:
-        per_tok = torch.where(adv < 0, torch.minimum(per_tok, -adv * dual_clip), per_tok)
+    if clip.dual_clip is not None:
+        per_tok = torch.where(adv < 0, torch.minimum(per_tok, -adv * clip.dual_clip), per_tok)
     per_tok = per_tok * b.mask
     clipped = b.mask & (clipped_obj > unclipped)
     return per_tok, ratio, clipped
@@ -334,77 +441,60 @@ def _token_metrics(b: _Batch, ratio, clipped) -> LossMetrics:
     return m
 
 
-@register_policy_loss("grpo")
-def grpo_loss(
-    logp, old_logp, advantages, mask, *,
-    clip_low: float = 0.2, clip_high: float = 0.2, aggregation: str = "token-mean",
-    dual_clip: float | None = None, denominator=None, strict: bool = False, reducer=None,
-) -> LossOutput:
+@register_policy_loss("grpo", options=GRPOOptions)
+def grpo_loss(logp, old_logp, advantages, mask, options: GRPOOptions, *, denominator=None, strict: bool = False,
+              reducer=None) -> LossOutput:
     """Token-level PPO clip. ``token-mean``: mean over all valid tokens of the batch;
     ``seq-mean-token-mean``: mean over sequences of each sequence's token mean."""
-    if aggregation not in GRPO_AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {GRPO_AGGREGATIONS}, got {aggregation!r}")
-    _check_clip(clip_low, clip_high, dual_clip)
     b = _prepare(logp, old_logp, advantages, mask, strict, reducer)
     R = b.reducer
-    per_tok, ratio, clipped = _token_ppo(b, clip_low, clip_high, dual_clip)
+    per_tok, ratio, clipped = _token_ppo(b, options)
     metrics = _token_metrics(b, ratio, clipped)
-    if aggregation == "token-mean":
+    if options.aggregation == "token-mean":
         return _finish(per_tok.sum(), b.mask.sum(), denominator, "token", metrics)
     per_seq = R.seq_sum(per_tok) / b.seq_count.clamp_min(1)
     return _finish(R.total(per_seq), R.total(b.seq_valid.float()), denominator, "sequence", metrics)
 
 
-@register_policy_loss("dr_grpo")
-def dr_grpo_loss(
-    logp, old_logp, advantages, mask, *,
-    clip_low: float = 0.2, clip_high: float = 0.2, max_len: int | None = None,
-    dual_clip: float | None = None, denominator=None, strict: bool = False, reducer=None,
-) -> LossOutput:
+@register_policy_loss("dr_grpo", options=DrGRPOOptions)
+def dr_grpo_loss(logp, old_logp, advantages, mask, options: DrGRPOOptions, *, denominator=None, strict: bool = False,
+                 reducer=None) -> LossOutput:
     """Dr. GRPO: each sequence's token sum divided by a constant ``max_len`` (the generation
-    budget; default the tokens dimension of the padded layout, required for other layouts),
+    budget; default the tokens dimension of the padded layout, or the layout's ``default_max_len``),
     then mean over sequences."""
+    max_len = options.max_len
     if max_len is None:
         max_len = mask.shape[-1] if reducer is None else reducer.default_max_len
         if max_len is None:
             raise ValueError(
                 f"dr_grpo needs max_len (the generation budget) with a {type(reducer).__name__} layout, got None"
             )
-    if not isinstance(max_len, int) or max_len <= 0:
-        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
-    _check_clip(clip_low, clip_high, dual_clip)
     b = _prepare(logp, old_logp, advantages, mask, strict, reducer)
-    per_tok, ratio, clipped = _token_ppo(b, clip_low, clip_high, dual_clip)
+    per_tok, ratio, clipped = _token_ppo(b, options)
     metrics = _token_metrics(b, ratio, clipped)
     return _finish(per_tok.sum() / max_len, b.reducer.total(b.seq_valid.float()), denominator, "sequence", metrics)
 
 
-@register_policy_loss("gspo")
-def gspo_loss(
-    logp, old_logp, advantages, mask, *,
-    clip_low: float = 0.2, clip_high: float = 0.2,
-    dual_clip: float | None = None, denominator=None, strict: bool = False, reducer=None,
-) -> LossOutput:
+@register_policy_loss("gspo", options=ClipOptions)
+def gspo_loss(logp, old_logp, advantages, mask, options: ClipOptions, *, denominator=None, strict: bool = False,
+              reducer=None) -> LossOutput:
     """GSPO: geometric-mean sequence ratio exp(mean_t d_t) with a sequence clip."""
-    _check_clip(clip_low, clip_high, dual_clip)
     b = _prepare(logp, old_logp, advantages, mask, strict, reducer)
     R = b.reducer
     log_rho = R.seq_sum(b.d) / b.seq_count.clamp_min(1)
-    per_seq, rho, clipped = _sequence_clip(log_rho, b.adv, b.seq_valid, clip_low, clip_high, dual_clip)
+    per_seq, rho, clipped = _sequence_clip(log_rho, b.adv, b.seq_valid, options.clip_low, options.clip_high,
+                                           options.dual_clip)
     return _finish(R.total(per_seq), R.total(b.seq_valid.float()), denominator, "sequence", _seq_metrics(b, rho, clipped, None))
 
 
-@register_policy_loss("gmpo")
-def gmpo_loss(
-    logp, old_logp, advantages, mask, *,
-    clip_low: float = 0.2, clip_high: float = 0.2, denominator=None, strict: bool = False, reducer=None,
-) -> LossOutput:
+@register_policy_loss("gmpo", options=GMPOOptions)
+def gmpo_loss(logp, old_logp, advantages, mask, options: GMPOOptions, *, denominator=None, strict: bool = False,
+              reducer=None) -> LossOutput:
     """GMPO: -A * geometric mean of the sign-aware token-clipped ratios. (The GMPO paper's default
-    range is wider, (e^-0.4, e^0.4): pass clip_low = 1 - e^-0.4, clip_high = e^0.4 - 1 for it.)"""
-    _check_clip(clip_low, clip_high, None)
+    range is wider, (e^-0.4, e^0.4): set clip_low = 1 - e^-0.4, clip_high = e^0.4 - 1 for it.)"""
     b = _prepare(logp, old_logp, advantages, mask, strict, reducer)
     R = b.reducer
-    d_clip, active = _sign_aware_token_clip(b.d, b.adv_tok, clip_low, clip_high)
+    d_clip, active = _sign_aware_token_clip(b.d, b.adv_tok, options.clip_low, options.clip_high)
     d_sum, tok_clipped = R.seq_sums(d_clip * b.mask, (active & b.mask).float())
     rho = torch.exp(d_sum / b.seq_count.clamp_min(1))
     per_seq = torch.where(b.seq_valid, -b.adv * rho, torch.zeros_like(rho))

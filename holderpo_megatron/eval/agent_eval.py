@@ -52,13 +52,13 @@ def summarise_episodes(episodes: Sequence[Episode]) -> dict:
 
 def run_agent_eval(engine: RolloutEngine, pool, tokenize: Callable[[str], list[int]],
                    detokenize: Callable[[list[int]], str], splits: Mapping[str, Sequence[EpisodeSpec]],
-                   sampling: SamplingParams, cfg: AgentConfig, out_dir: str | Path) -> dict:
+                   sampling: SamplingParams, cfg: AgentConfig, max_prompt_tokens: int, out_dir: str | Path) -> dict:
     """Every game of every split once (greedy unless ``sampling`` says otherwise); returns the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
     for split, specs in splits.items():
-        episodes = run_agent_episodes(engine, pool, tokenize, detokenize, specs, sampling, cfg)
+        episodes = run_agent_episodes(engine, pool, tokenize, detokenize, specs, sampling, cfg, max_prompt_tokens)
         write_transcripts(out / f"{split}.jsonl", episodes)
         summary[split] = summarise_episodes(episodes)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

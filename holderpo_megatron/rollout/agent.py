@@ -46,7 +46,6 @@ class AgentConfig:
 
     max_turns: int = 50
     history_length: int = 2
-    max_prompt_tokens: int = 2048
     think: bool = True  # ask for <think> reasoning before the <action>
     win_reward: float = 10.0
     invalid_penalty: float = 0.1
@@ -60,8 +59,6 @@ class AgentConfig:
             bad("max_turns", "an int >= 1")
         if not isinstance(self.history_length, int) or self.history_length < 0:
             bad("history_length", "an int >= 0")
-        if not isinstance(self.max_prompt_tokens, int) or self.max_prompt_tokens < 16:
-            bad("max_prompt_tokens", "an int >= 16")
         for name in ("win_reward", "invalid_penalty"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -162,14 +159,17 @@ class _Live:
 
 def run_agent_episodes(engine: RolloutEngine, pool, tokenize: Callable[[str], list[int]],
                        detokenize: Callable[[list[int]], str], specs: Sequence[EpisodeSpec],
-                       sampling: SamplingParams, cfg: AgentConfig) -> list[Episode]:
+                       sampling: SamplingParams, cfg: AgentConfig, max_prompt_tokens: int) -> list[Episode]:
     """Play one episode per spec to the end; returns them in spec order.
 
     pool: an :class:`~holderpo_megatron.envs.pool.EnvPool` (or anything with its reset/step);
     tokenize: user message -> prompt ids (the chat template applied); detokenize: ids -> text.
     ``sampling.n`` must be 1 (a group is several specs of the same game); its seed, when set, is
-    advanced per turn so every turn draws fresh samples.
+    advanced per turn so every turn draws fresh samples. ``max_prompt_tokens`` bounds each turn's
+    prompt (the oldest history goes first, then the observation is cut).
     """
+    if not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 16:
+        raise ValueError(f"max_prompt_tokens={max_prompt_tokens!r} is invalid; allowed: an int >= 16")
     if sampling.n != 1:
         raise ValueError(f"agent rollouts sample one action per episode and turn: sampling.n must be 1, got {sampling.n}")
     live = [_Live(spec, first) for spec, first in zip(specs, pool.reset(list(specs)))]
@@ -177,7 +177,7 @@ def run_agent_episodes(engine: RolloutEngine, pool, tokenize: Callable[[str], li
         active = [i for i, e in enumerate(live) if not e.done]
         if not active:
             break
-        prompts = [_prompt_ids(live[i], turn, tokenize, cfg) for i in active]
+        prompts = [_prompt_ids(live[i], turn, tokenize, cfg.think, max_prompt_tokens) for i in active]
         seed = None if sampling.seed is None else sampling.seed + turn * 1_000_003
         outputs = engine.generate(prompts, replace(sampling, seed=seed))
         actions = {}
@@ -221,14 +221,14 @@ def _apply(e: _Live, res: EnvStep, turn: int, cfg: AgentConfig) -> None:
         e.done = True
 
 
-def _prompt_ids(e: _Live, turn: int, tokenize, cfg: AgentConfig) -> list[int]:
+def _prompt_ids(e: _Live, turn: int, tokenize, think: bool, max_prompt_tokens: int) -> list[int]:
     """The turn's prompt, within ``max_prompt_tokens``: the oldest history goes first, then the
     observation is cut (from its start, keeping the most recent text)."""
     history = list(e.history)
     obs = e.observation
     while True:
-        ids = tokenize(build_agent_prompt(e.episode.task, obs, e.admissible, history, turn, cfg.think))
-        if len(ids) <= cfg.max_prompt_tokens:
+        ids = tokenize(build_agent_prompt(e.episode.task, obs, e.admissible, history, turn, think))
+        if len(ids) <= max_prompt_tokens:
             return ids
         if history:
             history.pop(0)
@@ -236,4 +236,4 @@ def _prompt_ids(e: _Live, turn: int, tokenize, cfg: AgentConfig) -> list[int]:
             obs = "..." + obs[len(obs) // 4:]
         else:
             raise ValueError(f"the prompt of episode {e.episode.spec.game!r} has {len(ids)} tokens even without "
-                             f"history; raise max_prompt_tokens ({cfg.max_prompt_tokens})")
+                             f"history; raise max_prompt_tokens ({max_prompt_tokens})")

@@ -80,12 +80,13 @@ class Sample:
     """One generated response.
 
     ``prompt_ids`` / ``output_ids``: token ids. ``logprobs``: float32 ``[len(output_ids)]``, the
-    engine's log p(token) in nats under the sampling distribution at temperature 1 (SGLang
-    reports the unscaled log-softmax). ``finish_reason``: ``"length"`` (hit max_new_tokens) or
+    engine's log p(token) in nats under the sampling distribution: log_softmax(logits / T) at the
+    request's temperature T (SGLang's default; before top-p / top-k truncation). ``finish_reason``: ``"length"`` (hit max_new_tokens) or
     ``"stop"`` (EOS, a stop token or a stop string). ``weight_version``: the engine's weight
     version when the sample finished; ``weight_versions``: ``[(version, start, end)]`` spans of
     output tokens if weights changed mid-sample (then the sample is stale / mixed). ``timing``:
-    seconds (``latency_s``: the request's end-to-end time).
+    seconds (``latency_s``: the request's end-to-end time; ``done_s``: from the start of the
+    ``generate`` call to this sample's completion). ``engine``: the name of the engine that made it.
     """
 
     prompt_index: int

@@ -182,11 +182,11 @@ class EmbeddedBackend:
     def continue_generation(self):
         pass
 
-    def release_memory(self):
-        self.engine.release_memory_occupation()
+    def release_memory(self, tags=None):
+        self.engine.release_memory_occupation(tags=tags)
 
-    def resume_memory(self):
-        self.engine.resume_memory_occupation()
+    def resume_memory(self, tags=None):
+        self.engine.resume_memory_occupation(tags=tags)
 
     def health(self) -> bool:
         tm = self.engine.tokenizer_manager
@@ -325,11 +325,11 @@ class ServerBackend:
     def continue_generation(self):
         self._request("/continue_generation", {})
 
-    def release_memory(self):
-        self._request("/release_memory_occupation", {})
+    def release_memory(self, tags=None):
+        self._request("/release_memory_occupation", {"tags": tags})
 
-    def resume_memory(self):
-        self._request("/resume_memory_occupation", {})
+    def resume_memory(self, tags=None):
+        self._request("/resume_memory_occupation", {"tags": tags})
 
     def health(self) -> bool:
         if self.process is not None and self.process.exit_code() is not None:

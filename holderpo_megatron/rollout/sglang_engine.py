@@ -8,7 +8,9 @@ whose server stopped answering on another server (at most ``max_retries`` times)
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -21,7 +23,7 @@ from .interface import (EngineDiedError, RolloutEngine, RolloutEngineError, Samp
                         TensorMeta)
 from .sglang_backends import EmbeddedBackend, ServerBackend, ServerUnreachable
 
-__all__ = ["SGLangEngine"]
+__all__ = ["SGLangEngine", "assign_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +35,29 @@ def _version_int(v) -> int:
         return 0  # SGLang's initial "default"
 
 
+def assign_groups(costs: Sequence[int], n_engines: int) -> list[int]:
+    """The engine of each prompt group: largest expected cost first, onto the engine with the least
+    assigned so far (ties: the lower index). ``costs``: expected tokens per group."""
+    if n_engines < 1:
+        raise ValueError(f"n_engines must be >= 1, got {n_engines}")
+    load = [0] * n_engines
+    home = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        e = min(range(n_engines), key=lambda k: (load[k], k))
+        home[i] = e
+        load[e] += costs[i]
+    return home
+
+
 class SGLangEngine(RolloutEngine):
     """See the module docstring. Construct with a validated :class:`SGLangEngineConfig`."""
 
     def __init__(self, config: SGLangEngineConfig):
         self.config = config
+        if config.log_dir:  # what this engine runs with, beside its logs (a user compares runs by it)
+            os.makedirs(config.log_dir, exist_ok=True)
+            with open(os.path.join(config.log_dir, "engine_config.json"), "w") as f:
+                json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
         self.dtype = config.torch_dtype
         self.device = config.resolved_device
         self._version = 0
@@ -117,23 +137,31 @@ class SGLangEngine(RolloutEngine):
             raise ValueError("SamplingParams.stop (strings) needs the engine's tokenizer; "
                              "skip_tokenizer_init=True allows stop_token_ids only")
         ids = self._prompt_ids(prompts)
-        items = [dict(input_ids=p, sampling_params=self._sampling_dict(params, params.sample_seed(i, j)), key=(i, j))
+        # whole prompt groups per engine (they share a prefix in its cache), balanced by expected tokens
+        home = assign_groups([params.n * (len(p) + params.max_new_tokens) for p in ids], len(self._backends))
+        items = [dict(input_ids=p, sampling_params=self._sampling_dict(params, params.sample_seed(i, j)), key=(i, j),
+                      home=home[i])
                  for i, p in enumerate(ids) for j in range(params.n)]
         t0 = time.perf_counter()
-        raw, where = self._run_items(items)
+        raw, where, done = self._run_items(items)
         batch_s = time.perf_counter() - t0
         out: list[list[Sample]] = [[None] * params.n for _ in ids]  # type: ignore[list-item]
-        for it, r, w in zip(items, raw, where):
+        for it, r, w, d in zip(items, raw, where, done):
             i, j = it["key"]
-            out[i][j] = self._parse(r, it, w, batch_s)
+            out[i][j] = self._parse(r, it, w, batch_s, d - t0)
         return out
+
+    @property
+    def engine_names(self) -> list[str]:
+        """The engines requests go to, in order (``Sample.engine`` is one of these)."""
+        return [self._router.name] if self._router is not None else [b.name for b in self._backends]
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """The engine's log p(x_t | x_<t), t = 1..n-1, float32 ``[n-1]`` per sequence (prefill only)."""
         items = [dict(input_ids=[int(t) for t in s], logprob_start_len=0, key=(k, 0),
                       sampling_params=dict(temperature=0.0, max_new_tokens=1))
                  for k, s in enumerate(sequences)]
-        raw, _ = self._run_items(items)
+        raw, _, _ = self._run_items(items)
         out = []
         for s, r in zip(sequences, raw):
             lps = r["meta_info"]["input_token_logprobs"]
@@ -143,7 +171,7 @@ class SGLangEngine(RolloutEngine):
             out.append(torch.tensor(vals, dtype=torch.float32))
         return out
 
-    def _parse(self, r: dict, item: dict, where: str, batch_s: float) -> Sample:
+    def _parse(self, r: dict, item: dict, where: str, batch_s: float, done_s: float) -> Sample:
         meta = r["meta_info"]
         fr = meta.get("finish_reason") or {}
         kind = fr.get("type") if isinstance(fr, dict) else str(fr)
@@ -159,18 +187,20 @@ class SGLangEngine(RolloutEngine):
             prompt_index=item["key"][0], sample_index=item["key"][1], prompt_ids=list(item["input_ids"]),
             output_ids=out_ids, logprobs=torch.tensor(lps, dtype=torch.float32), finish_reason=kind,
             weight_version=_version_int(meta.get("weight_version")), weight_versions=spans, text=r.get("text"),
-            timing={"latency_s": float(meta.get("e2e_latency") or 0.0), "batch_s": batch_s}, engine=where,
+            timing={"latency_s": float(meta.get("e2e_latency") or 0.0), "batch_s": batch_s, "done_s": done_s},
+            engine=where,
         )
 
     # ------------------------------------------------------------------ request routing
-    def _run_items(self, items: list[dict]) -> tuple[list[dict], list[str]]:
-        if self.config.mode == "embedded":
-            b = self._backends[0]
-            return b.generate(items), [b.name] * len(items)
-        if self._router is not None:
-            return self._router.generate(items), [self._router.name] * len(items)
+    def _run_items(self, items: list[dict]) -> tuple[list[dict], list[str], list[float]]:
+        """Results, the engine of each and its completion time (``time.perf_counter()``)."""
+        if self.config.mode == "embedded" or self._router is not None:
+            b = self._backends[0] if self._router is None else self._router
+            res = b.generate(items)
+            return res, [b.name] * len(items), [time.perf_counter()] * len(items)
         results: list = [None] * len(items)
         where: list = [None] * len(items)
+        done: list = [None] * len(items)
         workers = max(1, len(self._backends) * self.config.max_inflight_per_server)
         with ThreadPoolExecutor(max_workers=min(workers, len(items) or 1)) as pool:
             futs = {pool.submit(self._one_with_retries, it): k for k, it in enumerate(items)}
@@ -181,21 +211,23 @@ class SGLangEngine(RolloutEngine):
                 if f.exception() is not None:
                     errors.append((k, f.exception()))
                 else:
-                    results[k], where[k] = f.result()
+                    results[k], where[k], done[k] = f.result()
         if errors:
             errors.sort(key=lambda e: e[0])
             first = errors[0][1]
             msg = (f"{len(errors)} of {len(items)} generation requests failed; no partial batch is returned. "
                    f"First failure (request {errors[0][0]}): {first}")
             raise (EngineDiedError if isinstance(first, EngineDiedError) else RolloutEngineError)(msg) from first
-        return results, where
+        return results, where, done
 
-    def _pick(self, exclude: set[str]) -> ServerBackend | None:
+    def _pick(self, exclude: set[str], home: int | None = None) -> ServerBackend | None:
+        """The item's home engine while it is live and untried, else the least-loaded live one."""
         with self._lock:
             live = [b for b in self._backends if b.name not in self._dead and b.name not in exclude]
             if not live:
                 return None
-            b = min(live, key=lambda b: self._inflight[b.name])
+            b = self._backends[home] if home is not None and self._backends[home] in live else \
+                min(live, key=lambda b: self._inflight[b.name])
             self._inflight[b.name] += 1
             return b
 
@@ -203,11 +235,11 @@ class SGLangEngine(RolloutEngine):
         tried: set[str] = set()
         failures = []
         for _ in range(self.config.max_retries + 1):
-            b = self._pick(tried)
+            b = self._pick(tried, item.get("home"))
             if b is None:
                 break
             try:
-                return b.generate([item])[0], b.name
+                return b.generate([item])[0], b.name, time.perf_counter()
             except ServerUnreachable as e:
                 tried.add(b.name)
                 alive = b.health()
@@ -303,18 +335,19 @@ class SGLangEngine(RolloutEngine):
     def flush_cache(self) -> None:
         self._each("flush_cache")
 
-    def release_memory(self) -> None:
-        """GPU: SGLang frees its weights and KV cache (needs ``enable_memory_saver=True``).
-        CPU: a no-op (SGLang's memory saver is CUDA-only; CPU memory is not the contended resource)."""
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        """GPU: SGLang frees its weights and/or KV cache (``tags``: ``["weights"]``, ``["kv_cache"]``;
+        None: both; needs ``enable_memory_saver=True``). CPU: a no-op (SGLang's memory saver is
+        CUDA-only; CPU memory is not the contended resource)."""
         if self.device == "cpu":
             return
-        self._each("release_memory")
+        self._each("release_memory", tags)
 
-    def resume_memory(self) -> None:
-        """Inverse of :meth:`release_memory`; re-sync weights afterwards (they were discarded on GPU)."""
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        """Inverse of :meth:`release_memory`; re-sync weights after resuming them (SGLang discarded them)."""
         if self.device == "cpu":
             return
-        self._each("resume_memory")
+        self._each("resume_memory", tags)
 
     def health(self) -> dict[str, bool]:
         return {b.name: (b.name not in self._dead and b.health()) for b in self._backends}

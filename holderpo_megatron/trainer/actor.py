@@ -3,12 +3,16 @@
 Both go through Megatron's own schedules (``get_forward_backward_func``: no pipelining, 1F1B, or
 interleaved 1F1B with virtual pipeline chunks), so a pipeline-parallel run is exactly Megatron's.
 
-Loss normalisation, in one place (:meth:`MegatronActor._loss_func`): the model config sets
-``calculate_per_token_loss=True``, so Megatron neither divides a microbatch's loss by the number
-of microbatches nor averages gradients over data-parallel ranks; our loss function returns the
-*sum* of its per-sequence (or per-token) losses and the matching *count*, and Megatron's
-``finalize_model_grads`` divides the summed gradients by the count summed over all microbatches
-and DP ranks. The result is the gradient of the global-batch mean, whatever the layout.
+The Actor is configured once (:class:`ActorSettings`: token budget, packing, the loss and its
+options, regularizers, the scoring temperature); a step calls ``score(sequences)`` and
+``forward_backward(batch, p=p)``.
+
+Loss normalisation, in one place (:func:`parallel.loss_scaling.megatron_loss_outputs`): the model
+config sets ``calculate_per_token_loss=True``, so Megatron neither divides a microbatch's loss by
+the number of microbatches nor averages gradients over data-parallel ranks; our loss function
+returns the *sum* of its per-sequence (or per-token) losses and the matching *count*, and
+Megatron's ``finalize_model_grads`` divides the summed gradients by the count summed over all
+microbatches and DP ranks. The result is the gradient of the global-batch mean, whatever the layout.
 """
 
 from __future__ import annotations
@@ -20,32 +24,95 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from holderpo_megatron.algorithms import LossMetrics, LossOutput, compute_policy_loss, kl_penalty
+from holderpo_megatron.algorithms import (
+    KL_ESTIMATORS,
+    HolderOptions,
+    LossMetrics,
+    LossOptions,
+    LossOutput,
+    compute_policy_loss,
+    kl_penalty,
+    policy_loss_options,
+)
 from holderpo_megatron.data.batching import MicroBatch, build_microbatch, plan_microbatches, plan_units
 from holderpo_megatron.models import ModelArch, build_gpt_model, to_transformer_config
 from holderpo_megatron.parallel.aggregation import PackedSequenceReducer
 from holderpo_megatron.parallel.layout import ParallelLayout
 from holderpo_megatron.parallel.logprobs import vocab_parallel_logprobs
+from holderpo_megatron.parallel.loss_scaling import megatron_loss_outputs
 
-__all__ = ["OptimizerSettings", "MegatronActor", "RolloutBatch", "Regularizers", "trajectory_units", "loss_mask"]
+from .batch import RolloutBatch, loss_mask
+
+__all__ = ["OptimizerSettings", "ActorSettings", "MegatronActor", "Regularizers"]
 
 
 @dataclass(frozen=True)
 class OptimizerSettings:
+    """Adam for the policy (YAML: ``train.optimizer``)."""
+
     lr: float = 1e-6
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    clip_grad: float = 1.0  # 0: off
     use_distributed_optimizer: bool | None = None  # None: on GPU yes, on CPU no (needs CUDA)
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.clip_grad < 0:
+            raise ValueError(f"clip_grad must be >= 0 (0 = off), got {self.clip_grad}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ValueError(f"adam_beta1/adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
 
 
 @dataclass(frozen=True)
 class Regularizers:
+    """KL to a reference policy and an entropy bonus, averaged with the policy loss's own normaliser."""
+
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
+
+    def __post_init__(self):
+        if self.kl_coef < 0 or self.entropy_coef < 0:
+            raise ValueError(f"kl_coef and entropy_coef must be >= 0, got {self.kl_coef}, {self.entropy_coef}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+
+
+@dataclass(frozen=True)
+class ActorSettings:
+    """How the Actor scores and trains, fixed for a run.
+
+    token_budget: tokens per microbatch; pack: several sequences per row; loss / loss_options: a
+    registered policy loss and its options (``p`` is injected per step); temperature: log-probs are
+    those of logits / T, the rollout's sampling temperature, so old, new and engine log-probs are of
+    one distribution; generation_budget: ``rollout.max_new_tokens`` (Dr. GRPO's default divisor).
+    """
+
+    token_budget: int = 4096
+    pack: bool = False
+    loss: str = "holder"
+    loss_options: LossOptions = field(default_factory=HolderOptions)
+    regularizers: Regularizers = field(default_factory=Regularizers)
+    temperature: float = 1.0
+    generation_budget: int | None = None
+    max_sequences_per_microbatch: int | None = None
+
+    def __post_init__(self):
+        if self.token_budget < 1:
+            raise ValueError(f"token_budget must be >= 1, got {self.token_budget}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        cls = policy_loss_options(self.loss)
+        if not isinstance(self.loss_options, cls):
+            raise ValueError(f"loss {self.loss!r} takes {cls.__name__}, got {type(self.loss_options).__name__}")
 
 
 def _thd_params(mb: MicroBatch, device):
@@ -64,83 +131,10 @@ def _thd_params(mb: MicroBatch, device):
                            max_seqlen_kv=longest)
 
 
-def loss_mask(length: int, response_start: int) -> torch.Tensor:
-    """``[length-1]`` bool over next-token positions: True where the predicted token x_t is a response
-    token (t >= response_start). Position t-1 predicts x_t, so the prompt (and every observation
-    an agent's prompt holds) never enters the loss."""
-    return torch.arange(1, length) >= response_start
-
-
-def trajectory_units(n: int, trajectory: list[int] | None) -> list[list[int]]:
-    """Indices of ``n`` samples grouped by trajectory id (first appearance order); None: singletons."""
-    if trajectory is None:
-        return [[i] for i in range(n)]
-    groups: dict[int, list[int]] = {}
-    for i, t in enumerate(trajectory):
-        groups.setdefault(t, []).append(i)
-    return list(groups.values())
-
-
-@dataclass
-class RolloutBatch:
-    """What a training step consumes, for this data-parallel rank.
-
-    sequences: token ids (prompt + response) per sample; response_start: index of the first
-    response token per sample; old_logprobs: per sample ``[n-1]`` log-probs of the behaviour policy
-    at next-token positions; advantages: ``[num_samples]``.
-
-    trajectory: for multi-turn agents, the episode of each sample (one sample per turn; the turns
-    of an episode share its advantage). The loss then reduces over every response token of a
-    trajectory, across its turns, as one sequence (the Hölder mean spans the whole episode; the
-    prompts, which hold the observations, are masked). None: every sample is its own sequence.
-    """
-
-    sequences: list[list[int]]
-    response_start: list[int]
-    old_logprobs: list[torch.Tensor]
-    advantages: torch.Tensor
-    extra: dict = field(default_factory=dict)
-    trajectory: list[int] | None = None
-
-    def __post_init__(self):
-        n = len(self.sequences)
-        if not (len(self.response_start) == len(self.old_logprobs) == self.advantages.numel() == n):
-            raise ValueError(
-                f"RolloutBatch fields disagree: {n} sequences, {len(self.response_start)} response_start, "
-                f"{len(self.old_logprobs)} old_logprobs, {self.advantages.numel()} advantages"
-            )
-        for i, (s, r, lp) in enumerate(zip(self.sequences, self.response_start, self.old_logprobs)):
-            if not 1 <= r < len(s):
-                raise ValueError(f"sample {i}: response_start={r} must be in [1, {len(s) - 1}]")
-            if lp.numel() != len(s) - 1:
-                raise ValueError(f"sample {i}: old_logprobs has {lp.numel()} values, expected {len(s) - 1}")
-        if self.trajectory is not None:
-            if len(self.trajectory) != n:
-                raise ValueError(f"RolloutBatch.trajectory has {len(self.trajectory)} ids for {n} sequences")
-            first: dict[int, float] = {}
-            for i, t in enumerate(self.trajectory):
-                a = float(self.advantages[i])
-                if first.setdefault(t, a) != a:
-                    raise ValueError(f"trajectory {t}: its turns carry different advantages ({first[t]} vs {a})")
-
-    def units(self) -> list[list[int]]:
-        """Sample indices that must stay together (one microbatch, one DP rank): a trajectory's
-        turns, or each sample alone. In order of first appearance."""
-        return trajectory_units(len(self.sequences), self.trajectory)
-
-    def select(self, units: list[list[int]]) -> "RolloutBatch":
-        """The sub-batch made of these units (lists of sample indices), trajectory ids kept."""
-        idx = [i for u in units for i in u]
-        return RolloutBatch([self.sequences[i] for i in idx], [self.response_start[i] for i in idx],
-                            [self.old_logprobs[i] for i in idx], self.advantages[idx],
-                            {k: [v[i] for i in idx] for k, v in self.extra.items()},
-                            None if self.trajectory is None else [self.trajectory[i] for i in idx])
-
-
 class MegatronActor:
-    def __init__(self, arch: ModelArch, layout: ParallelLayout, *, params_dtype: torch.dtype = torch.float32,
-                 optimizer: OptimizerSettings | None = None, use_te: bool | None = None,
-                 max_seq_length: int | None = None):
+    def __init__(self, arch: ModelArch, layout: ParallelLayout, settings: ActorSettings | None = None, *,
+                 params_dtype: torch.dtype = torch.float32, optimizer: OptimizerSettings | None = None,
+                 use_te: bool | None = None, max_seq_length: int | None = None):
         from megatron.core import parallel_state as ps
 
         if layout.cp > 1:
@@ -149,6 +143,7 @@ class MegatronActor:
             raise ValueError(f"context_parallel={layout.cp}: the Actor supports cp=1 only for now")
         self.arch = arch
         self.layout = layout
+        self.settings = settings or ActorSettings()
         self.max_seq_length = max_seq_length or arch.max_position_embeddings
         self.config = to_transformer_config(
             arch, layout.tp, layout.pp, layout.cp, params_dtype=params_dtype,
@@ -248,7 +243,7 @@ class MegatronActor:
             seq_length=seq_len, micro_batch_size=mbs, forward_only=forward_only,
         )
 
-    def _token_logprobs(self, logits: torch.Tensor, mb: MicroBatch, temperature: float, entropy: bool = False,
+    def _token_logprobs(self, logits: torch.Tensor, mb: MicroBatch, entropy: bool = False,
                         entropy_grad: bool = False):
         """[rows, S, V/tp] vocab-parallel logits -> [N] log-probs of the microbatch's targets
         (and, with ``entropy``, ``([N] log-probs, [N] entropy)``)."""
@@ -256,14 +251,15 @@ class MegatronActor:
         picked = flat.index_select(0, mb.token_index.to(flat.device))
         out = vocab_parallel_logprobs(
             picked, mb.targets.to(flat.device), group=self.tp_group if self.layout.tp > 1 else None,
-            vocab_start=self.vocab_start, vocab_size=self.arch.vocab_size, temperature=temperature,
+            vocab_start=self.vocab_start, vocab_size=self.arch.vocab_size, temperature=self.settings.temperature,
             entropy=entropy, entropy_grad=entropy_grad,
         )
         return (out.logprobs, out.entropy) if entropy else out.logprobs
 
-    def _plan(self, sequences: list[list[int]], token_budget: int, pack: bool,
-              max_sequences: int | None = None, units: list[list[int]] | None = None,
+    def _plan(self, sequences: list[list[int]], units: list[list[int]] | None = None,
               unit_names: list | None = None) -> list[MicroBatch]:
+        token_budget, pack = self.settings.token_budget, self.settings.pack
+        max_sequences = self.settings.max_sequences_per_microbatch
         for i, s in enumerate(sequences):
             if len(s) > self.max_seq_length:
                 raise ValueError(
@@ -306,17 +302,17 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def score(self, sequences: list[list[int]], *, token_budget: int = 4096, temperature: float = 1.0,
-              pack: bool = False) -> list[torch.Tensor]:
-        """Per-sequence float32 log-probs ``[n-1]`` (log p(x_t | x_<t), t = 1..n-1), on every rank of
-        the pipeline (broadcast from the last stage). ``sequences`` is this DP rank's share."""
+    def score(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Per-sequence float32 log-probs ``[n-1]`` (log p(x_t | x_<t), t = 1..n-1, under the
+        settings' temperature), on every rank of the pipeline (broadcast from the last stage).
+        ``sequences`` is this DP rank's share."""
         for m in self.model:
             m.eval()
-        mbs = self._plan(sequences, token_budget, pack)
+        mbs = self._plan(sequences)
         store: dict[int, torch.Tensor] = {}
 
         def loss_func(mb: MicroBatch, logits: torch.Tensor):
-            lp = self._token_logprobs(logits, mb, temperature)
+            lp = self._token_logprobs(logits, mb)
             for k, v in zip(mb.seq_indices, mb.split_per_sequence(lp)):
                 store[k] = v.float()
             return logits.new_zeros(()), torch.ones((), dtype=torch.int), {}
@@ -333,36 +329,33 @@ class MegatronActor:
         return list(flat.cpu().split([len(s) - 1 for s in sequences]))
 
     # ------------------------------------------------------------------ training
-    def forward_backward(self, batch: RolloutBatch, *, loss_name: str, loss_kwargs: dict, token_budget: int = 4096,
-                         temperature: float = 1.0, pack: bool = False,
-                         max_sequences_per_microbatch: int | None = None,
-                         regularizers: Regularizers | None = None) -> LossMetrics:
+    def forward_backward(self, batch: RolloutBatch, p: float | None = None) -> LossMetrics:
         """Gradients of the global-batch loss into the DDP grad buffers (``param.main_grad``).
-        ``batch`` is this DP rank's share; normalisation is global (see the module docstring).
-        ``regularizers``: KL to a reference policy (``batch.extra["ref_logprobs"]``) and an entropy
-        bonus, averaged with the policy loss's own normaliser."""
+        ``batch`` is this DP rank's share; normalisation is global (see the module docstring);
+        ``p``: the p schedule's value this step (for losses with a power). The settings'
+        regularizers add a KL to a reference policy (``batch.ref_logprobs``) and an entropy bonus,
+        averaged with the policy loss's own normaliser."""
         if self.optimizer is None:
             raise RuntimeError("this actor was built without an optimizer (optimizer=None)")
-        reg = regularizers or Regularizers()
-        if reg.kl_coef > 0 and "ref_logprobs" not in batch.extra:
-            raise ValueError("kl_coef > 0 needs batch.extra['ref_logprobs'] (score the batch with the reference actor)")
+        st = self.settings
+        reg = st.regularizers
+        options = st.loss_options if p is None else st.loss_options.at_p(p)
+        if reg.kl_coef > 0 and batch.ref_logprobs is None:
+            raise ValueError("kl_coef > 0 needs batch.ref_logprobs (score the batch with the reference actor)")
         for m in self.model:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         units = batch.units()
         names = None if batch.trajectory is None else [batch.trajectory[u[0]] for u in units]
-        mbs = self._plan(batch.sequences, token_budget, pack, max_sequences_per_microbatch, units=units,
-                         unit_names=names)
+        mbs = self._plan(batch.sequences, units=units, unit_names=names)
         collected: list[LossMetrics] = []
 
         def loss_func(mb: MicroBatch, logits: torch.Tensor):
-            lp, ent = self._token_logprobs(logits, mb, temperature, entropy=True, entropy_grad=reg.entropy_coef > 0)
-            out = self._microbatch_loss(batch, mb, lp, ent, loss_name, loss_kwargs, reg)
+            lp, ent = self._token_logprobs(logits, mb, entropy=True, entropy_grad=reg.entropy_coef > 0)
+            out = self._microbatch_loss(batch, mb, lp, ent, options)
             collected.append(out.metrics)
-            # calculate_per_token_loss: Megatron sums these counts over microbatches and DP ranks
-            # and divides the summed gradients by the total (finalize_model_grads).
-            return out.loss_sum, out.loss_count.round().to(torch.int).reshape(()), {}
+            return (*megatron_loss_outputs(out), {})
 
         self._run(mbs, loss_func, forward_only=False)
         metrics = LossMetrics()
@@ -370,20 +363,23 @@ class MegatronActor:
             metrics = metrics.merge(m)
         return metrics
 
+    def applied_lr(self) -> float:
+        """The learning rate the optimizer applies now (its param groups), not the configured one."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
     def optimizer_step(self) -> dict[str, float]:
         ok, grad_norm, _ = self.optimizer.step()
         return {"grad_norm": float(grad_norm) if grad_norm is not None else math.nan, "update_ok": float(bool(ok))}
 
-    def train_step(self, batch: RolloutBatch, **kwargs) -> dict[str, float]:
+    def train_step(self, batch: RolloutBatch, p: float | None = None) -> dict[str, float]:
         """forward_backward + optimizer step; returns this rank's loss metrics, grad norm."""
-        metrics = self.forward_backward(batch, **kwargs)
+        metrics = self.forward_backward(batch, p)
         out = metrics.to_dict()
         out.update(self.optimizer_step())
         return out
 
-    @staticmethod
-    def _microbatch_loss(batch: RolloutBatch, mb: MicroBatch, logp: torch.Tensor, entropy: torch.Tensor | None,
-                         loss_name: str, loss_kwargs: dict, reg: Regularizers):
+    def _microbatch_loss(self, batch: RolloutBatch, mb: MicroBatch, logp: torch.Tensor,
+                         entropy: torch.Tensor | None, options: LossOptions):
         """Flat next-token log-probs ``[N]`` of a microbatch -> the registered loss (reduced per
         sequence by segment id, no padding to ``[B, T]``) plus the KL and entropy terms."""
         dev = logp.device
@@ -403,8 +399,10 @@ class MegatronActor:
                 of_sample.append(local[t])
             seq_id = torch.tensor(of_sample, dtype=torch.long)[mb.seq_id]
         adv = batch.advantages[[mb.seq_indices[k] for k in heads]].float().to(dev)
-        reducer = PackedSequenceReducer(seq_id.to(dev), num_sequences=len(heads))
-        out = compute_policy_loss(loss_name, logp, old, adv, mask, reducer=reducer, **loss_kwargs)
+        reducer = PackedSequenceReducer(seq_id.to(dev), num_sequences=len(heads),
+                                        max_len=self.settings.generation_budget)
+        out = compute_policy_loss(self.settings.loss, logp, old, adv, mask, options, reducer=reducer)
+        reg = self.settings.regularizers
         maskf = mask.float()
         n_tok = maskf.sum()
 
@@ -420,7 +418,7 @@ class MegatronActor:
             if reg.entropy_coef > 0:
                 extra = extra - reg.entropy_coef * averaged(entropy)
         if reg.kl_coef > 0:
-            ref = torch.cat([batch.extra["ref_logprobs"][i].float() for i in mb.seq_indices]).to(dev)
+            ref = torch.cat([batch.ref_logprobs[i].float() for i in mb.seq_indices]).to(dev)
             kl = kl_penalty(logp, ref, reg.kl_estimator)
             out.metrics.add_mean("kl", (kl.detach() * maskf).sum(), n_tok)
             extra = extra + reg.kl_coef * averaged(kl)

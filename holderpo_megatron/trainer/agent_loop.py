@@ -19,10 +19,10 @@ from holderpo_megatron.envs.interface import EpisodeSpec
 from holderpo_megatron.rollout.agent import Episode, run_agent_episodes, write_transcripts
 from holderpo_megatron.rollout.interface import SamplingParams
 
-from .actor import trajectory_units
+from .batch import StepSamples
 from .config import RunConfig
 
-__all__ = ["agent_games", "build_env_pool", "agent_payload", "episodes_to_samples", "chat_tokenizer"]
+__all__ = ["agent_games", "build_env_pool", "agent_samples", "episodes_to_samples", "chat_tokenizer"]
 
 def agent_games(cfg: RunConfig, split: str, limit: int | None) -> list[EpisodeSpec]:
     """The games of ``split`` (the first ``limit`` of them, or all)."""
@@ -37,7 +37,7 @@ def build_env_pool(cfg: RunConfig):
 
     a = cfg.agent
     prepare_alfworld_data()
-    factory = partial(AlfworldEnv, AlfworldEnvConfig(max_steps=a.max_turns))
+    factory = partial(AlfworldEnv, AlfworldEnvConfig(max_steps=a.play.max_turns))
     return EnvPool(factory, num_workers=a.num_workers, step_timeout_s=a.step_timeout_s,
                    episode_timeout_s=a.episode_timeout_s)
 
@@ -57,8 +57,10 @@ def chat_tokenizer(tokenizer):
     return tokenize, detokenize
 
 
-def episodes_to_samples(episodes: list[Episode], group_size: int, estimator: str, token_budget: int) -> dict:
-    """Episodes (``group_size`` plays of each game, adjacent) -> the training payload.
+def episodes_to_samples(episodes: list[Episode], group_size: int, estimator: str,
+                        token_budget: int) -> tuple[StepSamples, int]:
+    """Episodes (``group_size`` plays of each game, adjacent) -> the training samples, and how many
+    turns were dropped.
 
     Advantages are computed per game among the plays whose environment did not fail (a failed
     episode is not the policy's doing: it is counted, not trained on). A trajectory longer than
@@ -89,8 +91,7 @@ def episodes_to_samples(episodes: list[Episode], group_size: int, estimator: str
                 logprobs.append(t.logprobs.float())
                 advantages.append(float(a))
                 trajectory.append(k)
-    return {"sequences": sequences, "starts": starts, "rollout_logprobs": logprobs, "advantages": advantages,
-            "trajectory": trajectory, "turns_dropped": dropped}
+    return StepSamples(sequences, starts, logprobs, advantages, trajectory), dropped
 
 
 def episode_metrics(episodes: list[Episode]) -> dict:
@@ -110,33 +111,30 @@ def episode_metrics(episodes: list[Episode]) -> dict:
     }
 
 
-def agent_payload(ctx, items: list[EpisodeSpec], step: int) -> dict:
-    """Rank 0: play the step's games and build the broadcast payload (see loop.rollout_phase)."""
+def agent_samples(ctx, items: list[EpisodeSpec], step: int) -> StepSamples:
+    """Rank 0: play the step's games; the samples every rank receives (see loop.rollout_phase)."""
     cfg = ctx.cfg
     r = cfg.rollout
     specs = [spec for spec in items for _ in range(r.group_size)]
     params = SamplingParams(n=1, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                             max_new_tokens=r.max_new_tokens, stop=tuple(r.stop), seed=cfg.train.seed * 100_003 + step)
     tokenize, detokenize = chat_tokenizer(ctx.tokenizer)
-    episodes = run_agent_episodes(ctx.engine, ctx.env_pool, tokenize, detokenize, specs, params,
-                                  cfg.agent.agent_config(r.max_prompt_tokens))
-    payload = episodes_to_samples(episodes, r.group_size, cfg.algorithm.advantage, cfg.train.token_budget)
+    episodes = run_agent_episodes(ctx.engine, ctx.env_pool, tokenize, detokenize, specs, params, cfg.agent.play,
+                                  r.max_prompt_tokens)
+    samples, dropped = episodes_to_samples(episodes, r.group_size, cfg.algorithm.advantage, cfg.train.token_budget)
     # every DP rank needs whole trajectories: drop the last ones that do not divide evenly
-    units = trajectory_units(len(payload["sequences"]), payload["trajectory"])
-    keep = [i for u in units[: len(units) - len(units) % ctx.dp_size] for i in u]
-    for k in ("sequences", "starts", "rollout_logprobs", "advantages", "trajectory"):
-        payload[k] = [payload[k][i] for i in keep]
+    samples = samples.trim_to_multiple(ctx.dp_size)
     metrics = episode_metrics(episodes)
     metrics.update({
-        "agent/turns_dropped": float(payload.pop("turns_dropped")),
-        "kept_samples": float(len(payload["sequences"])),
-        "tokens": float(sum(len(s) for s in payload["sequences"])),
+        "agent/turns_dropped": float(dropped),
+        "kept_samples": float(len(samples)),
+        "tokens": float(sum(len(s) for s in samples.sequences)),
         "stale_samples": 0.0,
     })
     if cfg.agent.save_transcripts:
         out = Path(cfg.run_dir) / "transcripts"
         out.mkdir(parents=True, exist_ok=True)
         write_transcripts(out / f"step_{step + 1:06d}.jsonl", episodes)
-    payload["metrics"] = metrics
-    payload["examples"] = [e.turns[0].response for e in episodes[:2] if e.turns]
-    return payload
+    samples.metrics = metrics
+    samples.examples = [e.turns[0].response for e in episodes[:2] if e.turns]
+    return samples

@@ -4,6 +4,13 @@
 
 Each section checks its own ranges in ``__post_init__``; :func:`validate_run` checks what needs
 several sections or the model's own config (layout vs heads/layers, batch divisibility, paths).
+
+A component's own config is nested as it is, not mirrored: ``train.optimizer`` is the Actor's
+:class:`OptimizerSettings`, ``algorithm.p_schedule`` a :class:`PSchedule`, ``algorithm.options`` the
+registered loss's options dataclass, ``algorithm.regularizers`` the Actor's :class:`Regularizers`,
+``logging`` the :class:`ObservabilityConfig`, ``agent.play`` the :class:`AgentConfig`. Two
+functions derive what needs several sections: :meth:`RunConfig.actor_settings` and
+:func:`engine_config` (the one place the SGLang engine config is built, for training and eval).
 """
 
 from __future__ import annotations
@@ -11,17 +18,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from holderpo_megatron.algorithms import HOLDER_VARIANTS, SCHEDULE_KINDS, PSchedule, policy_loss_names
+from holderpo_megatron.algorithms import LossOptions, PSchedule, make_loss_options, policy_loss_names, policy_loss_options
+from holderpo_megatron.observability import ObservabilityConfig
+from holderpo_megatron.rollout.agent import AgentConfig
 
+from .actor import ActorSettings, OptimizerSettings, Regularizers
 from .config_loader import ConfigError, apply_overrides, from_dict, load_yaml_with_defaults
 
 __all__ = [
     "RunConfig", "ModelSection", "ParallelSection", "RolloutSection", "AlgorithmSection", "TrainSection",
-    "DataSection", "EvalSection", "CheckpointSection", "LoggingSection", "AgentSection", "load_run_config",
-    "validate_run",
-    "ConfigError",
+    "DataSection", "EvalSection", "CheckpointSection", "AgentSection", "load_run_config", "validate_run",
+    "run_placement", "engine_config", "ConfigError",
 ]
 
 
@@ -77,6 +86,18 @@ class RolloutSection:
     mode: Literal["embedded", "servers"] = "embedded"  # embedded: one in-process sglang.Engine on rank 0
     server_urls: list[str] = field(default_factory=list)  # mode=servers: given URLs; empty = we launch them
     engine_tp: int = 1
+    # Where engines run (parallel/placement.py; `holderpo plan` prints it). colocated: on the trainer's
+    # GPUs, nproc_per_node / engine_tp per node. separate: on GPUs the trainer does not use, given as
+    # engine_gpus_per_node (extra GPUs on each trainer node, or on each of engine_nodes dedicated nodes)
+    # or as server_urls (placement separate, mode servers) that someone else runs.
+    placement: Literal["colocated", "separate"] = "colocated"
+    engines_per_node: int | None = None  # null: every slot; fewer leaves GPUs without an engine (CPU demo: 1)
+    engine_gpus_per_node: int = 0
+    engine_nodes: int = 0
+    # colocated on GPU: engines release weights and KV while Megatron trains (SGLang's memory saver), so
+    # `holderpo plan` counts max(training, rollout) per GPU; off (or on CPU, where engines cannot release):
+    # the sum
+    release_memory_during_train: bool = True
     mem_fraction_static: float | None = None  # None: the engine's per-device default
     group_size: int = 8  # samples per prompt
     temperature: float = 1.0
@@ -110,59 +131,39 @@ class RolloutSection:
         _need(self.drift_warn > 0, f"rollout.drift_warn must be > 0, got {self.drift_warn}")
         _need(self.mode == "servers" or not self.server_urls,
               "rollout.server_urls is only used with rollout.mode=servers")
-
-
-@dataclass
-class PScheduleSection:
-    kind: str = "constant"
-    p_min: float = 1.0
-    p_max: float = 1.0
-    schedule_steps: int = 1
-    power: float = 2.0
-
-    def __post_init__(self):
-        _need(self.kind in SCHEDULE_KINDS, f"algorithm.p_schedule.kind {self.kind!r} is not one of {SCHEDULE_KINDS}")
-        self.build()
-
-    def build(self) -> PSchedule:
-        return PSchedule(self.kind, self.p_min, self.p_max, self.schedule_steps, self.power)
+        _need(self.engines_per_node is None or self.engines_per_node >= 1,
+              f"rollout.engines_per_node must be null or >= 1, got {self.engines_per_node}")
+        _need(self.engine_gpus_per_node >= 0 and self.engine_nodes >= 0,
+              f"rollout.engine_gpus_per_node and rollout.engine_nodes must be >= 0, got {self.engine_gpus_per_node}, "
+              f"{self.engine_nodes}")
+        _need(not self.engine_nodes or self.mode == "servers",
+              f"rollout.engine_nodes={self.engine_nodes}: no trainer process runs on an engine node, so its engines "
+              f"are servers: set rollout.mode=servers, got mode={self.mode}")
 
 
 @dataclass
 class AlgorithmSection:
+    """``loss``: a registered policy loss; ``options``: that loss's options (its options dataclass,
+    e.g. ``HolderOptions``: variant, clip_low, clip_high, dual_clip); ``p`` comes from ``p_schedule``."""
+
     loss: str = "holder"
-    variant: str = "seq"  # holder only
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = None
-    aggregation: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"  # grpo only
-    p_schedule: PScheduleSection = field(default_factory=PScheduleSection)
+    options: dict[str, Any] = field(default_factory=dict)
+    p_schedule: PSchedule = field(default_factory=PSchedule)
+    regularizers: Regularizers = field(default_factory=Regularizers)
     advantage: Literal["grpo", "dr_grpo"] = "grpo"
-    kl_coef: float = 0.0
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    entropy_coef: float = 0.0
     dynamic_sampling: bool = False
     truncated_reward: float = 0.0
+    loss_options: LossOptions = field(init=False, repr=False)  # ``options``, built and validated
 
     def __post_init__(self):
         _need(self.loss in policy_loss_names(), f"algorithm.loss {self.loss!r} is not one of {policy_loss_names()}")
-        _need(self.variant in HOLDER_VARIANTS, f"algorithm.variant {self.variant!r} is not one of {HOLDER_VARIANTS}")
-        _need(0 < self.clip_low < 1, f"algorithm.clip_low must be in (0, 1), got {self.clip_low}")
-        _need(self.clip_high >= 0, f"algorithm.clip_high must be >= 0, got {self.clip_high}")
-        _need(self.dual_clip is None or self.dual_clip > 1, f"algorithm.dual_clip must be null or > 1, got {self.dual_clip}")
-        _need(self.kl_coef >= 0, f"algorithm.kl_coef must be >= 0, got {self.kl_coef}")
-        _need(self.entropy_coef >= 0, f"algorithm.entropy_coef must be >= 0, got {self.entropy_coef}")
-
-    def loss_kwargs(self, p: float) -> dict:
-        """Keyword arguments for ``compute_policy_loss(self.loss, ...)`` at power ``p``."""
-        kw: dict = {"clip_low": self.clip_low, "clip_high": self.clip_high}
-        if self.loss != "gmpo":
-            kw["dual_clip"] = self.dual_clip
-        if self.loss == "holder":
-            kw.update(p=p, variant=self.variant)
-        elif self.loss == "grpo":
-            kw["aggregation"] = self.aggregation
-        return kw
+        scheduled = [k for k in policy_loss_options(self.loss).scheduled if k in self.options]
+        _need(not scheduled, f"algorithm.options.{', '.join(scheduled)} is set per step by algorithm.p_schedule; "
+                             f"remove it from algorithm.options")
+        try:
+            self.loss_options = make_loss_options(self.loss, **self.options)
+        except ValueError as e:
+            raise ConfigError(f"algorithm.options: {e}") from e
 
 
 @dataclass
@@ -172,22 +173,12 @@ class TrainSection:
     minibatches_per_step: int = 1  # optimizer steps per rollout batch
     token_budget: int = 8192  # tokens per microbatch
     pack: bool = True
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     seed: int = 1234
 
     def __post_init__(self):
         for k in ("steps", "prompts_per_step", "minibatches_per_step", "token_budget"):
             _need(getattr(self, k) >= 1, f"train.{k} must be >= 1, got {getattr(self, k)}")
-        _need(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
-        _need(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
-        _need(self.clip_grad >= 0, f"train.clip_grad must be >= 0 (0 = off), got {self.clip_grad}")
-        _need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
-              f"train.adam_beta1/adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
 
 
 @dataclass
@@ -225,6 +216,7 @@ class AgentSection:
 
     In an agent run a training step plays ``train.prompts_per_step`` games, each ``rollout.group_size``
     times; ``rollout.max_prompt_tokens`` / ``max_new_tokens`` bound one turn's prompt / response.
+    ``play`` is how the agent plays (turns, history, rewards: :class:`AgentConfig`).
     """
 
     env: str = "none"
@@ -233,14 +225,10 @@ class AgentSection:
     eval_splits: list[str] = field(default_factory=lambda: ["valid_seen", "valid_unseen"])
     eval_limit: int | None = None  # first N games per eval split
     num_workers: int = 8  # environment worker processes
-    max_turns: int = 50
-    history_length: int = 2  # recent (observation, action) pairs shown each turn
-    think: bool = True  # <think> reasoning, then <action>
-    win_reward: float = 10.0
-    invalid_penalty: float = 0.1
     step_timeout_s: float = 60.0
     episode_timeout_s: float = 1800.0
     save_transcripts: bool = True  # run_dir/transcripts/step_N.jsonl
+    play: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self):
         _need(self.env in ENV_KINDS, f"agent.env {self.env!r} is not one of {ENV_KINDS}")
@@ -250,11 +238,7 @@ class AgentSection:
         for k in ("games_limit", "eval_limit"):
             v = getattr(self, k)
             _need(v is None or v >= 1, f"agent.{k} must be null or >= 1, got {v}")
-        for k in ("num_workers", "max_turns"):
-            _need(getattr(self, k) >= 1, f"agent.{k} must be >= 1, got {getattr(self, k)}")
-        _need(self.history_length >= 0, f"agent.history_length must be >= 0, got {self.history_length}")
-        _need(self.win_reward >= 0 and self.invalid_penalty >= 0,
-              f"agent.win_reward and agent.invalid_penalty must be >= 0, got {self.win_reward}, {self.invalid_penalty}")
+        _need(self.num_workers >= 1, f"agent.num_workers must be >= 1, got {self.num_workers}")
         _need(self.step_timeout_s > 0 and self.episode_timeout_s > 0,
               f"agent.step_timeout_s and agent.episode_timeout_s must be > 0, got {self.step_timeout_s}, "
               f"{self.episode_timeout_s}")
@@ -262,13 +246,6 @@ class AgentSection:
     @property
     def enabled(self) -> bool:
         return self.env != "none"
-
-    def agent_config(self, max_prompt_tokens: int):
-        from holderpo_megatron.rollout.agent import AgentConfig
-
-        return AgentConfig(max_turns=self.max_turns, history_length=self.history_length,
-                           max_prompt_tokens=max_prompt_tokens, think=self.think, win_reward=self.win_reward,
-                           invalid_penalty=self.invalid_penalty)
 
 
 @dataclass
@@ -303,15 +280,6 @@ class CheckpointSection:
 
 
 @dataclass
-class LoggingSection:
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "holderpo"
-    wandb_mode: Literal["online", "offline"] = "offline"
-    progress: bool = True
-
-
-@dataclass
 class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
@@ -324,7 +292,7 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
+    logging: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     agent: AgentSection = field(default_factory=AgentSection)
 
     def __post_init__(self):
@@ -333,7 +301,7 @@ class RunConfig:
         _need(samples % per == 0,
               f"train.prompts_per_step*rollout.group_size = {samples} samples per step must be divisible by "
               f"data-parallel size * train.minibatches_per_step = {self.parallel.dp}*{self.train.minibatches_per_step}")
-        longest = self.rollout.max_prompt_tokens + self.rollout.max_new_tokens
+        longest = self.max_sequence_length
         _need(longest <= self.train.token_budget,
               f"train.token_budget={self.train.token_budget} must hold one full sequence "
               f"(rollout.max_prompt_tokens + rollout.max_new_tokens = {longest})")
@@ -342,10 +310,47 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
+    @property
+    def max_sequence_length(self) -> int:
+        """Prompt + response: the longest sequence the engine serves and the Actor scores."""
+        return self.rollout.max_prompt_tokens + self.rollout.max_new_tokens
+
+    def actor_settings(self) -> ActorSettings:
+        """The Actor's run constants; its scoring temperature is the rollout's sampling temperature."""
+        return ActorSettings(token_budget=self.train.token_budget, pack=self.train.pack, loss=self.algorithm.loss,
+                             loss_options=self.algorithm.loss_options, regularizers=self.algorithm.regularizers,
+                             temperature=self.rollout.temperature, generation_budget=self.rollout.max_new_tokens)
+
+
+def engine_config(cfg: RunConfig, model_path: str | os.PathLike):
+    """The SGLang engine config of a run: the one builder, for training and for ``holderpo eval``."""
+    from holderpo_megatron.rollout.config import SGLangEngineConfig
+
+    r = cfg.rollout
+    return SGLangEngineConfig(
+        model_path=str(model_path), mode=r.mode, tp_size=r.engine_tp, mem_fraction_static=r.mem_fraction_static,
+        server_urls=tuple(r.server_urls), request_timeout_s=r.timeout_s, random_seed=cfg.train.seed,
+        context_length=cfg.max_sequence_length, log_dir=str(cfg.run_dir / "sglang_logs"),
+        server_args={"enable_deterministic_inference": True} if r.deterministic else {})
+
 
 def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
     data = apply_overrides(load_yaml_with_defaults(path), list(overrides or []))
     return from_dict(RunConfig, data)
+
+
+def run_placement(cfg: RunConfig):
+    """The run's engines (parallel.placement.Placement); a ConfigError when the layout cannot hold them."""
+    from holderpo_megatron.parallel.placement import plan_placement
+
+    p, r = cfg.parallel, cfg.rollout
+    try:
+        return plan_placement(nnodes=p.nnodes, gpus_per_node=p.nproc_per_node, tp=p.tp, pp=p.pp, cp=p.cp,
+                              engine_tp=r.engine_tp, placement=r.placement, engines_per_node=r.engines_per_node,
+                              engine_gpus_per_node=r.engine_gpus_per_node, engine_nodes=r.engine_nodes,
+                              server_urls=r.server_urls)
+    except ValueError as e:
+        raise ConfigError(f"rollout placement: {e}") from e
 
 
 def validate_run(cfg: RunConfig, arch=None, check_paths: bool = True) -> None:
@@ -353,10 +358,11 @@ def validate_run(cfg: RunConfig, arch=None, check_paths: bool = True) -> None:
     from holderpo_megatron.models import check_layout
 
     p = cfg.parallel
+    run_placement(cfg)
     if arch is not None:
         try:
             check_layout(arch, p.tp, p.pp, p.cp, world_size=p.world_size,
-                         seq_length=cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens)
+                         seq_length=cfg.max_sequence_length)
         except ValueError as e:
             raise ConfigError(f"parallel/model: {e}") from e
         if p.vpp and (arch.num_layers // p.pp) % p.vpp:

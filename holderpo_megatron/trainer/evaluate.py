@@ -11,7 +11,7 @@ from pathlib import Path
 from holderpo_megatron.eval.math_eval import BenchmarkSpec, MathEvalConfig, run_math_eval
 from holderpo_megatron.rollout.interface import SamplingParams
 
-from .config import RunConfig
+from .config import RunConfig, engine_config
 
 __all__ = ["math_eval_config", "evaluate_with_engine", "agent_eval_with_engine", "eval_main"]
 
@@ -61,8 +61,8 @@ def agent_eval_with_engine(cfg: RunConfig, engine, tokenizer, pool, out_dir: Pat
     splits = {s: agent_games(cfg, s, a.eval_limit) for s in a.eval_splits}
     tokenize, detokenize = chat_tokenizer(tokenizer)
     sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=r.max_new_tokens, stop=tuple(r.stop))
-    summary = run_agent_eval(engine, pool, tokenize, detokenize, splits, sampling,
-                             a.agent_config(r.max_prompt_tokens), out_dir)
+    summary = run_agent_eval(engine, pool, tokenize, detokenize, splits, sampling, a.play, r.max_prompt_tokens,
+                             out_dir)
     flat = {}
     for split, s in summary.items():
         flat[f"{split}/success_rate"] = s["success_rate"]
@@ -74,15 +74,11 @@ def eval_main(cfg: RunConfig, out: str | None) -> int:
     from transformers import AutoTokenizer
 
     from holderpo_megatron.models.builtin import resolve_model_path
-    from holderpo_megatron.rollout.config import SGLangEngineConfig
     from holderpo_megatron.rollout.sglang_engine import SGLangEngine
 
     hf_dir = resolve_model_path(cfg.model.hf_path)
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    r = cfg.rollout
-    engine = SGLangEngine(SGLangEngineConfig(model_path=str(hf_dir), mode=r.mode, tp_size=r.engine_tp,
-                                             mem_fraction_static=r.mem_fraction_static, server_urls=tuple(r.server_urls),
-                                             random_seed=cfg.train.seed))
+    engine = SGLangEngine(engine_config(cfg, hf_dir))
     out_dir = Path(out) if out else cfg.run_dir / "eval"
     pool = None
     try:

@@ -20,8 +20,8 @@ from holderpo_megatron.algorithms import LossMetrics, group_advantages
 from holderpo_megatron.parallel.loss_scaling import all_reduce_loss_metrics
 from holderpo_megatron.rollout.interface import SamplingParams
 
-from .actor import Regularizers, RolloutBatch, trajectory_units
-from .agent_loop import agent_payload
+from .agent_loop import agent_samples
+from .batch import RolloutBatch, StepSamples
 from .config import RunConfig
 from .faults import KILL_AFTER_STEP, kill_if_asked
 from .setup import TrainContext, setup_training
@@ -49,49 +49,39 @@ def one_step(ctx: TrainContext, step: int) -> dict:
     cfg, timer = ctx.cfg, ctx.logger.timer
     p = ctx.schedule.value(step)
     with timer("rollout"):
-        batch = rollout_phase(ctx, step)
-    metrics = dict(batch.pop("metrics"))
+        samples = rollout_phase(ctx, step)
+    metrics = dict(samples.metrics)
     metrics.update(ctx.schedule.metrics(step))
-    if not batch["sequences"]:  # dynamic sampling dropped every group
+    if not len(samples):  # dynamic sampling dropped every group
         metrics["skipped_update"] = 1.0
         return metrics
-    # this DP rank's share: whole samples, or whole trajectories (an agent episode's turns)
-    units = trajectory_units(len(batch["sequences"]), batch.get("trajectory"))
-    mine = [i for u in units[ctx.dp_rank::ctx.dp_size] for i in u]
-    seqs = [batch["sequences"][i] for i in mine]
-    starts = [batch["starts"][i] for i in mine]
-    rollout_lp = [batch["rollout_logprobs"][i] for i in mine]
+    mine = samples.share(ctx.dp_rank, ctx.dp_size)  # whole samples, or whole trajectories
     with timer("score"):
-        old = ctx.actor.score(seqs, token_budget=cfg.train.token_budget, pack=cfg.train.pack)
-        extra = {}
-        if ctx.ref is not None:
-            extra["ref_logprobs"] = ctx.ref.score(seqs, token_budget=cfg.train.token_budget, pack=cfg.train.pack)
-    metrics.update(_drift(ctx, old, rollout_lp, starts))
+        old = ctx.actor.score(mine.sequences)
+        ref = ctx.ref.score(mine.sequences) if ctx.ref is not None else None
+    metrics.update(_drift(ctx, old, mine.rollout_logprobs, mine.response_start))
     if cfg.rollout.use_rollout_logprobs:
-        old = [_rollout_as_full(lp, s, len(q)) for lp, s, q in zip(rollout_lp, starts, seqs)]
-    adv = torch.tensor([batch["advantages"][i] for i in mine], dtype=torch.float32)
+        old = mine.rollout_logprobs_full()
     with timer("train"):
-        traj = [batch["trajectory"][i] for i in mine] if batch.get("trajectory") is not None else None
-        metrics.update(train_phase(ctx, RolloutBatch(seqs, starts, old, adv, extra, traj), p, step))
+        metrics.update(train_phase(ctx, mine.to_batch(old, ref), p, step))
     with timer("sync"):
-        ctx.sync_weights(version=step + 1)
+        metrics.update(ctx.sync_weights(version=step + 1))
     return metrics
 
 
-def rollout_phase(ctx: TrainContext, step: int) -> dict:
-    """Rank 0 generates and scores; every rank receives the same batch."""
-    cfg = ctx.cfg
+def rollout_phase(ctx: TrainContext, step: int) -> StepSamples:
+    """Rank 0 generates and scores; every rank receives the same samples."""
     items = ctx.data.next_batch()  # every rank advances its iterator, so all save the same position
     payload = [None]
     if ctx.rank == 0:
-        payload = [agent_payload(ctx, items, step) if cfg.agent.enabled else _prompt_payload(ctx, items, step)]
+        payload = [agent_samples(ctx, items, step) if ctx.cfg.agent.enabled else _prompt_samples(ctx, items, step)]
     dist.broadcast_object_list(payload, src=0)
-    batch = payload[0]
-    ctx.last_examples = batch.pop("examples")
-    return batch
+    samples: StepSamples = payload[0]
+    ctx.last_examples = samples.examples
+    return samples
 
 
-def _prompt_payload(ctx: TrainContext, items: list, step: int) -> dict:
+def _prompt_samples(ctx: TrainContext, items: list, step: int) -> StepSamples:
     """Rank 0, single-turn prompts: generate a group per prompt, score, advantages."""
     cfg = ctx.cfg
     prompts = [ctx.prompt_ids(item.problem) for item in items]
@@ -122,14 +112,14 @@ def _prompt_payload(ctx: TrainContext, items: list, step: int) -> dict:
         "reward_timeouts": float(scored.stats.get("timeout", 0)),
         "stale_samples": float(sum(s.is_stale(ctx.weight_version) for s in samples)),
     }
-    return {
-        "sequences": [samples[i].prompt_ids + samples[i].output_ids for i in keep],
-        "starts": [len(samples[i].prompt_ids) for i in keep],
-        "rollout_logprobs": [samples[i].logprobs.float() for i in keep],
-        "advantages": [float(adv[i]) for i in keep],
-        "metrics": metrics,
-        "examples": [texts[i] for i in range(min(2, len(texts)))],
-    }
+    return StepSamples(
+        sequences=[samples[i].prompt_ids + samples[i].output_ids for i in keep],
+        response_start=[len(samples[i].prompt_ids) for i in keep],
+        rollout_logprobs=[samples[i].logprobs.float() for i in keep],
+        advantages=[float(adv[i]) for i in keep],
+        metrics=metrics,
+        examples=[texts[i] for i in range(min(2, len(texts)))],
+    )
 
 
 def train_phase(ctx: TrainContext, batch: RolloutBatch, p: float, step: int) -> dict:
@@ -140,12 +130,8 @@ def train_phase(ctx: TrainContext, batch: RolloutBatch, p: float, step: int) -> 
     random.Random(cfg.train.seed * 1_000_003 + step).shuffle(units)  # a function of the step: resumable
     k = cfg.train.minibatches_per_step
     merged, grad_norms = LossMetrics(), []
-    reg = Regularizers(cfg.algorithm.kl_coef, cfg.algorithm.kl_estimator, cfg.algorithm.entropy_coef)
     for part in range(k):
-        sub = batch.select(units[part * n // k: (part + 1) * n // k])
-        m = ctx.actor.forward_backward(sub, loss_name=cfg.algorithm.loss, loss_kwargs=cfg.algorithm.loss_kwargs(p),
-                                       token_budget=cfg.train.token_budget, pack=cfg.train.pack, regularizers=reg)
-        merged = merged.merge(m)
+        merged = merged.merge(ctx.actor.forward_backward(batch.select(units[part * n // k: (part + 1) * n // k]), p))
         grad_norms.append(ctx.actor.optimizer_step()["grad_norm"])
     merged = all_reduce_loss_metrics(merged, ctx.dp_group)
     out = merged.to_dict()
@@ -157,7 +143,7 @@ def train_phase(ctx: TrainContext, batch: RolloutBatch, p: float, step: int) -> 
                                    group=ps.get_pipeline_model_parallel_group())
         out = box[0]
     out["grad_norm"] = max(grad_norms) if grad_norms else math.nan
-    out["lr"] = cfg.train.lr
+    out["lr"] = ctx.actor.applied_lr()
     return out
 
 
@@ -172,12 +158,3 @@ def _drift(ctx: TrainContext, train_lp, rollout_lp, starts) -> dict:
         dist.all_reduce(sums, group=ctx.dp_group)
         dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=ctx.dp_group)
     return {"logprob_drift_mean": float(sums[0] / sums[1].clamp_min(1)), "logprob_drift_max": float(mx[0])}
-
-
-def _rollout_as_full(lp: torch.Tensor, start: int, n: int) -> torch.Tensor:
-    """Engine log-probs of the response, placed at next-token positions ``[n-1]`` (prompt: 0)."""
-    full = torch.zeros(n - 1)
-    full[start - 1:] = lp.float()
-    return full
-
-

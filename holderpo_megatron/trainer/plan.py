@@ -9,8 +9,12 @@ largest pipeline stage):
   activations  34 * tokens * hidden / tp bytes per layer (flash attention, no recomputation),
              for the layers of a stage times the pp microbatches in flight in 1F1B
   logits     tokens * vocab / tp * 2 bytes, twice (logits and their gradient), plus our 64 MiB chunk
-  SGLang     colocated: it takes mem_fraction_static of the GPU while generating; its memory is
-             released during training, so the peak is max(training, rollout)
+  SGLang     mem_fraction_static of a GPU it runs on (unset: 0.7 on GPU, 0.3 on CPU, as the engine does).
+             colocated with rollout.release_memory_during_train on a GPU: the engines release weights and
+             KV while Megatron trains, so the peak is max(training, rollout); otherwise (handover off, or
+             CPU, where engines cannot release) both stay resident and the peak is their sum. Separate
+             engines take GPUs of their own: the trainer's peak is training alone.
+The placement of the engines (parallel/placement.py) is printed above the estimate.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from pathlib import Path
 
 from holderpo_megatron.models import ModelArch
 from holderpo_megatron.models.known import KNOWN_CONFIGS
+from holderpo_megatron.parallel.placement import Placement
 
-from .config import ConfigError, RunConfig, validate_run
+from .config import ConfigError, RunConfig, run_placement, validate_run
 
 __all__ = ["MemoryPlan", "plan_run", "arch_for_plan", "format_plan"]
 
@@ -56,6 +61,8 @@ class MemoryPlan:
     rollout_gib: float
     peak_gib: float
     gpu_gib: float
+    colocated: bool = True  # engines share the trainer's GPUs
+    handover: bool = True  # colocated engines release their memory while Megatron trains
 
     @property
     def fits(self) -> bool:
@@ -89,14 +96,28 @@ def plan_run(cfg: RunConfig, arch: ModelArch, on_gpu: bool = True) -> MemoryPlan
     act = 34 * tokens * arch.hidden_size / p.tp * (arch.num_layers / p.pp) * p.pp
     logits = 2 * tokens * arch.vocab_size / p.tp * 2 + 64 * 2**20
     training = weights + grads + opt + act + logits
-    rollout = (cfg.rollout.mem_fraction_static or 0.7) * p.gpu_memory_gb * GIB
-    peak = max(training, rollout)
+    r = cfg.rollout
+    rollout = (r.mem_fraction_static or (0.7 if on_gpu else 0.3)) * p.gpu_memory_gb * GIB
+    colocated = r.placement == "colocated"
+    handover = colocated and r.release_memory_during_train and on_gpu
+    if not colocated:
+        peak = training
+    else:
+        peak = max(training, rollout) if handover else training + rollout
     g = GIB
     return MemoryPlan(total, per_gpu, weights / g, grads / g, opt / g, act / g, logits / g, training / g,
-                      rollout / g, peak / g, p.gpu_memory_gb)
+                      rollout / g, peak / g, p.gpu_memory_gb, colocated, handover)
 
 
-def format_plan(cfg: RunConfig, arch: ModelArch, mp: MemoryPlan) -> str:
+def _rollout_line(mp: MemoryPlan) -> str:
+    if not mp.colocated:
+        return f"SGLang (separate GPUs, not counted here) {mp.rollout_gib:8.2f}"
+    if mp.handover:
+        return f"SGLang (colocated, released in training: peak = max) {mp.rollout_gib:8.2f}"
+    return f"SGLang (colocated, resident in training: peak = sum) {mp.rollout_gib:8.2f}"
+
+
+def format_plan(cfg: RunConfig, arch: ModelArch, mp: MemoryPlan, placement: Placement | None = None) -> str:
     p = cfg.parallel
     lines = [
         f"run {cfg.name}: {arch.architecture} ({mp.params_total / 1e9:.2f}B params), {cfg.hardware or 'hardware unstated'}",
@@ -107,9 +128,11 @@ def format_plan(cfg: RunConfig, arch: ModelArch, mp: MemoryPlan) -> str:
         "per-GPU memory estimate (GiB):",
         f"  weights {mp.weights_gib:8.2f}   grads {mp.grads_gib:8.2f}   optimizer {mp.optimizer_gib:8.2f}",
         f"  activations {mp.activations_gib:8.2f}   logits {mp.logits_gib:8.2f}",
-        f"  training total {mp.training_gib:8.2f}   SGLang (colocated, released in training) {mp.rollout_gib:8.2f}",
+        f"  training total {mp.training_gib:8.2f}   {_rollout_line(mp)}",
         f"  peak {mp.peak_gib:8.2f} of {mp.gpu_gib:.0f} ({HEADROOM:.0%} usable): {'fits' if mp.fits else 'DOES NOT FIT'}",
     ]
+    if placement is not None:
+        lines[2:2] = placement.describe().splitlines()
     return "\n".join(lines)
 
 
@@ -117,9 +140,12 @@ def plan_main(cfg: RunConfig) -> int:
     arch = arch_for_plan(cfg)
     validate_run(cfg, arch, check_paths=False)
     mp = plan_run(cfg, arch, on_gpu=cfg.model.dtype != "fp32")
-    print(format_plan(cfg, arch, mp))
+    print(format_plan(cfg, arch, mp, run_placement(cfg)))
     if not mp.fits:
+        hint = "raise tp/pp, lower train.token_budget or rollout.mem_fraction_static"
+        if mp.colocated and not mp.handover and max(mp.training_gib, mp.rollout_gib) <= HEADROOM * mp.gpu_gib:
+            hint = "set rollout.release_memory_during_train=true on GPU (peak = max), or " + hint
         print(f"refused: the estimated peak {mp.peak_gib:.1f} GiB exceeds {HEADROOM:.0%} of {mp.gpu_gib:.0f} GiB; "
-              "raise tp/pp, lower train.token_budget or rollout.mem_fraction_static")
+              + hint)
         return 1
     return 0

@@ -19,12 +19,12 @@ from holderpo_megatron.data.datasets import BatchIterator, generate_arithmetic_p
 from holderpo_megatron.data.templates import get_prompt_template
 from holderpo_megatron.models import ModelArch
 from holderpo_megatron.models.builtin import resolve_model_path
-from holderpo_megatron.observability import MetricsLogger, ObservabilityConfig
+from holderpo_megatron.observability import MetricsLogger
 from holderpo_megatron.parallel.layout import ParallelLayout, init_distributed, initialize_model_parallel
 from holderpo_megatron.rewards.math import RewardConfig, build_reward
 
-from .actor import MegatronActor, OptimizerSettings
-from .config import RunConfig, validate_run
+from .actor import MegatronActor
+from .config import RunConfig, engine_config, validate_run
 from .faults import KILL_DURING_SAVE, kill_if_asked
 
 __all__ = ["TrainContext", "setup_training"]
@@ -50,19 +50,18 @@ class TrainContext:
         self.dp_group = ps.get_data_parallel_group()
         cuda = torch.cuda.is_available()
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.model.dtype, torch.bfloat16 if cuda else torch.float32)
-        t = cfg.train
-        max_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
-        self.actor = MegatronActor(self.arch, self.layout, params_dtype=dtype, max_seq_length=max_len,
-                                   optimizer=OptimizerSettings(lr=t.lr, weight_decay=t.weight_decay, clip_grad=t.clip_grad,
-                                                               adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
-                                                               adam_eps=t.adam_eps))
+        settings = cfg.actor_settings()
+        self.actor = MegatronActor(self.arch, self.layout, settings, params_dtype=dtype,
+                                   max_seq_length=cfg.max_sequence_length, optimizer=cfg.train.optimizer)
         self._load_initial_weights(self.actor)
         self.ref = None
-        if cfg.algorithm.kl_coef > 0:
-            self.ref = MegatronActor(self.arch, self.layout, params_dtype=dtype, max_seq_length=max_len)
+        if settings.regularizers.kl_coef > 0:
+            self.ref = MegatronActor(self.arch, self.layout, settings, params_dtype=dtype,
+                                     max_seq_length=cfg.max_sequence_length)
             self._load_initial_weights(self.ref)
-        self.schedule = cfg.algorithm.p_schedule.build()
-        self.data = BatchIterator(self._train_items(), cfg.train.prompts_per_step, seed=t.seed, shuffle=cfg.data.shuffle)
+        self.schedule = cfg.algorithm.p_schedule
+        self.data = BatchIterator(self._train_items(), cfg.train.prompts_per_step, seed=cfg.train.seed,
+                                  shuffle=cfg.data.shuffle)
         self.template = get_prompt_template(cfg.data.prompt_template)
         self.engine = self.tokenizer = self.reward = self.synchronizer = self.env_pool = None
         self.weight_version = 0
@@ -71,10 +70,7 @@ class TrainContext:
         self.start_step = 0
         self._maybe_resume()
         self.logger = MetricsLogger(
-            cfg.run_dir,
-            ObservabilityConfig(tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-                                wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
-                                progress=cfg.logging.progress),
+            cfg.run_dir, cfg.logging,
             # resuming (even before a first checkpoint) drops records after the restart step
             resume_step=self.start_step if cfg.checkpoint.resume else None, total_steps=cfg.train.steps,
             run_config=asdict(cfg))
@@ -100,21 +96,11 @@ class TrainContext:
                                                direct=d.arithmetic_direct).items
         return load_math_dataset(d.train, root=d.resolved_data_dir()).items
 
-    def _engine_config(self):
-        from holderpo_megatron.rollout.config import SGLangEngineConfig
-
-        r = self.cfg.rollout
-        return SGLangEngineConfig(
-            model_path=str(self.hf_dir), mode=r.mode, tp_size=r.engine_tp, mem_fraction_static=r.mem_fraction_static,
-            server_urls=tuple(r.server_urls), request_timeout_s=r.timeout_s, random_seed=self.cfg.train.seed,
-            context_length=r.max_prompt_tokens + r.max_new_tokens, log_dir=str(self.cfg.run_dir / "sglang_logs"),
-            server_args={"enable_deterministic_inference": True} if r.deterministic else {})
-
     def _start_rollout_side(self) -> None:
         """Rank 0: tokenizer, reward and engine; every rank: its part of the weight synchroniser."""
         from holderpo_megatron.weight_sync import MegatronWeightSource, make_weight_synchronizer
 
-        engine_cfg = self._engine_config()  # validated on every rank; the engine itself starts on rank 0
+        engine_cfg = engine_config(self.cfg, self.hf_dir)  # validated on every rank; the engine starts on rank 0
         if self.rank == 0:
             from transformers import AutoTokenizer
 
@@ -141,9 +127,11 @@ class TrainContext:
         return self.tokenizer(self.template.render(problem))["input_ids"]
 
     # ------------------------------------------------------------------ weights, eval, checkpoints
-    def sync_weights(self, version: int) -> None:
-        self.synchronizer.sync(version)
+    def sync_weights(self, version: int) -> dict[str, float]:
+        """Weights into the engine as ``version``; returns the sync's metrics (seconds, GB/s, bytes)."""
+        report = self.synchronizer.sync(version)
         self.weight_version = version
+        return report.to_dict()
 
     def evaluate(self, step: int) -> None:
         if self.rank == 0:

@@ -60,6 +60,15 @@ def make_rollout(sequences, ref_logprobs, seed: int = 0, noise: float = 0.3):
     return starts, old, adv
 
 
+def actor_settings(name: str = "holder", options: dict | None = None, **run):
+    """ActorSettings for loss ``name`` with ``options`` (its option values) and run constants
+    (token_budget, pack, temperature, max_sequences_per_microbatch, ...)."""
+    from holderpo_megatron.algorithms import make_loss_options
+    from holderpo_megatron.trainer.actor import ActorSettings
+
+    return ActorSettings(loss=name, loss_options=make_loss_options(name, **(options or {})), **run)
+
+
 def hf_reference_grads(model, sequences, starts, old, adv, loss_name: str, loss_kwargs: dict) -> dict:
     """Gradients of the full-batch loss w.r.t. the HF parameters, computed with transformers."""
     from holderpo_megatron.algorithms import compute_policy_loss

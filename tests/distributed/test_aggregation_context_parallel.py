@@ -15,12 +15,7 @@ from holderpo_megatron.parallel.aggregation import (
     segment_ids_from_cu_seqlens,
     thd_context_parallel_reducer,
 )
-from holderpo_megatron.parallel.loss_scaling import (
-    all_reduce_loss_metrics,
-    global_loss_denominator,
-    local_loss_count,
-    policy_loss_normaliser,
-)
+from holderpo_megatron.parallel.loss_scaling import all_reduce_loss_metrics, megatron_loss_outputs
 from tests.distributed.gloo_spawn import AllReduceRecorder, run_gloo
 
 pytestmark = pytest.mark.distributed
@@ -103,24 +98,19 @@ def _worker(rank: int, world: int) -> None:
             ref = compute_policy_loss(name, x, old, adv, mask, **kw)
             ref.loss.backward()
             ref_metrics = ref.metrics.to_dict()
-            normaliser = policy_loss_normaliser(name, **kw)
-            assert ref.normaliser == normaliser
             for split, red, gather in _splits(rank, world, in_seq, lengths):
                 where = f"{name} {kw} {split} scale={scale}"
                 lp = gather(logp).requires_grad_(True)
                 local_mask = gather(mask)
-                # denominator from the masks before the step (the sequence with a NaN is still
-                # counted there, as it is by the padded count before exclusion)
-                pre = global_loss_denominator(local_loss_count(local_mask, normaliser, red), group)
-                ref_pre = local_loss_count(mask, normaliser)
-                assert float(pre) == float(ref_pre), where
                 with AllReduceRecorder() as rec:
                     out = compute_policy_loss(name, lp, gather(old), adv, local_mask, reducer=red, **kw)
                 sizes = rec.numels
                 # O(sequences): a few [S] (at most 2 stacked) per reduction, never the tokens
                 assert sizes and max(sizes) <= 2 * n_seq, (where, sizes)
                 assert comm_sizes.setdefault((name, str(kw), split), sizes) == sizes, (where, sizes)
-                denom = global_loss_denominator(out.loss_count, group)
+                # Megatron's finalize_model_grads: the integer counts summed over the DP x CP group
+                denom = megatron_loss_outputs(out)[1].double()
+                dist.all_reduce(denom, group=group)
                 assert float(denom) == float(ref.loss_count), where
                 out = compute_policy_loss(name, lp, gather(old), adv, local_mask, reducer=red, denominator=denom, **kw)
                 with AllReduceRecorder() as rec:

@@ -1,8 +1,9 @@
 """Exact loss scaling: DP = 2 gloo ranks x 3 microbatches of ragged sequences, each microbatch's loss
 passed through Megatron-Core's own ``forward_step_calc_loss`` (the schedule's division), then
-gradients combined the way Megatron's DDP / ``finalize_model_grads`` do. The combined gradient of a
-small model equals the full-batch gradient, for both ``calculate_per_token_loss`` settings and for
-sequence- and token-normalised losses; the merged metrics equal the full-batch metrics."""
+gradients combined the way Megatron's DDP / ``finalize_model_grads`` do under
+``calculate_per_token_loss=True`` (the Actor's one path). The combined gradient of a small model
+equals the full-batch gradient for sequence- and token-normalised losses; the merged metrics equal
+the full-batch metrics."""
 
 import math
 import warnings
@@ -14,13 +15,7 @@ import torch.distributed as dist
 
 from holderpo_megatron.algorithms import compute_policy_loss
 from holderpo_megatron.parallel.logprobs import vocab_parallel_logprobs
-from holderpo_megatron.parallel.loss_scaling import (
-    all_reduce_loss_metrics,
-    global_loss_denominator,
-    local_loss_count,
-    megatron_loss_func_outputs,
-    policy_loss_normaliser,
-)
+from holderpo_megatron.parallel.loss_scaling import all_reduce_loss_metrics, megatron_loss_outputs
 from tests.distributed.gloo_spawn import run_gloo
 
 pytestmark = pytest.mark.distributed
@@ -69,49 +64,35 @@ def _worker(rank: int, world: int) -> None:
         w_ref = weight0.clone().requires_grad_(True)
         ref = compute_policy_loss(name, vocab_parallel_logprobs(feats @ w_ref, target).logprobs, old, adv, mask, **kw)
         ref.loss.backward()
-        normaliser = policy_loss_normaliser(name, **kw)
-        for per_token in (False, True):
-            where = f"{name} {kw} calculate_per_token_loss={per_token}"
-            mbs = _microbatches(rank)
-            denom = None
-            if not per_token:  # the global denominator, known before the step
-                denom = global_loss_denominator(sum(local_loss_count(mask[s], normaliser) for s in mbs), group)
-            config = SimpleNamespace(calculate_per_token_loss=per_token, timers=None)
-            w = weight0.clone().requires_grad_(True)
-            total_num_tokens = torch.zeros((), dtype=torch.int)
-            metrics = None
-            for s in mbs:
-                logp = vocab_parallel_logprobs(feats[s] @ w, target[s]).logprobs
+        where = f"{name} {kw}"
+        config = SimpleNamespace(calculate_per_token_loss=True, timers=None)
+        w = weight0.clone().requires_grad_(True)
+        total_num_tokens = torch.zeros((), dtype=torch.int)
+        metrics = None
+        for s in _microbatches(rank):
+            logp = vocab_parallel_logprobs(feats[s] @ w, target[s]).logprobs
 
-                def loss_func(lp, s=s):
-                    out = compute_policy_loss(name, lp, old[s], adv[s], mask[s], denominator=denom, **kw)
-                    loss, num_tokens = megatron_loss_func_outputs(
-                        out.loss_sum, out.loss_count, num_microbatches=NUM_MB, dp_cp_size=world,
-                        calculate_per_token_loss=per_token, global_denominator=denom,
-                    )
-                    return loss, num_tokens, {"metrics": out.metrics}
+            def loss_func(lp, s=s):
+                out = compute_policy_loss(name, lp, old[s], adv[s], mask[s], **kw)
+                return (*megatron_loss_outputs(out), {"metrics": out.metrics})
 
-                store = []
-                loss, num_tokens = forward_step_calc_loss(
-                    object(), logp, loss_func, config, None, False, NUM_MB, store, cp_group_size=1, is_last_stage=True,
-                )
-                loss.backward()
-                total_num_tokens += num_tokens
-                metrics = store[0]["metrics"] if metrics is None else metrics.merge(store[0]["metrics"])
-            # Megatron's DDP over the DP x CP group, then finalize_model_grads
-            grad = w.grad.clone()
-            if not per_token:
-                grad *= 1.0 / world  # gradient_scaling_factor = 1 / dp_cp_size, then SUM
-                dist.all_reduce(grad, group=group)
-            else:
-                dist.all_reduce(grad, group=group)  # scaling factor 1.0
-                dist.all_reduce(total_num_tokens, group=group)
-                grad /= total_num_tokens
-            rel = float((grad - w_ref.grad).abs().max() / w_ref.grad.abs().max())
-            assert rel <= 1e-5, (where, rel)
-            merged = all_reduce_loss_metrics(metrics, group).to_dict()
-            for k, v in ref.metrics.to_dict().items():
-                assert math.isclose(merged[k], v, rel_tol=1e-6, abs_tol=1e-9), (where, k, merged[k], v)
+            store = []
+            loss, num_tokens = forward_step_calc_loss(
+                object(), logp, loss_func, config, None, False, NUM_MB, store, cp_group_size=1, is_last_stage=True,
+            )
+            loss.backward()
+            total_num_tokens += num_tokens
+            metrics = store[0]["metrics"] if metrics is None else metrics.merge(store[0]["metrics"])
+        # Megatron's DDP over the DP x CP group (scaling factor 1.0, SUM), then finalize_model_grads
+        grad = w.grad.clone()
+        dist.all_reduce(grad, group=group)
+        dist.all_reduce(total_num_tokens, group=group)
+        grad /= total_num_tokens
+        rel = float((grad - w_ref.grad).abs().max() / w_ref.grad.abs().max())
+        assert rel <= 1e-5, (where, rel)
+        merged = all_reduce_loss_metrics(metrics, group).to_dict()
+        for k, v in ref.metrics.to_dict().items():
+            assert math.isclose(merged[k], v, rel_tol=1e-6, abs_tol=1e-9), (where, k, merged[k], v)
 
 
 def test_dp2_three_microbatches_combined_gradient_equals_full_batch():

@@ -10,6 +10,7 @@ import torch
 
 from tests.distributed.gloo_spawn import run_gloo
 from tests.distributed.megatron_fixtures import (
+    actor_settings,
     hf_logprobs,
     hf_reference_grads,
     make_hf_model,
@@ -59,7 +60,8 @@ def _parity_worker(rank, world, cfg, sd, seqs, refs):
         _, actor = _setup(dict(tp=tp, pp=pp), cfg, sd, optimizer=False)
         mine = _my_share(len(seqs))
         for temperature, ref in refs.items():
-            lps = actor.score([seqs[i] for i in mine], token_budget=64, temperature=temperature)
+            actor.settings = actor_settings(token_budget=64, temperature=temperature)
+            lps = actor.score([seqs[i] for i in mine])
             for i, lp in zip(mine, lps):
                 err = (lp.double() - ref[i]).abs().max().item()
                 assert err <= 1e-4, f"tp{tp}pp{pp} T={temperature} seq {i}: max abs diff {err:.2e}"
@@ -86,14 +88,15 @@ def test_logprob_parity_with_transformers_at_every_layout(family):
 def _grad_worker(rank, world, cfg, sd, seqs, starts, old, adv, refs, layouts):
     from holderpo_megatron.checkpoint.mapping import export_hf_weights
     from holderpo_megatron.parallel.layout import destroy_model_parallel
-    from holderpo_megatron.trainer.actor import RolloutBatch
+    from holderpo_megatron.trainer.batch import RolloutBatch
 
     for layout_kw, run_kw in layouts:
         arch, actor = _setup(layout_kw, cfg, sd, optimizer=True)
         mine = _my_share(len(seqs))
         batch = RolloutBatch([seqs[i] for i in mine], [starts[i] for i in mine], [old[i] for i in mine], adv[mine])
         for (name, kw), ref in zip(LOSSES, refs):
-            actor.forward_backward(batch, loss_name=name, loss_kwargs=kw, **run_kw)
+            actor.settings = actor_settings(name, kw, **run_kw)
+            actor.forward_backward(batch)
             seen = 0
             for hf_name, g in export_hf_weights(actor.unwrapped(), arch, tensor_of=lambda p: p.main_grad):
                 r = ref[hf_name].double()
@@ -141,7 +144,8 @@ def _bad_input_worker(rank, world, cfg, sd):
     with pytest.raises(ValueError, match="130 tokens, more than the model's max length 128"):
         actor.score(too_long)
     with pytest.raises(ValueError, match="more than the microbatch token budget"):
-        actor.score([list(range(50))], token_budget=20)
+        actor.settings = actor_settings(token_budget=20)
+        actor.score([list(range(50))])
 
 
 def test_bad_input_is_refused_before_any_work():
@@ -227,7 +231,7 @@ def _trajectory_grad_worker(rank, world, cfg, sd, seqs, starts, old, adv, traj, 
 
     from holderpo_megatron.checkpoint.mapping import export_hf_weights
     from holderpo_megatron.parallel.layout import destroy_model_parallel
-    from holderpo_megatron.trainer.actor import RolloutBatch
+    from holderpo_megatron.trainer.batch import RolloutBatch
 
     full = RolloutBatch(seqs, starts, old, adv, trajectory=traj)
     for li, (layout_kw, run_kw) in enumerate(layouts):
@@ -238,9 +242,11 @@ def _trajectory_grad_worker(rank, world, cfg, sd, seqs, starts, old, adv, traj, 
         if li == 0:
             # episode 11 has 14 + 25 + 33 = 72 tokens: it cannot be split, so it is refused by name
             with pytest.raises(ValueError, match=r"trajectory 11\b.*72 tokens.*more than the microbatch token budget 60"):
-                actor.forward_backward(batch, loss_name="gspo", loss_kwargs={}, token_budget=60, pack=True)
+                actor.settings = actor_settings("gspo", token_budget=60, pack=True)
+                actor.forward_backward(batch)
         for (name, kw), ref in zip(TRAJ_LOSSES, refs):
-            metrics = actor.forward_backward(batch, loss_name=name, loss_kwargs=kw, **run_kw)
+            actor.settings = actor_settings(name, kw, **run_kw)
+            metrics = actor.forward_backward(batch)
             if actor.is_last_stage:  # the loss saw one sequence per episode, not one per turn
                 assert metrics.to_dict()["num_seqs"] == len(mine), f"{layout_kw} {name}{kw}: {metrics.to_dict()}"
             seen = 0
@@ -283,7 +289,7 @@ def test_multi_turn_trajectory_gradients_equal_per_episode_reference():
 
 
 def test_rollout_batch_refuses_inconsistent_trajectories():
-    from holderpo_megatron.trainer.actor import RolloutBatch
+    from holderpo_megatron.trainer.batch import RolloutBatch
 
     seqs, starts, traj = _episodes(50)
     old = [torch.zeros(len(s) - 1) for s in seqs]

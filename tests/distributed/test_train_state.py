@@ -18,7 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.distributed.gloo_spawn import run_gloo
-from tests.distributed.megatron_fixtures import hf_logprobs, make_hf_model, make_rollout, ragged_sequences
+from tests.distributed.megatron_fixtures import actor_settings, hf_logprobs, make_hf_model, make_rollout, ragged_sequences
 
 pytestmark = pytest.mark.distributed
 
@@ -37,14 +37,15 @@ def _actor(cfg, sd):
     arch = ModelArch.from_hf_config(cfg)
     layout = ParallelLayout(tp=2, pp=1)
     initialize_model_parallel(layout)
-    actor = MegatronActor(arch, layout, optimizer=OptimizerSettings(lr=1e-2, clip_grad=0.0))
+    actor = MegatronActor(arch, layout, actor_settings(options={"p": 1.5}, token_budget=128),
+                          optimizer=OptimizerSettings(lr=1e-2, clip_grad=0.0))
     if sd is not None:
         load_hf_weights_into_model(actor.unwrapped(), arch, sd)
     return actor
 
 
 def _train(actor, batch):
-    return actor.train_step(batch, loss_name="holder", loss_kwargs={"p": 1.5}, token_budget=128)
+    return actor.train_step(batch)
 
 
 def _draws():
@@ -114,7 +115,7 @@ def _world_b(rank, world, cfg, batches, root, ref_dir):
 
 
 def _batches():
-    from holderpo_megatron.trainer.actor import RolloutBatch
+    from holderpo_megatron.trainer.batch import RolloutBatch
 
     model = make_hf_model("llama")
     out = []

@@ -50,7 +50,7 @@ def _actor():
 
 
 def _batch(seed):
-    from holderpo_megatron.trainer.actor import RolloutBatch
+    from holderpo_megatron.trainer.batch import RolloutBatch
 
     g = torch.Generator().manual_seed(seed)
     seqs = [torch.randint(0, 301, (n,), generator=g).tolist() for n in (9, 17, 12, 20)]
@@ -60,7 +60,7 @@ def _batch(seed):
 
 
 def _train(actor, seed):
-    return actor.train_step(_batch(seed), loss_name="holder", loss_kwargs={"p": 1.5}, token_budget=128)
+    return actor.train_step(_batch(seed), p=1.5)
 
 
 def _snapshot(actor) -> dict:

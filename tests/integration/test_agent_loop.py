@@ -40,19 +40,20 @@ def test_observation_tokens_are_masked_and_generated_tokens_are_not(tiny_model):
     from holderpo_megatron.envs.pool import EnvPool
     from holderpo_megatron.rollout import SamplingParams, SGLangEngine, SGLangEngineConfig
     from holderpo_megatron.rollout.agent import AgentConfig, run_agent_episodes
-    from holderpo_megatron.trainer.actor import loss_mask
+    from holderpo_megatron.trainer.batch import loss_mask
     from holderpo_megatron.trainer.agent_loop import chat_tokenizer, episodes_to_samples
 
     prepare_alfworld_data()
     tok = AutoTokenizer.from_pretrained(tiny_model)
     tokenize, detokenize = chat_tokenizer(tok)
     specs = [s for s in list_alfworld_games("valid_seen", limit=2) for _ in range(2)]
-    cfg = AgentConfig(max_turns=3, history_length=2, max_prompt_tokens=1536, think=False)
+    cfg = AgentConfig(max_turns=3, history_length=2, think=False)
     engine = SGLangEngine(SGLangEngineConfig(model_path=str(tiny_model), dtype="float32", context_length=2048))
     try:
         with EnvPool(partial(AlfworldEnv, AlfworldEnvConfig(max_steps=3)), num_workers=2) as pool:
             episodes = run_agent_episodes(engine, pool, tokenize, detokenize, specs,
-                                          SamplingParams(temperature=1.0, max_new_tokens=16, seed=1), cfg)
+                                          SamplingParams(temperature=1.0, max_new_tokens=16, seed=1), cfg,
+                                          max_prompt_tokens=1536)
     finally:
         engine.shutdown()
     assert len(episodes) == 4 and all(not e.failed for e in episodes)
@@ -60,13 +61,13 @@ def test_observation_tokens_are_masked_and_generated_tokens_are_not(tiny_model):
     # random text is never an admissible action: every turn is invalid and penalised
     assert all(e.invalid_actions == 3 and e.reward == pytest.approx(-0.3) for e in episodes)
 
-    out = episodes_to_samples(episodes, group_size=2, estimator="grpo", token_budget=100_000)
-    assert len(out["sequences"]) == 12 and out["trajectory"] == [k for k in range(4) for _ in range(3)]
+    out, _ = episodes_to_samples(episodes, group_size=2, estimator="grpo", token_budget=100_000)
+    assert len(out) == 12 and out.trajectory == [k for k in range(4) for _ in range(3)]
     checked = 0
     for k, e in enumerate(episodes):
         for j, t in enumerate(e.turns):
             i = 3 * k + j
-            seq, start = out["sequences"][i], out["starts"][i]
+            seq, start = out.sequences[i], out.response_start[i]
             mask = loss_mask(len(seq), start)
             # tokens x_1..x_{n-1}: masked exactly where they are not the policy's own output
             assert seq[start:] == t.output_ids
@@ -92,7 +93,7 @@ def test_two_training_steps_on_four_games(tiny_model, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "holderpo_megatron.cli", "train", "--config",
            str(ROOT / "examples/recipes/alfworld-tiny-cpu.yaml"), f"output_dir={out}", f"model.hf_path={tiny_model}",
-           "agent.games_limit=4", "train.prompts_per_step=2", "rollout.group_size=2", "agent.max_turns=2",
+           "agent.games_limit=4", "train.prompts_per_step=2", "rollout.group_size=2", "agent.play.max_turns=2",
            "rollout.max_new_tokens=12", "checkpoint.export_hf_at_end=true"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
@@ -118,9 +119,16 @@ def test_holderpo_eval_for_agents_writes_summary_table_and_transcripts(tiny_mode
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "holderpo_megatron.cli", "eval", "--config",
            str(ROOT / "examples/recipes/alfworld-tiny-cpu.yaml"), f"model.hf_path={tiny_model}", "agent.eval_limit=3",
-           "agent.max_turns=2", "rollout.max_new_tokens=8", "--out", str(tmp_path)]
+           "agent.play.max_turns=2", "rollout.max_new_tokens=8", f"output_dir={tmp_path / 'runs'}", "--out",
+           str(tmp_path)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    # the engine eval started is configured by the builder training uses, from the same recipe
+    from holderpo_megatron.trainer.config import engine_config, load_run_config
+
+    recorded = json.loads((tmp_path / "runs" / "alfworld-tiny-cpu" / "sglang_logs" / "engine_config.json").read_text())
+    cfg = load_run_config(cmd[cmd.index("--config") + 1], cmd[cmd.index("--config") + 2: cmd.index("--out")])
+    assert recorded == json.loads(json.dumps(engine_config(cfg, tiny_model).to_dict(), sort_keys=True, default=str))
     summary = json.loads((tmp_path / "summary.json").read_text())["valid_seen"]
     assert summary["episodes"] == 3 and summary["env_failures"] == 0
     assert summary["success_rate"] == 0.0 and summary["ci95"][0] == 0.0 and 0.4 < summary["ci95"][1] < 0.7

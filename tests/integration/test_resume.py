@@ -37,9 +37,9 @@ parallel: {{tp: 2, pp: 1, nproc_per_node: 2}}
 rollout: {{group_size: 2, top_k: 1, max_prompt_tokens: 48, max_new_tokens: 8, weight_sync: tensor}}
 algorithm:
   loss: holder
-  entropy_coef: 0.05
+  regularizers: {{entropy_coef: 0.05}}
   p_schedule: {{kind: linear_dec, p_min: -1.0, p_max: 2.0, schedule_steps: 3}}
-train: {{steps: 3, prompts_per_step: 4, minibatches_per_step: 2, token_budget: 256, lr: 1.0e-3, seed: 5}}
+train: {{steps: 3, prompts_per_step: 4, minibatches_per_step: 2, token_budget: 256, optimizer: {{lr: 1.0e-3}}, seed: 5}}
 data: {{train: arithmetic, arithmetic_max_operand: 9, prompt_template: plain, reward: exact_int, answer_template: plain}}
 checkpoint: {{every: 1, keep_last: 3, export_hf_at_end: false}}
 logging: {{tensorboard: false, progress: false}}

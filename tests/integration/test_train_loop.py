@@ -35,10 +35,9 @@ parallel: {{tp: 2, pp: 1, nproc_per_node: 2}}
 rollout: {{group_size: 4, temperature: 1.0, max_prompt_tokens: 48, max_new_tokens: 12, weight_sync: tensor}}
 algorithm:
   loss: holder
-  kl_coef: 0.01
-  entropy_coef: 0.01
+  regularizers: {{kl_coef: 0.01, entropy_coef: 0.01}}
   p_schedule: {{kind: linear_dec, p_min: -1.0, p_max: 2.0, schedule_steps: {steps}}}
-train: {{steps: {steps}, prompts_per_step: 4, minibatches_per_step: 2, token_budget: 256, lr: 1.0e-3, seed: 3}}
+train: {{steps: {steps}, prompts_per_step: 4, minibatches_per_step: 2, token_budget: 256, optimizer: {{lr: 1.0e-3}}, seed: 3}}
 data: {{train: arithmetic, arithmetic_max_operand: 9, prompt_template: plain, reward: exact_int, answer_template: plain}}
 checkpoint: {{every: 1, keep_last: 2, export_hf_at_end: true}}
 logging: {{tensorboard: false, progress: false}}

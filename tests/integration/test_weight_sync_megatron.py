@@ -69,13 +69,14 @@ def _run(rank, model_dir, seqs, cases, engine):
     from holderpo_megatron.checkpoint import SafetensorsReader, load_hf_weights_into_model
     from holderpo_megatron.models import ModelArch
     from holderpo_megatron.parallel.layout import ParallelLayout, initialize_model_parallel
-    from holderpo_megatron.trainer.actor import MegatronActor, OptimizerSettings, RolloutBatch
+    from holderpo_megatron.trainer.actor import ActorSettings, MegatronActor, OptimizerSettings
+    from holderpo_megatron.trainer.batch import RolloutBatch
     from holderpo_megatron.weight_sync import MegatronWeightSource, make_weight_synchronizer
 
     arch = ModelArch.from_pretrained_dir(model_dir)
     layout = ParallelLayout(tp=2, pp=2)
     initialize_model_parallel(layout)
-    actor = MegatronActor(arch, layout, optimizer=OptimizerSettings(lr=1e-2, clip_grad=0.0))
+    actor = MegatronActor(arch, layout, ActorSettings(token_budget=256), optimizer=OptimizerSettings(lr=1e-2, clip_grad=0.0))
     load_hf_weights_into_model(actor.unwrapped(), arch, SafetensorsReader(model_dir))
     source = MegatronWeightSource(actor.unwrapped(), arch)
     assert source.is_owner == (rank == 0) and source.is_sender == (rank in (0, 2))
@@ -84,9 +85,9 @@ def _run(rank, model_dir, seqs, cases, engine):
     watched = ("model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight")
     before = {n: engine.get_weight(n) for n in watched} if rank == 0 else {}
     for version, (transport, bucket_bytes) in enumerate(cases, start=1):
-        old = actor.score(seqs, token_budget=256)
+        old = actor.score(seqs)
         batch = RolloutBatch(seqs, [len(s) // 2 for s in seqs], old, torch.randn(len(seqs), generator=g))
-        actor.train_step(batch, loss_name="holder", loss_kwargs={"p": 1.0}, token_budget=256)
+        actor.train_step(batch, p=1.0)
         for n, w in before.items():  # the engine holds copies: training does not move its weights
             assert torch.equal(engine.get_weight(n), w), f"before sync {version}: the engine's {n} changed"
         sync = make_weight_synchronizer(source, engine, dtype=torch.float32, transport=transport,
@@ -96,7 +97,7 @@ def _run(rank, model_dir, seqs, cases, engine):
         finally:
             sync.close()
         ref = _reference_hf(actor, arch, source)
-        trained = actor.score(seqs, token_budget=256)
+        trained = actor.score(seqs)
         if rank != 0:
             continue
         case = f"{transport} bucket={bucket_bytes}"

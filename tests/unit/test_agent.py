@@ -8,7 +8,7 @@ import torch
 from holderpo_megatron.envs.interface import EpisodeSpec
 from holderpo_megatron.eval.agent_eval import summarise_episodes, wilson_interval
 from holderpo_megatron.rollout.agent import AgentConfig, AgentTurn, Episode, build_agent_prompt, parse_action
-from holderpo_megatron.trainer.actor import RolloutBatch
+from holderpo_megatron.trainer.batch import RolloutBatch
 from holderpo_megatron.trainer.agent_loop import episodes_to_samples
 
 
@@ -36,11 +36,19 @@ def test_prompt_holds_task_history_observation_and_actions():
     assert "<think>" not in build_agent_prompt("t", "o", ["look"], [], turn=0, think=False)
 
 
-@pytest.mark.parametrize("field, value", [("max_turns", 0), ("history_length", -1), ("max_prompt_tokens", 8),
+@pytest.mark.parametrize("field, value", [("max_turns", 0), ("history_length", -1),
                                           ("win_reward", -1.0), ("invalid_penalty", math.nan)])
 def test_agent_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         AgentConfig(**{field: value})
+
+
+def test_agent_episodes_reject_a_tiny_prompt_budget():
+    from holderpo_megatron.rollout.agent import run_agent_episodes
+    from holderpo_megatron.rollout.interface import SamplingParams
+
+    with pytest.raises(ValueError, match="max_prompt_tokens=8 is invalid; allowed: an int >= 16"):
+        run_agent_episodes(None, None, None, None, [], SamplingParams(), AgentConfig(), max_prompt_tokens=8)
 
 
 def test_episode_reward():
@@ -62,22 +70,24 @@ def test_episodes_to_samples_group_advantages_trajectories_and_masks():
     # two games x group 2; game 1's second play failed in the environment
     eps = [_episode(10.0, [_turn(5, 3), _turn(7, 2)]), _episode(0.0, [_turn(5, 4)]),
            _episode(9.9, [_turn(6, 2)]), _episode(0.0, [_turn(6, 2)], failed=True)]
-    out = episodes_to_samples(eps, group_size=2, estimator="grpo", token_budget=100)
-    assert out["trajectory"] == [0, 0, 1, 2]  # the failed episode is not trained on
-    a = out["advantages"]
+    out, dropped = episodes_to_samples(eps, group_size=2, estimator="grpo", token_budget=100)
+    assert out.trajectory == [0, 0, 1, 2] and dropped == 0  # the failed episode is not trained on
+    a = out.advantages
     assert a[0] == a[1] > 0 > a[2] and a[3] == 0.0  # a group of one (after the failure) carries no signal
-    assert out["starts"] == [5, 7, 5, 6]
-    batch = RolloutBatch(out["sequences"], out["starts"], [torch.zeros(len(s) - 1) for s in out["sequences"]],
-                         torch.tensor(a), trajectory=out["trajectory"])
+    assert out.response_start == [5, 7, 5, 6]
+    batch = out.to_batch([torch.zeros(len(s) - 1) for s in out.sequences])
     assert batch.units() == [[0, 1], [2], [3]]
     assert batch.select([[2], [0, 1]]).trajectory == [1, 0, 0]
+    # the DP share keeps whole trajectories: rank 0 of 2 gets trajectories 0 and 2, rank 1 gets 1
+    assert out.share(0, 2).trajectory == [0, 0, 2] and out.share(1, 2).trajectory == [1]
+    assert out.trim_to_multiple(2).trajectory == [0, 0, 1]
 
 
 def test_long_trajectory_keeps_its_most_recent_turns_that_fit():
     eps = [_episode(10.0, [_turn(10, 5, base=k) for k in range(4)]), _episode(0.0, [_turn(10, 5)])]
-    out = episodes_to_samples(eps, group_size=2, estimator="grpo", token_budget=31)
-    assert out["turns_dropped"] == 2
-    assert [s[0] for s in out["sequences"][:2]] == [2, 3]  # turns 3 and 4 of the first episode, in order
+    out, dropped = episodes_to_samples(eps, group_size=2, estimator="grpo", token_budget=31)
+    assert dropped == 2
+    assert [s[0] for s in out.sequences[:2]] == [2, 3]  # turns 3 and 4 of the first episode, in order
 
 
 def test_rollout_batch_rejects_turns_with_different_advantages():

@@ -1,20 +1,27 @@
 """Policy losses against float64 references, exact microbatch combination, registry, bad input."""
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 from holderpo_megatron.algorithms import (
     HOLDER_VARIANTS,
+    LossOptions,
     LossOutput,
     compute_policy_loss,
+    ClipOptions,
     get_policy_loss,
-    holder_policy_loss,
     policy_loss_names,
     register_policy_loss,
 )
 from tests.references import ref_grpo_loss, ref_holder_loss, random_batch
+
+def holder_policy_loss(logp, old, adv, mask, p, clip_low=0.2, clip_high=0.2, variant="seq", **kw):
+    return compute_policy_loss("holder", logp, old, adv, mask, p=p, clip_low=clip_low, clip_high=clip_high,
+                               variant=variant, **kw)
+
 
 P_VALUES = [-4.0, -1.0, -1e-6, 0.0, 1e-6, 0.5, 1.0, 2.0, 4.0]
 
@@ -166,11 +173,14 @@ def test_empty_batch_gives_zero_loss():
     (lambda b: holder_policy_loss(*b, 1.0, clip_high=-0.1), "clip_high must be"),
     (lambda b: holder_policy_loss(*b, float("nan")), "p must be a finite"),
     (lambda b: compute_policy_loss("ppo", *b), "unknown policy loss 'ppo'"),
-    (lambda b: compute_policy_loss("grpo", *b, p=1.0), "does not take argument 'p'"),
+    (lambda b: compute_policy_loss("grpo", *b, p=1.0), "does not take option 'p'; it takes: clip_low, clip_high, dual_clip, aggregation"),
     (lambda b: compute_policy_loss("grpo", *b, aggregation="sum"), "aggregation must be one of"),
     (lambda b: compute_policy_loss("dr_grpo", *b, max_len=0), "max_len must be"),
     (lambda b: compute_policy_loss("holder", *b, p=1.0, denominator=0), "denominator must be"),
     (lambda b: compute_policy_loss("gspo", *b, dual_clip=0.5), "dual_clip must be"),
+    (lambda b: compute_policy_loss("gmpo", *b, dual_clip=3.0), "does not take option 'dual_clip'"),
+    (lambda b: compute_policy_loss("gspo", *b, ClipOptions(), clip_low=0.1), "not both"),
+    (lambda b: compute_policy_loss("grpo", *b, ClipOptions()), "takes GRPOOptions, got ClipOptions"),
 ])
 def test_bad_input_raises_clear_value_error(call, match):
     with pytest.raises(ValueError, match=match):
@@ -180,9 +190,13 @@ def test_bad_input_raises_clear_value_error(call, match):
 def test_registry_adds_a_loss_with_one_function():
     name = "test_only_neg_mean_logp"
 
-    @register_policy_loss(name)
-    def _loss(logp, old_logp, advantages, mask, *, scale: float = 1.0):
-        s = -(logp * mask).sum() * scale
+    @dataclass(frozen=True)
+    class ScaleOptions(LossOptions):
+        scale: float = 1.0
+
+    @register_policy_loss(name, options=ScaleOptions)
+    def _loss(logp, old_logp, advantages, mask, options, *, denominator=None, strict=False, reducer=None):
+        s = -(logp * mask).sum() * options.scale
         c = mask.sum().float()
         from holderpo_megatron.algorithms import LossMetrics
         return LossOutput(s / c, s, c, "token", LossMetrics())

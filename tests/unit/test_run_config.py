@@ -24,17 +24,17 @@ def test_every_recipe_loads_and_passes_plan(name):
 
 
 def test_defaults_inheritance_and_overrides(tmp_path):
-    (tmp_path / "base.yaml").write_text("train: {steps: 7, lr: 1.0e-5}\nrollout: {group_size: 4}\n")
+    (tmp_path / "base.yaml").write_text("train: {steps: 7, optimizer: {lr: 1.0e-5}}\nrollout: {group_size: 4}\n")
     (tmp_path / "child.yaml").write_text("defaults: [base.yaml]\ntrain: {steps: 9}\nmodel: {hf_path: /x}\n")
     cfg = load_run_config(tmp_path / "child.yaml", ["rollout.temperature=0.7", "algorithm.p_schedule.kind=cos"])
-    assert cfg.train.steps == 9 and cfg.train.lr == 1e-5 and cfg.rollout.group_size == 4
+    assert cfg.train.steps == 9 and cfg.train.optimizer.lr == 1e-5 and cfg.rollout.group_size == 4
     assert cfg.rollout.temperature == 0.7 and cfg.algorithm.p_schedule.kind == "cos"
 
 
 def test_paper_math_setting_in_7b_recipe():
     cfg = load_run_config("examples/recipes/deepseek-r1-distill-qwen-7b.yaml")
-    assert (cfg.train.lr, cfg.rollout.group_size, cfg.train.prompts_per_step) == (1e-6, 8, 128)
-    assert (cfg.algorithm.clip_low, cfg.algorithm.kl_coef, cfg.rollout.temperature) == (0.2, 0.0, 1.0)
+    assert (cfg.train.optimizer.lr, cfg.rollout.group_size, cfg.train.prompts_per_step) == (1e-6, 8, 128)
+    assert (cfg.algorithm.loss_options.clip_low, cfg.algorithm.regularizers.kl_coef, cfg.rollout.temperature) == (0.2, 0.0, 1.0)
     assert (cfg.rollout.max_new_tokens, cfg.rollout.max_prompt_tokens) == (3000, 1024)
     s = cfg.algorithm.p_schedule
     assert (s.kind, s.p_max, s.p_min, s.schedule_steps) == ("linear_dec", 2.0, -2.0, 500)
@@ -47,7 +47,8 @@ BAD = [
     ({"train": {"stpes": 3}}, "unknown key 'train.stpes'; did you mean 'steps'"),
     ({"train": {"steps": "ten"}}, "train.steps: expected an integer"),
     ({"train": {"steps": 0}}, "train.steps must be >= 1"),
-    ({"train": {"lr": -1.0}}, "train.lr must be > 0"),
+    ({"train": {"optimizer": {"lr": -1.0}}}, "train.optimizer: lr must be > 0"),
+    ({"train": {"lr": 1.0}}, "unknown key 'train.lr'"),
     ({"rollout": {"temperature": "hot"}}, "rollout.temperature: expected a number"),
     ({"rollout": {"temperature": 0.0}}, "rollout.temperature must be > 0"),
     ({"rollout": {"group_size": 1}}, "rollout.group_size must be >= 2"),
@@ -55,11 +56,19 @@ BAD = [
     ({"rollout": {"mode": "remote"}}, "rollout.mode: 'remote' is not allowed"),
     ({"rollout": {"weight_sync": "nfs"}}, "rollout.weight_sync: 'nfs' is not allowed"),
     ({"algorithm": {"loss": "ppo"}}, "algorithm.loss 'ppo' is not one of"),
-    ({"algorithm": {"variant": "tok"}}, "algorithm.variant 'tok' is not one of"),
-    ({"algorithm": {"clip_low": 1.5}}, "algorithm.clip_low must be in"),
-    ({"algorithm": {"p_schedule": {"kind": "exp"}}}, "algorithm.p_schedule.kind 'exp' is not one of"),
+    ({"algorithm": {"options": {"variant": "tok"}}}, "algorithm.options: variant must be one of"),
+    ({"algorithm": {"options": {"clip_low": 1.5}}}, "algorithm.options: clip_low must be in"),
+    ({"algorithm": {"loss": "grpo", "options": {"variant": "seq"}}},
+     "algorithm.options: policy loss 'grpo' does not take option 'variant'; it takes: clip_low, clip_high, "
+     "dual_clip, aggregation"),
+    ({"algorithm": {"loss": "gmpo", "options": {"dual_clip": 3.0}}}, "does not take option 'dual_clip'"),
+    ({"algorithm": {"options": {"p": 2.0}}}, "algorithm.options.p is set per step by algorithm.p_schedule"),
+    ({"algorithm": {"loss": "dr_grpo", "options": {"max_len": 0}}}, "algorithm.options: max_len must be"),
+    ({"algorithm": {"clip_low": 0.2}}, "unknown key 'algorithm.clip_low'"),
+    ({"algorithm": {"p_schedule": {"kind": "exp"}}}, "algorithm.p_schedule: schedule kind must be one of"),
     ({"algorithm": {"p_schedule": {"kind": "linear", "p_min": 3, "p_max": 1}}}, "p_min"),
-    ({"algorithm": {"kl_estimator": "k9"}}, "algorithm.kl_estimator: 'k9' is not allowed"),
+    ({"algorithm": {"regularizers": {"kl_estimator": "k9"}}}, "algorithm.regularizers: kl_estimator must be one of"),
+    ({"algorithm": {"regularizers": {"kl_coef": -1.0}}}, "algorithm.regularizers: kl_coef and entropy_coef must be >= 0"),
     ({"parallel": {"tp": 2, "nproc_per_node": 3}}, "world size nnodes\\*nproc_per_node = 3 is not divisible"),
     ({"parallel": {"tp": 0}}, "parallel.tp must be >= 1"),
     ({"parallel": {"vpp": 2}}, "parallel.vpp must be null or >= 2 with pp >= 2"),
@@ -70,12 +79,14 @@ BAD = [
     ({"eval": {"every": -1}}, "eval.every must be >= 0"),
     ({"checkpoint": {"keep_last": 0}}, "checkpoint.keep_last must be >= 1"),
     ({"logging": {"tensorboard": "yes"}}, "logging.tensorboard: expected true/false"),
+    ({"logging": {"log_every": 0}}, "logging.log_every must be an int >= 1"),
     ({"data": {"reward": "bleu"}}, "data.reward: 'bleu' is not allowed"),
     ({"agent": {"env": "minecraft"}}, "agent.env 'minecraft' is not one of"),
     ({"agent": {"env": "alfworld", "train_split": "test"}}, "agent.train_split 'test' is not one of"),
     ({"agent": {"eval_splits": ["valid_seen", "seen"]}}, "agent.eval_splits entry 'seen' is not one of"),
     ({"agent": {"num_workers": 0}}, "agent.num_workers must be >= 1"),
-    ({"agent": {"max_turns": 0}}, "agent.max_turns must be >= 1"),
+    ({"agent": {"play": {"max_turns": 0}}}, "agent.play: AgentConfig.max_turns=0 is invalid"),
+    ({"agent": {"max_turns": 3}}, "unknown key 'agent.max_turns'"),
     ({"agent": {"step_timeout_s": 0}}, "agent.step_timeout_s and agent.episode_timeout_s must be > 0"),
     ({"agent": {"games_limit": 0}}, "agent.games_limit must be null or >= 1"),
 ]
@@ -116,3 +127,14 @@ def test_unknown_yaml_file_and_bad_yaml(tmp_path):
         load_run_config(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="must look like key.sub=value"):
         load_run_config("examples/recipes/tiny-cpu.yaml", ["train.steps"])
+
+
+def test_actor_settings_carry_the_run_constants_and_the_rollout_temperature():
+    cfg = load_run_config("examples/recipes/tiny-cpu.yaml", ["rollout.temperature=0.7", "algorithm.loss=dr_grpo",
+                                                               "algorithm.options={clip_high: 0.3}"])
+    s = cfg.actor_settings()
+    assert (s.token_budget, s.pack, s.loss, s.temperature, s.generation_budget) == (512, True, "dr_grpo", 0.7, 32)
+    assert s.loss_options.clip_high == 0.3 and s.loss_options.max_len is None
+    # the per-step p reaches the holder options only
+    holder = load_run_config("examples/recipes/tiny-cpu.yaml").actor_settings().loss_options
+    assert holder.at_p(-1.0).p == -1.0 and s.loss_options.at_p(-1.0) is s.loss_options

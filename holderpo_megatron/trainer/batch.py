@@ -1,0 +1,161 @@
+"""What one training step carries, typed: the samples a rollout producer returns, and this DP rank's
+batch that the Actor scores and trains on.
+
+    StepSamples   rank 0's producers (single-turn prompts, agent episodes) -> broadcast to every rank
+      .share(dp_rank, dp_size) -> this rank's StepSamples (whole trajectories, never cut)
+      .to_batch(old_logprobs, ref_logprobs) -> RolloutBatch, what MegatronActor.forward_backward takes
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["StepSamples", "RolloutBatch", "trajectory_units", "loss_mask", "rollout_logprobs_as_full"]
+
+
+def loss_mask(length: int, response_start: int) -> torch.Tensor:
+    """``[length-1]`` bool over next-token positions: True where the predicted token x_t is a response
+    token (t >= response_start). Position t-1 predicts x_t, so the prompt (and every observation
+    an agent's prompt holds) never enters the loss."""
+    return torch.arange(1, length) >= response_start
+
+
+def trajectory_units(n: int, trajectory: list[int] | None) -> list[list[int]]:
+    """Indices of ``n`` samples grouped by trajectory id (first appearance order); None: singletons."""
+    if trajectory is None:
+        return [[i] for i in range(n)]
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(trajectory):
+        groups.setdefault(t, []).append(i)
+    return list(groups.values())
+
+
+def rollout_logprobs_as_full(lp: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """Engine log-probs of a response, placed at next-token positions ``[n-1]`` (prompt positions: 0)."""
+    full = torch.zeros(n - 1)
+    full[start - 1:] = lp.float()
+    return full
+
+
+@dataclass
+class StepSamples:
+    """The samples of one step, as a rollout producer returns them (rank 0) and every rank receives.
+
+    sequences: prompt + response token ids per sample; response_start: index of the first response
+    token; rollout_logprobs: the engine's ``[len(response)]`` log-probs; advantages: one per sample;
+    trajectory: the episode id of each sample for multi-turn agents (None: single-turn);
+    metrics: the producer's step metrics (rewards, lengths, ...); examples: a few decoded responses.
+    """
+
+    sequences: list[list[int]] = field(default_factory=list)
+    response_start: list[int] = field(default_factory=list)
+    rollout_logprobs: list[torch.Tensor] = field(default_factory=list)
+    advantages: list[float] = field(default_factory=list)
+    trajectory: list[int] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        n = len(self.sequences)
+        lengths = {len(self.response_start), len(self.rollout_logprobs), len(self.advantages)}
+        if self.trajectory is not None:
+            lengths.add(len(self.trajectory))
+        if lengths != {n}:
+            raise ValueError(f"StepSamples fields disagree: {n} sequences, {len(self.response_start)} response_start, "
+                             f"{len(self.rollout_logprobs)} rollout_logprobs, {len(self.advantages)} advantages"
+                             + ("" if self.trajectory is None else f", {len(self.trajectory)} trajectory ids"))
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def units(self) -> list[list[int]]:
+        return trajectory_units(len(self.sequences), self.trajectory)
+
+    def select(self, indices: list[int]) -> "StepSamples":
+        """The samples at ``indices`` (metrics and examples stay with the whole step's batch)."""
+        return StepSamples([self.sequences[i] for i in indices], [self.response_start[i] for i in indices],
+                           [self.rollout_logprobs[i] for i in indices], [self.advantages[i] for i in indices],
+                           None if self.trajectory is None else [self.trajectory[i] for i in indices])
+
+    def share(self, dp_rank: int, dp_size: int) -> "StepSamples":
+        """This data-parallel rank's share: every ``dp_size``-th unit (a sample, or a whole
+        trajectory), starting at ``dp_rank``."""
+        return self.select([i for u in self.units()[dp_rank::dp_size] for i in u])
+
+    def trim_to_multiple(self, dp_size: int) -> "StepSamples":
+        """Drop the last units that do not divide evenly over ``dp_size`` ranks (metrics kept)."""
+        units = self.units()
+        out = self.select([i for u in units[: len(units) - len(units) % dp_size] for i in u])
+        out.metrics, out.examples = self.metrics, self.examples
+        return out
+
+    def to_batch(self, old_logprobs: list[torch.Tensor],
+                 ref_logprobs: list[torch.Tensor] | None = None) -> "RolloutBatch":
+        return RolloutBatch(self.sequences, self.response_start, old_logprobs,
+                            torch.tensor(self.advantages, dtype=torch.float32), ref_logprobs, self.trajectory)
+
+    def rollout_logprobs_full(self) -> list[torch.Tensor]:
+        """The engine's log-probs at next-token positions ``[n-1]`` per sample (prompt: 0)."""
+        return [rollout_logprobs_as_full(lp, s, len(q))
+                for lp, s, q in zip(self.rollout_logprobs, self.response_start, self.sequences)]
+
+
+@dataclass
+class RolloutBatch:
+    """What a training step consumes, for this data-parallel rank.
+
+    sequences: token ids (prompt + response) per sample; response_start: index of the first
+    response token per sample; old_logprobs: per sample ``[n-1]`` log-probs of the behaviour policy
+    at next-token positions; advantages: ``[num_samples]``; ref_logprobs: the reference policy's
+    log-probs, like ``old_logprobs`` (needed when the KL coefficient is > 0).
+
+    trajectory: for multi-turn agents, the episode of each sample (one sample per turn; the turns
+    of an episode share its advantage). The loss then reduces over every response token of a
+    trajectory, across its turns, as one sequence (the Hölder mean spans the whole episode; the
+    prompts, which hold the observations, are masked). None: every sample is its own sequence.
+    """
+
+    sequences: list[list[int]]
+    response_start: list[int]
+    old_logprobs: list[torch.Tensor]
+    advantages: torch.Tensor
+    ref_logprobs: list[torch.Tensor] | None = None
+    trajectory: list[int] | None = None
+
+    def __post_init__(self):
+        n = len(self.sequences)
+        if not (len(self.response_start) == len(self.old_logprobs) == self.advantages.numel() == n):
+            raise ValueError(
+                f"RolloutBatch fields disagree: {n} sequences, {len(self.response_start)} response_start, "
+                f"{len(self.old_logprobs)} old_logprobs, {self.advantages.numel()} advantages"
+            )
+        for i, (s, r, lp) in enumerate(zip(self.sequences, self.response_start, self.old_logprobs)):
+            if not 1 <= r < len(s):
+                raise ValueError(f"sample {i}: response_start={r} must be in [1, {len(s) - 1}]")
+            if lp.numel() != len(s) - 1:
+                raise ValueError(f"sample {i}: old_logprobs has {lp.numel()} values, expected {len(s) - 1}")
+        if self.ref_logprobs is not None and len(self.ref_logprobs) != n:
+            raise ValueError(f"RolloutBatch.ref_logprobs has {len(self.ref_logprobs)} entries for {n} sequences")
+        if self.trajectory is not None:
+            if len(self.trajectory) != n:
+                raise ValueError(f"RolloutBatch.trajectory has {len(self.trajectory)} ids for {n} sequences")
+            first: dict[int, float] = {}
+            for i, t in enumerate(self.trajectory):
+                a = float(self.advantages[i])
+                if first.setdefault(t, a) != a:
+                    raise ValueError(f"trajectory {t}: its turns carry different advantages ({first[t]} vs {a})")
+
+    def units(self) -> list[list[int]]:
+        """Sample indices that must stay together (one microbatch, one DP rank): a trajectory's
+        turns, or each sample alone. In order of first appearance."""
+        return trajectory_units(len(self.sequences), self.trajectory)
+
+    def select(self, units: list[list[int]]) -> "RolloutBatch":
+        """The sub-batch made of these units (lists of sample indices), trajectory ids kept."""
+        idx = [i for u in units for i in u]
+        return RolloutBatch([self.sequences[i] for i in idx], [self.response_start[i] for i in idx],
+                            [self.old_logprobs[i] for i in idx], self.advantages[idx],
+                            None if self.ref_logprobs is None else [self.ref_logprobs[i] for i in idx],
+                            None if self.trajectory is None else [self.trajectory[i] for i in idx])
