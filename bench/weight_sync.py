@@ -2,11 +2,18 @@
 
     .venv/bin/python bench/weight_sync.py                       # ~0.5B (Qwen2.5-0.5B shapes), TP1PP1 and TP2PP2
     .venv/bin/python bench/weight_sync.py --size tiny --layouts 1x1 --transports tensor
+    .venv/bin/python bench/weight_sync.py --size tiny --layouts none --fleet 2   # the fleet case only
 
 For each layout a gloo world of tp*pp processes loads a random model (saved once as HF safetensors),
 global rank 0 hosts the embedded engine, and every transport syncs ``--repeats`` times. Reported:
 seconds and GB/s of HF bytes delivered (owner's clock, from pause to resumed generation), beside the
 time of one host memcpy of the same bytes (``torch.Tensor.copy_`` in this process, best of 5).
+
+``--fleet N``: a DP=N gloo world with N SGLang CPU servers (one per replica, as a colocated fleet
+starts them) fed by the tensor transport two ways, side by side: ``parallel`` (each replica feeds its
+own engine, all at once) and ``one owner`` (rank 0 feeds all N engines, one after the other, as a run
+funnelled through rank 0 would). Seconds are wall time over all ranks; GB/s counts the bytes that
+reached all N engines.
 """
 
 from __future__ import annotations
@@ -134,6 +141,87 @@ def _rank_main(rank, world, store, model_dir, tp, pp, transports, bucket_bytes, 
         dist.destroy_process_group()
 
 
+def _fleet_rank_main(rank, world, store, model_dir, mode, bucket_bytes, repeats, out_path):
+    import dataclasses
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=900))
+    from holderpo_megatron.rollout import SGLangEngine, SGLangEngineConfig
+    from holderpo_megatron.rollout.sglang_launcher import SGLangServerProcess
+
+    cfg = SGLangEngineConfig(model_path=model_dir, dtype="float32", skip_tokenizer_init=True, context_length=256,
+                             mem_fraction_static=0.2)
+    server = SGLangServerProcess(cfg.server_args_dict())  # this replica's engine (the fleet's owner rank)
+    client = None
+    try:
+        urls: list = [None] * world
+        dist.all_gather_object(urls, server.url)
+        from holderpo_megatron.parallel.cpu_compat import enable_cpu_megatron
+
+        enable_cpu_megatron()
+        from holderpo_megatron.checkpoint import SafetensorsReader, load_hf_weights_into_model
+        from holderpo_megatron.models import ModelArch
+        from holderpo_megatron.parallel.layout import ParallelLayout, initialize_model_parallel
+        from holderpo_megatron.trainer.actor import MegatronActor
+        from holderpo_megatron.weight_sync import MegatronWeightSource, make_weight_synchronizer
+
+        arch = ModelArch.from_pretrained_dir(model_dir)
+        initialize_model_parallel(ParallelLayout())
+        actor = MegatronActor(arch, ParallelLayout(), optimizer=None)
+        load_hf_weights_into_model(actor.unwrapped(), arch, SafetensorsReader(model_dir))
+        feeds = mode == "parallel" or rank == 0
+        mine = [urls[rank]] if mode == "parallel" else (urls if rank == 0 else [])
+        if mine:
+            client = SGLangEngine(dataclasses.replace(cfg, mode="servers", server_urls=tuple(mine)))
+        sync = make_weight_synchronizer(MegatronWeightSource(actor.unwrapped(), arch, feeds=feeds), client,
+                                        dtype=torch.float32, transport="tensor", bucket_bytes=bucket_bytes)
+        results = []
+        try:
+            for r in range(repeats):
+                dist.barrier()
+                t0 = time.perf_counter()
+                rep = sync.sync(r + 1)
+                dist.barrier()  # the fleet's sync ends when its last engine has its weights
+                wall = time.perf_counter() - t0
+                delivered = torch.tensor([rep.bytes * len(mine) if mine else 0], dtype=torch.float64)
+                dist.all_reduce(delivered)
+                if rank == 0:
+                    results.append(dict(layout=f"fleet of {world}", transport=f"tensor, {mode}", repeat=r,
+                                        seconds=wall, bytes=int(delivered), gb_per_s=float(delivered) / wall / 1e9))
+                    print(f"[fleet {world} {mode}] #{r}: {wall:.2f} s, {float(delivered) / wall / 1e9:.2f} GB/s "
+                          f"into {world} engines", flush=True)
+        finally:
+            sync.close()
+        if client is not None:  # spot check: every engine this rank fed holds Megatron's values
+            want = SafetensorsReader(model_dir)["model.norm.weight"].float()
+            assert torch.equal(client.get_weight("model.norm.weight"), want)
+        if rank == 0:
+            with open(out_path, "w") as f:
+                json.dump(results, f)
+    finally:
+        if client is not None:
+            client.shutdown()
+        server.kill()
+        dist.destroy_process_group()
+
+
+def run_fleet(model_dir, n, bucket_bytes, repeats) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    rows = []
+    for mode in ("parallel", "one owner"):
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "results.json")
+            mp.spawn(_fleet_rank_main, args=(n, os.path.join(d, "store"), model_dir, mode, bucket_bytes, repeats, out),
+                     nprocs=n, join=True)
+            with open(out) as f:
+                rows += json.load(f)
+    return rows
+
+
 def run_layout(model_dir, tp, pp, transports, bucket_bytes, repeats) -> list[dict]:
     import torch.multiprocessing as mp
 
@@ -153,9 +241,11 @@ def main(argv=None):
                     help="tensor (zero-copy on CPU), tensor-packed (flat buckets), distributed, disk")
     ap.add_argument("--bucket-mb", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--fleet", type=int, default=0, help="also N engines fed in parallel vs through one owner")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     transports = args.transports.split(",")
+    shown = transports + (["tensor, parallel", "tensor, one owner"] if args.fleet else [])
     with tempfile.TemporaryDirectory(prefix="holderpo-bench-ws-") as model_dir:
         t0 = time.perf_counter()
         nbytes = save_random_model(model_dir, args.size)
@@ -167,12 +257,16 @@ def main(argv=None):
               f"({torch.get_num_threads()} threads)", flush=True)
         rows = []
         for lay in args.layouts.split(","):
+            if lay == "none":
+                continue
             tp, pp = (int(x) for x in lay.lower().split("x"))
             rows += run_layout(model_dir, tp, pp, transports, args.bucket_mb * 1024**2, args.repeats)
+        if args.fleet:
+            rows += run_fleet(model_dir, args.fleet, args.bucket_mb * 1024**2, args.repeats)
     print(f"\n| layout | transport | sync s (best of {args.repeats}) | first s | GB/s | x memcpy ({copy_gbps:.2f} GB/s) |")
     print("|---|---|---|---|---|---|")
     for lay in dict.fromkeys(r["layout"] for r in rows):
-        for tr in transports:
+        for tr in shown:
             rs = [r for r in rows if r["layout"] == lay and r["transport"] == tr]
             if not rs:
                 continue

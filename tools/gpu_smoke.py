@@ -138,12 +138,31 @@ def main(argv=None):
     if cuda:
         report["train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         report["logprob_peak_x_logits"] = logprob_memory(dev)
+    # The colocated memory handover: optimizer state and grad buffers leave the GPU during rollout and
+    # come back for training. Memory freed, and the step after onload equals one without offload.
+    before = {n: p.detach().clone() for m in actor.unwrapped() for n, p in m.named_parameters()}
+    opt_before = actor.optimizer.state_dict()
+    sync()
+    held = torch.cuda.memory_allocated() if cuda else 0
+    actor.offload()
+    sync()
+    report["offload_freed_gib"] = (held - (torch.cuda.memory_allocated() if cuda else 0)) / 2**30
+    actor.onload()
+    with_offload = actor.train_step(batch, **kw)
+    after_offload = {n: p.detach().clone() for m in actor.unwrapped() for n, p in m.named_parameters()}
+    for m in actor.unwrapped():  # the same step again from the same state, without the handover
+        for n, p in m.named_parameters():
+            p.data.copy_(before[n])
+    actor.optimizer.load_state_dict(opt_before)
+    without = actor.train_step(batch, **kw)
+    same = all(torch.equal(p.detach(), after_offload[n]) for m in actor.unwrapped() for n, p in m.named_parameters())
+    report["offload_step_identical"] = bool(same) and with_offload["grad_norm"] == without["grad_norm"]
     print(json.dumps(report, indent=2))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_smoke.json"), "w") as f:
         json.dump(report, f, indent=2)
     # bf16 parity: kernels differ (sdpa vs Megatron's attention), so a bf16-sized tolerance
-    ok = report["logprob_mean_abs_diff"] <= (0.05 if cuda else 1e-4)
+    ok = report["logprob_mean_abs_diff"] <= (0.05 if cuda else 1e-4) and report["offload_step_identical"]
     print("PARITY", "OK" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -145,8 +145,9 @@ class SGLangEngineConfig:
             random_seed=self.random_seed,
             skip_tokenizer_init=self.skip_tokenizer_init,
             log_level=self.log_level,
-            enable_memory_saver=self.enable_memory_saver,
         )
+        if not cpu:  # SGLang's memory saver is CUDA-only
+            kw["enable_memory_saver"] = self.enable_memory_saver
         if cpu:
             # sleep_on_idle: an idle scheduler waits on its sockets instead of polling, so it does not
             # take a core from the trainer ranks during score/train (bench/e2e_vs_trl.py: scheduler

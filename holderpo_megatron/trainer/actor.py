@@ -363,6 +363,49 @@ class MegatronActor:
             metrics = metrics.merge(m)
         return metrics
 
+    # ------------------------------------------------------------------ memory handover
+    def _host_state(self) -> list[torch.Tensor]:
+        """What :meth:`offload` moves: the DDP grad buffers, the optimizer's state (Adam m, v) and its
+        fp32 master copies of half-precision parameters; never the weights themselves."""
+        tensors = [b.grad_data for m in self.model for b in m.buffers + m.expert_parallel_buffers]
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            for st in opt.optimizer.state.values():
+                tensors += [v for v in st.values() if torch.is_tensor(v) and v.numel() > 1]
+            for name in ("fp32_from_float16_groups", "shard_fp32_from_float16_groups"):
+                tensors += [t for group in getattr(opt, name, None) or [] for t in group]
+        return tensors
+
+    @property
+    def offloaded(self) -> bool:
+        return bool(getattr(self, "_offloaded", None))
+
+    def offload(self) -> None:
+        """Optimizer state and grad buffers to host memory, their device storage freed (size 0), so
+        colocated engines can use it; :meth:`onload` brings them back bit for bit. Tensors keep their
+        identity (views of the same storages), so Megatron's and the optimizer's references hold."""
+        if self.optimizer is None or self.offloaded:
+            return
+        pin = self.device.type == "cuda"
+        saved, seen = [], set()
+        for t in self._host_state():
+            st = t.untyped_storage()
+            if st.data_ptr() in seen or st.nbytes() == 0:
+                continue
+            seen.add(st.data_ptr())
+            view = torch.empty(0, dtype=torch.uint8, device=t.device).set_(st, 0, (st.nbytes(),), (1,))
+            host = torch.empty(st.nbytes(), dtype=torch.uint8, pin_memory=pin)
+            host.copy_(view)
+            st.resize_(0)
+            saved.append((st, host))
+        self._offloaded = saved
+
+    def onload(self) -> None:
+        """Inverse of :meth:`offload`."""
+        for st, host in getattr(self, "_offloaded", None) or []:
+            st.resize_(host.numel())
+            torch.empty(0, dtype=torch.uint8, device=st.device).set_(st, 0, (host.numel(),), (1,)).copy_(host)
+        self._offloaded = None
+
     def applied_lr(self) -> float:
         """The learning rate the optimizer applies now (its param groups), not the configured one."""
         return float(self.optimizer.param_groups[0]["lr"])

@@ -175,6 +175,9 @@ class TrainSection:
     pack: bool = True
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     seed: int = 1234
+    # Megatron's optimizer state and grad buffers leave the GPU while the engines generate (colocated),
+    # and come back for training
+    offload_during_rollout: bool = False
 
     def __post_init__(self):
         for k in ("steps", "prompts_per_step", "minibatches_per_step", "token_budget"):
@@ -331,6 +334,8 @@ def engine_config(cfg: RunConfig, model_path: str | os.PathLike):
         model_path=str(model_path), mode=r.mode, tp_size=r.engine_tp, mem_fraction_static=r.mem_fraction_static,
         server_urls=tuple(r.server_urls), request_timeout_s=r.timeout_s, random_seed=cfg.train.seed,
         context_length=cfg.max_sequence_length, log_dir=str(cfg.run_dir / "sglang_logs"),
+        # colocated engines hand their GPU memory to training (trainer/fleet.py MemoryHandover)
+        enable_memory_saver=r.placement == "colocated" and r.release_memory_during_train,
         server_args={"enable_deterministic_inference": True} if r.deterministic else {})
 
 
@@ -358,7 +363,11 @@ def validate_run(cfg: RunConfig, arch=None, check_paths: bool = True) -> None:
     from holderpo_megatron.models import check_layout
 
     p = cfg.parallel
-    run_placement(cfg)
+    placement = run_placement(cfg)
+    if cfg.rollout.mode == "embedded" and len(placement.engines) != 1:
+        raise ConfigError(f"rollout.mode=embedded runs one in-process engine, but the placement has "
+                          f"{len(placement.engines)} engines: set rollout.mode=servers (one SGLang server per "
+                          f"engine) or rollout.engines_per_node=1")
     if arch is not None:
         try:
             check_layout(arch, p.tp, p.pp, p.cp, world_size=p.world_size,

@@ -1,10 +1,13 @@
 """The RL loop, as a recipe. Every torchrun worker runs :func:`run_training`.
 
 One step:
-    prompts --(rank 0: SGLang)--> samples --> rewards --> group advantages      (rank 0, broadcast)
+    prompts --(rank 0 drives every engine of the fleet)--> samples --> rewards --> group advantages
+                                                                    (rank 0, broadcast to every rank)
+    --> engines release their memory (colocated, GPU)
     --> old (and reference) log-probs: Megatron forward-only on every DP rank
     --> minibatch updates with the registered loss at p = schedule(step)
-    --> weight sync Megatron -> SGLang (weight version = step + 1)
+    --> engines resume their weights; weight sync Megatron -> every engine (version = step + 1,
+        declared once every engine has it); engines resume their KV cache
     --> metrics; evaluation and checkpoints every N steps
 """
 
@@ -48,24 +51,29 @@ def run_training(cfg: RunConfig) -> None:
 def one_step(ctx: TrainContext, step: int) -> dict:
     cfg, timer = ctx.cfg, ctx.logger.timer
     p = ctx.schedule.value(step)
+    ctx.handover.start_step()
     with timer("rollout"):
         samples = rollout_phase(ctx, step)
+    ctx.handover.after_rollout()  # colocated: the engines' memory goes to training
     metrics = dict(samples.metrics)
     metrics.update(ctx.schedule.metrics(step))
-    if not len(samples):  # dynamic sampling dropped every group
+    if len(samples):
+        mine = samples.share(ctx.dp_rank, ctx.dp_size)  # whole samples, or whole trajectories
+        with timer("score"):
+            old = ctx.actor.score(mine.sequences)
+            ref = ctx.ref.score(mine.sequences) if ctx.ref is not None else None
+        metrics.update(_drift(ctx, old, mine.rollout_logprobs, mine.response_start))
+        if cfg.rollout.use_rollout_logprobs:
+            old = mine.rollout_logprobs_full()
+        with timer("train"):
+            metrics.update(train_phase(ctx, mine.to_batch(old, ref), p, step))
+    else:  # dynamic sampling dropped every group; the engines still get their weights back
         metrics["skipped_update"] = 1.0
-        return metrics
-    mine = samples.share(ctx.dp_rank, ctx.dp_size)  # whole samples, or whole trajectories
-    with timer("score"):
-        old = ctx.actor.score(mine.sequences)
-        ref = ctx.ref.score(mine.sequences) if ctx.ref is not None else None
-    metrics.update(_drift(ctx, old, mine.rollout_logprobs, mine.response_start))
-    if cfg.rollout.use_rollout_logprobs:
-        old = mine.rollout_logprobs_full()
-    with timer("train"):
-        metrics.update(train_phase(ctx, mine.to_batch(old, ref), p, step))
+    ctx.handover.after_train()
+    ctx.handover.before_sync()  # the engines' weights come back, then the new ones go in
     with timer("sync"):
         metrics.update(ctx.sync_weights(version=step + 1))
+    ctx.handover.after_sync(step + 1)  # and their KV cache
     return metrics
 
 
@@ -111,6 +119,7 @@ def _prompt_samples(ctx: TrainContext, items: list, step: int) -> StepSamples:
         "tokens": float(sum(len(s.prompt_ids) + len(s.output_ids) for s in samples)),
         "reward_timeouts": float(scored.stats.get("timeout", 0)),
         "stale_samples": float(sum(s.is_stale(ctx.weight_version) for s in samples)),
+        **engine_metrics(samples, ctx.engine.engine_names),
     }
     return StepSamples(
         sequences=[samples[i].prompt_ids + samples[i].output_ids for i in keep],
@@ -144,6 +153,17 @@ def train_phase(ctx: TrainContext, batch: RolloutBatch, p: float, step: int) -> 
         out = box[0]
     out["grad_norm"] = max(grad_norms) if grad_norms else math.nan
     out["lr"] = ctx.actor.applied_lr()
+    return out
+
+
+def engine_metrics(samples, engine_names: list[str]) -> dict[str, float]:
+    """Per engine of the fleet (``rollout/engine{k}/...``, k its placement index): how many samples it
+    made and when its last one finished (seconds from the start of generation)."""
+    out = {}
+    for k, name in enumerate(engine_names):
+        mine = [s for s in samples if s.engine == name]
+        out[f"rollout/engine{k}/samples"] = float(len(mine))
+        out[f"rollout/engine{k}/seconds"] = max((s.timing.get("done_s", 0.0) for s in mine), default=0.0)
     return out
 
 

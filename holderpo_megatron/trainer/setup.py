@@ -1,12 +1,11 @@
 """Everything a training run holds, built once: distributed groups, the Actor (and reference),
-the rollout engine and weight synchroniser (rank 0), data, reward, logger, checkpoints."""
+the rollout fleet (engines per the placement, trainer/fleet.py) and the weight synchroniser, data,
+reward (rank 0), logger, checkpoints."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from holderpo_megatron.parallel.layout import ParallelLayout, init_distributed, 
 from holderpo_megatron.rewards.math import RewardConfig, build_reward
 
 from .actor import MegatronActor
-from .config import RunConfig, engine_config, validate_run
+from .config import RunConfig, engine_config, run_placement, validate_run
+from .fleet import MemoryHandover, RolloutFleet, host_identity
 from .faults import KILL_DURING_SAVE, kill_if_asked
 
 __all__ = ["TrainContext", "setup_training"]
@@ -33,7 +33,8 @@ log = logging.getLogger("holderpo")
 
 
 class TrainContext:
-    """What one worker holds during a run. Rank 0 also holds the engine, tokenizer and reward."""
+    """What one worker holds during a run. Rank 0 also holds the driver (a client over every engine),
+    tokenizer and reward; ``engine`` is the driver (None on other ranks)."""
 
     def __init__(self, cfg: RunConfig):
         from megatron.core import parallel_state as ps
@@ -63,7 +64,7 @@ class TrainContext:
         self.data = BatchIterator(self._train_items(), cfg.train.prompts_per_step, seed=cfg.train.seed,
                                   shuffle=cfg.data.shuffle)
         self.template = get_prompt_template(cfg.data.prompt_template)
-        self.engine = self.tokenizer = self.reward = self.synchronizer = self.env_pool = None
+        self.engine = self.tokenizer = self.reward = self.synchronizer = self.env_pool = self.fleet = None
         self.weight_version = 0
         self.last_examples: list[str] = []
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else cfg.run_dir / "checkpoints"
@@ -97,28 +98,48 @@ class TrainContext:
         return load_math_dataset(d.train, root=d.resolved_data_dir()).items
 
     def _start_rollout_side(self) -> None:
-        """Rank 0: tokenizer, reward and engine; every rank: its part of the weight synchroniser."""
+        """Every rank: its engines (placement), its part of the weight synchroniser and the memory
+        handover; rank 0: tokenizer, reward (and environment workers)."""
         from holderpo_megatron.weight_sync import MegatronWeightSource, make_weight_synchronizer
 
-        engine_cfg = engine_config(self.cfg, self.hf_dir)  # validated on every rank; the engine starts on rank 0
+        cfg, r = self.cfg, self.cfg.rollout
+        engine_cfg = engine_config(cfg, self.hf_dir)  # validated on every rank
+        self.placement = run_placement(cfg)
+        hosts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(hosts, host_identity())  # where each rank runs, as the launch names it
+        self.fleet = RolloutFleet(self.placement, engine_cfg, rank=self.rank, embedded=r.mode == "embedded")
+        self.engine = self.fleet.driver
         if self.rank == 0:
             from transformers import AutoTokenizer
 
-            from holderpo_megatron.rollout.sglang_engine import SGLangEngine
-
             self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
             self.reward = build_reward(RewardConfig(
-                kind=self.cfg.data.reward, template=self.cfg.data.answer_template,
-                timeout_s=self.cfg.data.reward_timeout_s, truncated_reward=self.cfg.algorithm.truncated_reward))
-            with _without_torchrun_env():
-                self.engine = SGLangEngine(engine_cfg)
-                if self.cfg.agent.enabled:
-                    from .agent_loop import build_env_pool
+                kind=cfg.data.reward, template=cfg.data.answer_template,
+                timeout_s=cfg.data.reward_timeout_s, truncated_reward=cfg.algorithm.truncated_reward))
+            if cfg.agent.enabled:
+                from .agent_loop import build_env_pool
 
-                    self.env_pool = build_env_pool(self.cfg)
+                self.env_pool = build_env_pool(cfg)
+        source = MegatronWeightSource(self.actor.unwrapped(), self.arch, feeds=bool(self.fleet.fed))
         self.synchronizer = make_weight_synchronizer(
-            MegatronWeightSource(self.actor.unwrapped(), self.arch), self.engine, dtype=engine_cfg.torch_dtype,
-            transport=self.cfg.rollout.weight_sync, bucket_bytes=self.cfg.rollout.bucket_mb << 20)
+            source, self.fleet.feed if source.is_owner else None, dtype=engine_cfg.torch_dtype,
+            transport=r.weight_sync, topology=self._sync_topology(source, hosts), bucket_bytes=r.bucket_mb << 20)
+        self.handover = MemoryHandover(
+            self.fleet.feed, self.actor, release=self.placement.placement == "colocated" and r.release_memory_during_train,
+            offload=cfg.train.offload_during_rollout, run_dir=cfg.run_dir if self.rank == 0 else None)
+
+    def _sync_topology(self, source, hosts: list[str]):
+        """Where this replica's stage senders and the engines it feeds run (host identities from the
+        launch): shared memory / CUDA IPC only when all of them share one host."""
+        from holderpo_megatron.weight_sync import SyncTopology, choose_transport
+
+        senders = [hosts[k] for k in source.stage_senders]
+        options = [SyncTopology.from_hosts(senders, hosts[e.owner_rank] if e.owner_rank is not None else
+                                           f"engine node {e.node}", tp=self.layout.tp,
+                                           server_urls=[e.url] if e.url else ())
+                   for e in self.fleet.fed] or [SyncTopology.from_hosts(senders, senders[0], tp=self.layout.tp)]
+        # several engines per replica: the one that needs the most general transport decides
+        return next((t for t in options if choose_transport(t) != "tensor"), options[0])
 
     def prompt_ids(self, problem: str) -> list[int]:
         if self.template.chat:
@@ -128,8 +149,22 @@ class TrainContext:
 
     # ------------------------------------------------------------------ weights, eval, checkpoints
     def sync_weights(self, version: int) -> dict[str, float]:
-        """Weights into the engine as ``version``; returns the sync's metrics (seconds, GB/s, bytes)."""
-        report = self.synchronizer.sync(version)
+        """Weights into every engine as ``version``; returns this rank's sync metrics (seconds, GB/s,
+        bytes). Every engine's ledger must be complete before the version is declared anywhere: a
+        sync that fails on one engine fails the step on every rank, naming it, and no engine
+        generates again (none from mixed weights)."""
+        error, report = None, None
+        try:
+            report = self.synchronizer.sync(version, declare=False)
+        except Exception as e:  # reported on every rank below; the collective must still happen
+            names = self.fleet.feed.engine_names if self.fleet.feed is not None else []
+            error = f"rank {self.rank} feeding {', '.join(names) or 'its engines'}: {type(e).__name__}: {e}"
+        errors: list = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        failed = [e for e in errors if e]
+        if failed:
+            raise RuntimeError(f"weight sync of version {version} failed; no engine declares it: " + " | ".join(failed))
+        self.synchronizer.declare(version)
         self.weight_version = version
         return report.to_dict()
 
@@ -181,23 +216,10 @@ class TrainContext:
             self.synchronizer.close()
         if self.env_pool is not None:
             self.env_pool.close()
-        if self.engine is not None:
-            self.engine.shutdown()
+        if self.fleet is not None:
+            self.fleet.close()
         if self.reward is not None:
             self.reward.close()
-
-
-@contextlib.contextmanager
-def _without_torchrun_env():
-    """SGLang's scheduler processes inherit our environment; torchrun's variables (RANK, WORLD_SIZE,
-    TORCHELASTIC_USE_AGENT_STORE, ...) make their own torch.distributed join ours and die."""
-    keys = [k for k in os.environ if k.startswith(("TORCHELASTIC_", "TORCH_ELASTIC", "ROLE_", "GROUP_"))
-            or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")]
-    saved = {k: os.environ.pop(k) for k in keys}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
 
 
 def setup_training(cfg: RunConfig) -> TrainContext:

@@ -122,9 +122,11 @@ class WeightSynchronizer(abc.ABC):
         self._sent = _Sent()
 
     # -- the protocol, the same for every transport ----------------------------------------------
-    def sync(self, version: int) -> SyncReport:
+    def sync(self, version: int, declare: bool = True) -> SyncReport:
         """Every trainer rank, together: the engine ends up holding this step's weights, stamped
-        ``version``. Returns this rank's :class:`SyncReport`."""
+        ``version``. Returns this rank's :class:`SyncReport`. ``declare=False``: the engine holds
+        the new weights (its ledger is complete) but stays paused, not yet stamped; call
+        :meth:`declare` once every engine of a fleet has its weights (no sample from mixed weights)."""
         src, eng = self.source, self.engine
         version = int(version)
         t0 = time.perf_counter()
@@ -147,12 +149,18 @@ class WeightSynchronizer(abc.ABC):
             ledger.check_complete()
             if not flushed:
                 eng.flush_cache()
-            eng.set_weight_version(version)
-            eng.continue_generation()
+        if declare:
+            self.declare(version)
         seconds = time.perf_counter() - t0
         if ledger is not None:
             return SyncReport(self.name, version, seconds, ledger.bytes, len(ledger.seen), ledger.buckets)
         return SyncReport(self.name, version, seconds, self._sent.bytes, self._sent.tensors, self._sent.buckets)
+
+    def declare(self, version: int) -> None:
+        """Owner: stamp the engine's weights ``version`` and let it generate again."""
+        if self.engine is not None:
+            self.engine.set_weight_version(int(version))
+            self.engine.continue_generation()
 
     def _end_after_failure(self) -> None:
         try:

@@ -59,9 +59,11 @@ def _share_all(tensors) -> None:
 
 class MegatronWeightSource(WeightSource):
     """``model``: the Actor's model chunks (``actor.unwrapped()``); ``arch``: its ModelArch.
-    Construct on every rank after model-parallel initialisation."""
+    ``feeds``: this rank's data-parallel replica feeds an engine (a fleet: every replica with an
+    engine of its own); None: only the first replica does (one engine). Construct on every rank after
+    model-parallel initialisation."""
 
-    def __init__(self, model, arch):
+    def __init__(self, model, arch, feeds: bool | None = None):
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
@@ -70,9 +72,11 @@ class MegatronWeightSource(WeightSource):
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
         self.pp_size = ps.get_pipeline_model_parallel_world_size()
         self.tp_size = ps.get_tensor_model_parallel_world_size()
-        first_replica = ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
-        self.participates = first_replica
-        self.is_sender = first_replica and ps.get_tensor_model_parallel_rank() == 0
+        if feeds is None:
+            feeds = ps.get_data_parallel_rank() == 0
+        feeds = feeds and ps.get_context_parallel_rank() == 0  # CP ranks hold copies: one sends
+        self.participates = feeds
+        self.is_sender = feeds and ps.get_tensor_model_parallel_rank() == 0
         # Megatron's pipeline group of this rank; on the senders it joins exactly the stage senders
         self.sender_group = ps.get_pipeline_model_parallel_group()
         self.stage_senders = dist.get_process_group_ranks(self.sender_group)

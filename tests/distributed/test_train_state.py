@@ -25,7 +25,7 @@ pytestmark = pytest.mark.distributed
 EXTRA = {"data": {"epoch": 0, "cursor": 16}, "p_schedule": {"kind": "linear", "step": 2}, "tokens_seen": 1234}
 
 
-def _actor(cfg, sd):
+def _actor(cfg, sd, init: bool = True):
     from holderpo_megatron.parallel.cpu_compat import enable_cpu_megatron
 
     enable_cpu_megatron()
@@ -36,7 +36,8 @@ def _actor(cfg, sd):
 
     arch = ModelArch.from_hf_config(cfg)
     layout = ParallelLayout(tp=2, pp=1)
-    initialize_model_parallel(layout)
+    if init:
+        initialize_model_parallel(layout)
     actor = MegatronActor(arch, layout, actor_settings(options={"p": 1.5}, token_budget=128),
                           optimizer=OptimizerSettings(lr=1e-2, clip_grad=0.0))
     if sd is not None:
@@ -160,3 +161,33 @@ def test_resume_is_bitwise_equal_and_a_crashed_save_is_ignored(tmp_path):
 
     run_gloo(_world_b, 2, cfg, batches, str(root), str(ref_dir))
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
+
+
+def _offload_world(rank, world, cfg, sd, batches):
+    """Two actors from the same weights train the same three batches; one hands its optimizer state
+    and grad buffers to host memory (device storage freed) before each of the later steps, as the
+    colocated memory handover does during rollout, and takes them back for training."""
+    plain = _actor(cfg, sd)
+    handed = _actor(cfg, sd, init=False)
+    for k, batch in enumerate(batches):
+        if k > 0:
+            handed.offload()
+            assert handed.offloaded
+            freed = handed._host_state()
+            assert freed and all(t.untyped_storage().nbytes() == 0 for t in freed)  # memory really given up
+            assert len(handed.optimizer.state_dict()["state"]) > 0
+            handed.onload()
+            assert not handed.offloaded
+        _train(plain, batch)
+        _train(handed, batch)
+    a, b = _snapshot(plain), _snapshot(handed)
+    for n, p in a["params"].items():
+        assert torch.equal(p, b["params"][n]), f"rank {rank}: parameter {n} differs after offload/onload"
+    assert a["opt"].keys() == b["opt"].keys() and len(a["opt"]) > 0
+    for k, v in a["opt"].items():
+        assert torch.equal(v, b["opt"][k]), f"rank {rank}: optimizer state {k} differs after offload/onload"
+
+
+def test_training_after_offload_and_onload_equals_training_without_it():
+    cfg, sd, batches = _batches()
+    run_gloo(_offload_world, 2, cfg, sd, batches)
