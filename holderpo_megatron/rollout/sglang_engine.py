@@ -204,9 +204,9 @@ class SGLangEngine(RolloutEngine):
         workers = max(1, len(self._backends) * self.config.max_inflight_per_server)
         with ThreadPoolExecutor(max_workers=min(workers, len(items) or 1)) as pool:
             futs = {pool.submit(self._one_with_retries, it): k for k, it in enumerate(items)}
-            done, _ = wait(futs)
+            finished, _ = wait(futs)
             errors = []
-            for f in done:
+            for f in finished:
                 k = futs[f]
                 if f.exception() is not None:
                     errors.append((k, f.exception()))

@@ -363,11 +363,6 @@ def validate_run(cfg: RunConfig, arch=None, check_paths: bool = True) -> None:
     from holderpo_megatron.models import check_layout
 
     p = cfg.parallel
-    placement = run_placement(cfg)
-    if cfg.rollout.mode == "embedded" and len(placement.engines) != 1:
-        raise ConfigError(f"rollout.mode=embedded runs one in-process engine, but the placement has "
-                          f"{len(placement.engines)} engines: set rollout.mode=servers (one SGLang server per "
-                          f"engine) or rollout.engines_per_node=1")
     if arch is not None:
         try:
             check_layout(arch, p.tp, p.pp, p.cp, world_size=p.world_size,
@@ -377,6 +372,11 @@ def validate_run(cfg: RunConfig, arch=None, check_paths: bool = True) -> None:
         if p.vpp and (arch.num_layers // p.pp) % p.vpp:
             raise ConfigError(f"parallel.vpp={p.vpp}: {arch.num_layers // p.pp} layers per stage do not split into "
                               f"{p.vpp} chunks")
+    placement = run_placement(cfg)
+    if cfg.rollout.mode == "embedded" and len(placement.engines) != 1:
+        raise ConfigError(f"rollout.mode=embedded runs one in-process engine, but the placement has "
+                          f"{len(placement.engines)} engines: set rollout.mode=servers (one SGLang server per "
+                          f"engine) or rollout.engines_per_node=1")
     if check_paths:
         hf = cfg.model.hf_path
         if hf and not hf.startswith("builtin:") and not Path(hf).is_dir():

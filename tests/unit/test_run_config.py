@@ -138,3 +138,13 @@ def test_actor_settings_carry_the_run_constants_and_the_rollout_temperature():
     # the per-step p reaches the holder options only
     holder = load_run_config("examples/recipes/tiny-cpu.yaml").actor_settings().loss_options
     assert holder.at_p(-1.0).p == -1.0 and s.loss_options.at_p(-1.0) is s.loss_options
+
+
+def test_embedded_mode_is_one_engine_a_fleet_needs_servers():
+    cfg = load_run_config("examples/recipes/tiny-cpu.yaml", ["parallel.pp=1", "rollout.engines_per_node=null"])
+    with pytest.raises(ConfigError, match="rollout.mode=embedded runs one in-process engine, but the placement has "
+                                          "2 engines: set rollout.mode=servers"):
+        validate_run(cfg, arch_for_plan(cfg), check_paths=False)
+    cfg = load_run_config("examples/recipes/tiny-cpu.yaml", ["parallel.pp=1", "rollout.engines_per_node=null",
+                                                             "rollout.mode=servers"])
+    validate_run(cfg, arch_for_plan(cfg), check_paths=False)  # two engines, one per replica
