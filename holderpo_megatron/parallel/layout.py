@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -40,14 +41,17 @@ class ParallelLayout:
 
 
 def init_distributed(backend: str | None = None) -> None:
-    """Join the process group torchrun (or a test) set up through the environment."""
+    """Join the process group torchrun (or a test) set up through the environment. Collectives time
+    out after ``$HOLDERPO_COLLECTIVE_TIMEOUT_S`` (the launcher sets it from
+    ``parallel.collective_timeout_s``): a rank whose peer died ends instead of waiting forever."""
     if dist.is_initialized():
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    timeout = timedelta(seconds=float(os.environ.get("HOLDERPO_COLLECTIVE_TIMEOUT_S", 1800)))
+    dist.init_process_group(backend, timeout=timeout)
 
 
 def initialize_model_parallel(layout: ParallelLayout, seed: int = 1234) -> None:

@@ -59,6 +59,8 @@ class ParallelSection:
     nnodes: int = 1
     nproc_per_node: int = 1
     gpu_memory_gb: float = 80.0  # per GPU, for `holderpo plan`
+    # a collective that a dead rank never answers fails after this (every node then ends, naming it)
+    collective_timeout_s: int = 1800
     sequence_parallel: bool = False
 
     def __post_init__(self):
@@ -70,6 +72,7 @@ class ParallelSection:
               f"parallel: world size nnodes*nproc_per_node = {self.world_size} is not divisible by "
               f"tp*pp*cp = {self.tp}*{self.pp}*{self.cp} = {self.tp * self.pp * self.cp}")
         _need(self.gpu_memory_gb > 0, f"parallel.gpu_memory_gb must be > 0, got {self.gpu_memory_gb}")
+        _need(self.collective_timeout_s >= 10, f"parallel.collective_timeout_s must be >= 10, got {self.collective_timeout_s}")
 
     @property
     def world_size(self) -> int:
@@ -109,6 +112,9 @@ class RolloutSection:
     use_rollout_logprobs: bool = False  # old log-probs from the engine instead of re-scoring
     weight_sync: Literal["auto", "tensor", "distributed", "disk"] = "auto"
     bucket_mb: int = 512
+    # after each sync, read every tensor back from every engine and compare it with Megatron's (slow:
+    # for checking a new model mapping, transport or cluster layout)
+    verify_sync: bool = False
     drift_warn: float = 0.1  # warn when max |logp_train - logp_rollout| exceeds this (nats)
     timeout_s: float = 600.0
     # SGLang's deterministic inference: per-request sampling seeds, batch-invariant kernels, so a

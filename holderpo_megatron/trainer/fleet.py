@@ -84,7 +84,7 @@ class RolloutFleet:
         try:
             self._start_owned(engine_cfg)
             self.urls = self._exchange_urls()
-            servers = dataclasses.replace(engine_cfg, mode="servers", num_servers=1)
+            servers = self._servers_cfg = dataclasses.replace(engine_cfg, mode="servers", num_servers=1)
             if rank == 0:
                 self.driver = SGLangEngine(dataclasses.replace(servers, server_urls=tuple(self.urls)))
             if self.is_replica_owner and self.fed:
@@ -121,9 +121,45 @@ class RolloutFleet:
                                f"no rollout.server_urls names them")
         return [known[e.index] for e in self.placement.engines]
 
+    def verify(self, source, dtype) -> int:
+        """After a sync: every tensor this rank's pipeline stage exports equals, bit for bit, what each
+        engine its replica feeds holds (read back through the engine). Every rank of a feeding replica
+        calls it together (the export gathers over TP); the stage's sender compares. Returns the number
+        of tensors it compared; raises naming the engine and the tensor on a difference. A stage whose
+        sender has no way to read an engine (an embedded engine lives in rank 0's process) is skipped."""
+        import torch
+
+        if not source.participates:
+            return 0
+        readers = self._readers(source)
+        n = 0
+        for name, t in source.named_tensors(dtype):
+            for url, eng in readers:
+                got = eng.get_weight(name)
+                if got.shape != t.shape or not torch.equal(got.float(), t.float().cpu()):
+                    raise RuntimeError(f"weight check: engine {url} holds another {name} than rank {self.rank} "
+                                       f"(shape {tuple(got.shape)} vs {tuple(t.shape)})")
+            n += bool(readers)
+        return n
+
+    def _readers(self, source) -> list:
+        if not source.is_sender:
+            return []
+        if self.feed is not None:
+            return list(zip(self.feed.engine_names, [self.feed] * len(self.fed)))
+        if not self.urls:
+            return []
+        if getattr(self, "_reader", None) is None:
+            from holderpo_megatron.rollout.sglang_engine import SGLangEngine
+
+            self._reader = SGLangEngine(dataclasses.replace(
+                self._servers_cfg, server_urls=tuple(self.urls[e.index] for e in self.fed)))
+        return [(u, self._reader) for u in self._reader.engine_names]
+
     def close(self) -> None:
         errors = []
-        for client in {id(c): c for c in (self.driver, self.feed) if c is not None}.values():
+        clients = (self.driver, self.feed, getattr(self, "_reader", None))
+        for client in {id(c): c for c in clients if c is not None}.values():
             try:
                 client.shutdown()
             except Exception as e:  # every engine still gets its shutdown

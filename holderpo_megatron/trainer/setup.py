@@ -25,6 +25,7 @@ from holderpo_megatron.rewards.math import RewardConfig, build_reward
 from .actor import MegatronActor
 from .config import RunConfig, engine_config, run_placement, validate_run
 from .fleet import MemoryHandover, RolloutFleet, host_identity
+from .liveness import PeerHeartbeat
 from .faults import KILL_DURING_SAVE, kill_if_asked
 
 __all__ = ["TrainContext", "setup_training"]
@@ -65,6 +66,7 @@ class TrainContext:
                                   shuffle=cfg.data.shuffle)
         self.template = get_prompt_template(cfg.data.prompt_template)
         self.engine = self.tokenizer = self.reward = self.synchronizer = self.env_pool = self.fleet = None
+        self.heartbeat = None
         self.weight_version = 0
         self.last_examples: list[str] = []
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else cfg.run_dir / "checkpoints"
@@ -107,6 +109,7 @@ class TrainContext:
         self.placement = run_placement(cfg)
         hosts: list = [None] * dist.get_world_size()
         dist.all_gather_object(hosts, host_identity())  # where each rank runs, as the launch names it
+        self.heartbeat = PeerHeartbeat(self.rank, hosts, cfg.parallel.nproc_per_node)
         self.fleet = RolloutFleet(self.placement, engine_cfg, rank=self.rank, embedded=r.mode == "embedded")
         self.engine = self.fleet.driver
         if self.rank == 0:
@@ -166,7 +169,11 @@ class TrainContext:
             raise RuntimeError(f"weight sync of version {version} failed; no engine declares it: " + " | ".join(failed))
         self.synchronizer.declare(version)
         self.weight_version = version
-        return report.to_dict()
+        out = report.to_dict()
+        if self.cfg.rollout.verify_sync:
+            out["weight_sync/verified_tensors"] = float(self.fleet.verify(self.synchronizer.source,
+                                                                          self.synchronizer.dtype))
+        return out
 
     def evaluate(self, step: int) -> None:
         if self.rank == 0:
@@ -218,6 +225,8 @@ class TrainContext:
             self.env_pool.close()
         if self.fleet is not None:
             self.fleet.close()
+        if self.heartbeat is not None:
+            self.heartbeat.close()
         if self.reward is not None:
             self.reward.close()
 
