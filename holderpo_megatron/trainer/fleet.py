@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from holderpo_megatron.parallel.placement import Placement, rank_coords
 
-__all__ = ["RolloutFleet", "MemoryHandover", "host_identity", "without_torchrun_env"]
+__all__ = ["RolloutFleet", "MemoryHandover", "host_identity", "sync_topology", "without_torchrun_env"]
 
 log = logging.getLogger("holderpo")
 
@@ -51,6 +51,19 @@ def without_torchrun_env():
         yield
     finally:
         os.environ.update(saved)
+
+
+def sync_topology(fed, stage_senders: list[int], hosts: list[str], tp: int):
+    """Where a replica's stage senders and the engines it feeds (placement slots) run, by the hosts the
+    launch names (``hosts[rank]``): shared memory / CUDA IPC only when all of them share one host.
+    With several engines the one that needs the most general transport decides."""
+    from holderpo_megatron.weight_sync import SyncTopology, choose_transport
+
+    senders = [hosts[k] for k in stage_senders]
+    options = [SyncTopology.from_hosts(senders, hosts[e.owner_rank] if e.owner_rank is not None else
+                                       f"engine node {e.node}", tp=tp, server_urls=[e.url] if e.url else ())
+               for e in fed] or [SyncTopology.from_hosts(senders, senders[0], tp=tp)]
+    return next((t for t in options if choose_transport(t) != "tensor"), options[0])
 
 
 class RolloutFleet:

@@ -24,7 +24,7 @@ from holderpo_megatron.rewards.math import RewardConfig, build_reward
 
 from .actor import MegatronActor
 from .config import RunConfig, engine_config, run_placement, validate_run
-from .fleet import MemoryHandover, RolloutFleet, host_identity
+from .fleet import MemoryHandover, RolloutFleet, host_identity, sync_topology
 from .liveness import PeerHeartbeat
 from .faults import KILL_DURING_SAVE, kill_if_asked
 
@@ -126,23 +126,11 @@ class TrainContext:
         source = MegatronWeightSource(self.actor.unwrapped(), self.arch, feeds=bool(self.fleet.fed))
         self.synchronizer = make_weight_synchronizer(
             source, self.fleet.feed if source.is_owner else None, dtype=engine_cfg.torch_dtype,
-            transport=r.weight_sync, topology=self._sync_topology(source, hosts), bucket_bytes=r.bucket_mb << 20)
+            transport=r.weight_sync, topology=sync_topology(self.fleet.fed, source.stage_senders, hosts, self.layout.tp),
+            bucket_bytes=r.bucket_mb << 20)
         self.handover = MemoryHandover(
             self.fleet.feed, self.actor, release=self.placement.placement == "colocated" and r.release_memory_during_train,
             offload=cfg.train.offload_during_rollout, run_dir=cfg.run_dir if self.rank == 0 else None)
-
-    def _sync_topology(self, source, hosts: list[str]):
-        """Where this replica's stage senders and the engines it feeds run (host identities from the
-        launch): shared memory / CUDA IPC only when all of them share one host."""
-        from holderpo_megatron.weight_sync import SyncTopology, choose_transport
-
-        senders = [hosts[k] for k in source.stage_senders]
-        options = [SyncTopology.from_hosts(senders, hosts[e.owner_rank] if e.owner_rank is not None else
-                                           f"engine node {e.node}", tp=self.layout.tp,
-                                           server_urls=[e.url] if e.url else ())
-                   for e in self.fleet.fed] or [SyncTopology.from_hosts(senders, senders[0], tp=self.layout.tp)]
-        # several engines per replica: the one that needs the most general transport decides
-        return next((t for t in options if choose_transport(t) != "tensor"), options[0])
 
     def prompt_ids(self, problem: str) -> list[int]:
         if self.template.chat:
