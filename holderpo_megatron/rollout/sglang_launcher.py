@@ -108,7 +108,7 @@ class SGLangServerProcess:
         secret_dir = tempfile.mkdtemp(prefix="holderpo-sglang-")  # 0700
         key_file = os.path.join(secret_dir, "server.yaml")
         with open(os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-            json.dump({"api_key": self.api_key}, f)  # JSON is YAML
+            json.dump({"api-key": self.api_key}, f)  # JSON is YAML; keys are the flags
         cmd = [sys.executable, "-c", _BOOTSTRAP, str(os.getpid()), "--config", key_file, *_cli_args(server_args),
                "--host", host, "--port", str(self.port)]
         self._log = open(self.log_path, "ab")
