@@ -69,11 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"holderpo {args.command}: bad config: {e}", file=sys.stderr)
         return 2
     if args.command == "plot":
-        from holderpo_megatron.observability import plot_run
+        from holderpo_megatron.observability.plots import main as plot_main
 
-        written = plot_run(args.run_dir, args.out)
-        print("\n".join(str(w) for w in written))
-        return 0
+        return plot_main([args.run_dir] + (["--out", args.out] if args.out else []))
     if args.command == "convert":
         from holderpo_megatron.checkpoint.convert import main as convert_main
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from ..models import ModelArch, build_gpt_model, to_transformer_config
 from .dist_ckpt import parse_dtype, save_megatron_checkpoint
 from .mapping import check_hf_tensors, expected_hf_shapes, hf_names_for_stage, load_hf_weights_into_model
-from .output_dir import check_output_dir, copy_side_files, publish, read_json, staging_dir
+from .output_dir import check_output_location, copy_side_files, publish, read_json, staging_dir
 from .progress import ConversionSummary, ProgressBar
 from .safetensors_io import SafetensorsReader, ShardedSafetensorsWriter
 from .torch_dist_reader import MegatronCheckpointReader
@@ -117,10 +117,10 @@ def convert_hf_to_megatron(hf_path: str | os.PathLike, save: str | os.PathLike, 
 
     start = time.perf_counter()
     hf_path = Path(hf_path)
+    check_output_location(save, {"--hf-path": hf_path}, overwrite)  # before anything is read
     arch = ModelArch.from_pretrained_dir(hf_path)
     reader = SafetensorsReader(hf_path)
     check_hf_tensors(arch, reader.shapes(), source=f"HF checkpoint {str(hf_path)!r}")
-    check_output_dir(save, overwrite)
     dtype = parse_dtype(dtype) or _hf_dtype(hf_path, reader)
 
     with megatron_process_group(tp=tp):
@@ -164,8 +164,8 @@ def convert_megatron_to_hf(load: str | os.PathLike, save: str | os.PathLike, *, 
     import, no process group.
     """
     start = time.perf_counter()
-    reader = MegatronCheckpointReader(load)  # refusals first: incomplete, config vs tensors
-    check_output_dir(save, overwrite)
+    check_output_location(save, {"--load": load}, overwrite)  # before anything is read
+    reader = MegatronCheckpointReader(load)  # refusals next: incomplete, config vs tensors, files
     out_dtype = parse_dtype(dtype) or reader.dtype
     entries = [(n, s, out_dtype) for n, s in expected_hf_shapes(reader.arch).items()]
     tmp = staging_dir(save)
@@ -232,6 +232,12 @@ def _parser():
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return " ".join(str(e).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """``holderpo convert hf-to-megatron|megatron-to-hf ...`` and the tools/ scripts. Refusals
     print ``error: ...`` and return 2; the summary goes to stderr (rank 0 only under torchrun)."""
@@ -243,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             summary = convert_megatron_to_hf(args.load, args.save, dtype=args.dtype, overwrite=args.overwrite,
                                              max_shard_bytes=parse_size(args.max_shard_size), progress=not args.quiet)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # one line: the file and the problem
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":
         print(summary, file=sys.stderr)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from ..models import ModelArch
 from .output_dir import check_output_dir, copy_side_files, publish, read_json, staging_dir
+from .safe_metadata import safe_dcp_metadata_reads
 
 __all__ = [
     "MARKER", "FORMAT", "save_megatron_checkpoint", "load_megatron_checkpoint", "read_marker",
@@ -217,7 +218,7 @@ def load_megatron_checkpoint(model, ckpt_dir: str | os.PathLike, arch: ModelArch
             k, (a, b) = next(iter(diff.items()))
             raise ValueError(f"checkpoint {str(ckpt_dir)!r} is for a different model: config field {k}={a!r}, "
                              f"model has {b!r}")
-    with _quiet_dcp():
+    with _quiet_dcp(), safe_dcp_metadata_reads():
         state = dist_checkpointing.load(_sharded_state_dict(model), str(ckpt_dir))
     chunks = _chunks(model)
     if len(chunks) == 1:

@@ -11,7 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["SIDE_FILES", "copy_side_files", "check_output_dir", "staging_dir", "publish", "read_json"]
+__all__ = ["SIDE_FILES", "copy_side_files", "check_output_dir", "check_output_location", "staging_dir", "publish",
+           "read_json"]
 
 # Config, generation config and tokenizer files copied beside the weights in both directions.
 SIDE_FILES = (
@@ -60,6 +61,31 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> None:
         raise ValueError(f"output path {str(p)!r} exists and is not a directory")
     if p.is_dir() and any(p.iterdir()) and not overwrite:
         raise ValueError(f"output directory {str(p)!r} exists and is not empty (pass --overwrite to replace it)")
+
+
+def check_output_location(path: str | os.PathLike, inputs: dict[str, str | os.PathLike], overwrite: bool) -> None:
+    """Everything about an output directory that can be known before any input is read: it is
+    not, does not contain and is not inside an input (``inputs``: what each is called, e.g.
+    ``{"--hf-path": ...}``; an overwrite would delete it), it is empty unless ``overwrite``, and
+    it can be written (its nearest existing ancestor is writable)."""
+    out = Path(path).resolve()
+    for what, src in inputs.items():
+        if src is None:
+            continue
+        inp = Path(src).resolve()
+        relation = ("is" if out == inp else "contains" if inp.is_relative_to(out)
+                    else "is inside" if out.is_relative_to(inp) else None)
+        if relation:
+            raise ValueError(f"output {str(path)!r} {relation} the input {what} {str(src)!r}: writing there would "
+                             "replace or mix with what is read; choose an output directory outside it")
+    check_output_dir(out, overwrite)
+    where = out if out.exists() else out.parent
+    while not where.exists():
+        where = where.parent
+    # the staging directory is a sibling of the output, and the output replaces it by a rename
+    writable = where.parent if where == out else where
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise ValueError(f"output {str(path)!r} cannot be written: {writable} is not writable")
 
 
 def staging_dir(path: str | os.PathLike) -> Path:

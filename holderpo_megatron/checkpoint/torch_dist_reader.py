@@ -21,6 +21,7 @@ import torch
 from ..models import ModelArch, padded_vocab_size
 from .dist_ckpt import parse_dtype, read_marker
 from .mapping import ParamMapping, VocabMapping, hf_shape, mappings_for
+from .safe_metadata import read_dcp_metadata
 
 __all__ = ["MegatronCheckpointReader"]
 
@@ -67,17 +68,17 @@ class MegatronCheckpointReader:
     """
 
     def __init__(self, ckpt_dir: str | os.PathLike):
-        from torch.distributed.checkpoint.filesystem import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.dir = Path(ckpt_dir)
         self.marker = read_marker(self.dir)
         self.arch = ModelArch.from_pretrained_dir(self.dir)
-        md = FileSystemReader(str(self.dir)).read_metadata()
+        md = read_dcp_metadata(self.dir)  # allow-listed unpickling: a crafted .metadata runs nothing
         self.meta = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
         self._storage = md.storage_data
         self.mappings = [m for m in mappings_for(self.arch) if m.export]
         self._check()
+        self._check_files()
 
     # -- validation ------------------------------------------------------------------------------
     def _check(self) -> None:
@@ -108,6 +109,24 @@ class MegatronCheckpointReader:
         if extra:
             raise ValueError(f"checkpoint {str(self.dir)!r}: unexpected tensor {extra[0]!r} for {a.architecture} "
                              f"(qkv_bias={a.qkv_bias}, qk_norm={a.qk_norm}, tie_word_embeddings={a.tie_word_embeddings})")
+
+    def _check_files(self) -> None:
+        """Every stored chunk's file is there and long enough (before any weight is read)."""
+        need: dict[str, int] = {}
+        for info in (self._storage or {}).values():
+            rel = getattr(info, "relative_path", None)
+            if rel is None:
+                continue
+            need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+        for rel, size in sorted(need.items()):
+            f = self.dir / rel
+            if not f.is_file():
+                raise ValueError(f"checkpoint {str(self.dir)!r}: {rel} is missing (its .metadata lists tensors "
+                                 "stored there): the checkpoint is incomplete")
+            got = f.stat().st_size
+            if got < size:
+                raise ValueError(f"checkpoint {str(self.dir)!r}: {rel} is {got} bytes but its .metadata places data up "
+                                 f"to byte {size}: the file is truncated")
 
     @property
     def dtype(self) -> torch.dtype:

@@ -7,6 +7,7 @@ Layout of a checkpoint root::
       step_00000050/
       latest                    "step_00000050": the commit point, replaced atomically (os.replace)
       .incomplete.step_00000060/   being written (or its writer died): never loaded, removed
+      .holderpo-root-id         this root's identity: which states its own writer made
 
 A save (collective: every rank calls :func:`save_train_state`) writes into
 ``.incomplete.step_N`` inside the root: Megatron's ``dist_checkpointing`` files for the model's and
@@ -15,11 +16,16 @@ the marker (step, extra trainer state, saved layout, a manifest of file sizes), 
 and the directory, renames it to ``step_N``, fsyncs the root and replaces ``latest``. Only then is
 the state committed: a crash at any earlier point leaves the previous ``latest`` in force.
 
-On resume (:func:`load_latest_train_state`) rank 0 first removes what no commit covers: temporary
-directories, step directories without a marker, step directories newer than the one ``latest``
-names (renamed before the pointer moved), directories half-deleted by a rotation. Without a
-``latest`` file (lost, or a root written by hand) the newest complete step directory is used.
-Editing ``latest`` to name an older step rolls the run back: newer steps are then removed.
+On resume (:func:`load_latest_train_state`) rank 0 first removes what this root's own writer left
+unfinished (its stamped ``.incomplete.*`` directories, its states half-deleted by a rotation) and
+nothing else: a directory it did not write (copied in by hand, another tool's) is left where it is.
+A step directory newer than the state to resume from is ambiguous (a state placed by hand, or a
+rolled-back ``latest``): the resume is refused (:class:`AmbiguousTrainState`) naming it, with
+what to do. The one exception is a save interrupted between its rename and the move of ``latest``
+(the newest directory is this root's own complete state and ``latest`` is older than it): that
+commit is completed. Without a ``latest`` file (lost, or a root written by hand) the newest
+complete step directory is used. To roll back, move the newer step directories out of the root
+and write the older step's name into ``latest``. Rotation deletes only this root's own states.
 
 The model and optimizer load at any layout (the distributed optimizer's state is saved in
 Megatron's fully reshardable form); the RNG states are per rank and are restored only when the
@@ -46,11 +52,12 @@ import torch
 import torch.distributed as dist
 
 from .dist_ckpt import _barrier, _chunks, _on_rank0, _quiet_dcp, _rank, _sharded_state_dict
+from .safe_metadata import safe_dcp_metadata_reads
 
 __all__ = [
     "TRAIN_STATE_MARKER", "TRAIN_STATE_FORMAT", "LATEST", "TrainStateInfo", "TrainStateDirectory",
     "save_train_state", "load_latest_train_state", "load_train_state", "capture_rng_state",
-    "restore_rng_state", "step_dir_name",
+    "restore_rng_state", "step_dir_name", "AmbiguousTrainState",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,12 @@ _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".incomplete."
 _DELETING_PREFIX = ".deleting."
 _RNG_DIR = "rng"
+_ROOT_ID = ".holderpo-root-id"
+_WRITER_STAMP = ".holderpo-writer.json"  # in a staging directory: whose it is (kept out of the manifest)
+
+
+class AmbiguousTrainState(ValueError):
+    """The checkpoint root holds a step directory this run cannot account for; nothing was changed."""
 
 
 class TrainStateInfo(NamedTuple):
@@ -141,6 +154,43 @@ class TrainStateDirectory:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).absolute()
 
+    # ---- identity: which directories this root's own writer made
+    def root_id(self, create: bool = False) -> str | None:
+        """The identity written into every state this root's writer saves (None: never saved here)."""
+        f = self.root / _ROOT_ID
+        if f.is_file():
+            return f.read_text().strip() or None
+        if not create:
+            return None
+        import uuid
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        _write_durable(f, uuid.uuid4().hex + "\n")
+        _fsync_path(self.root, directory=True)
+        return f.read_text().strip()
+
+    def _owned(self, directory: Path) -> bool:
+        """Whether ``directory`` (a staging, step or half-deleted directory) was written here: its
+        writer stamp or marker carries this root's identity. A marker from before identities were
+        recorded counts as this root's (what earlier versions of this code wrote)."""
+        mine = self.root_id()
+        if mine is None:
+            return False
+        for name in (_WRITER_STAMP, TRAIN_STATE_MARKER):
+            f = directory / name
+            if f.is_file():
+                try:
+                    data = json.loads(f.read_text())
+                except (ValueError, OSError):
+                    continue
+                if not isinstance(data, dict):
+                    continue
+                if name == TRAIN_STATE_MARKER and data.get("format") == TRAIN_STATE_FORMAT and "root_id" not in data:
+                    return True
+                if data.get("root_id") == mine:
+                    return True
+        return False
+
     # ---- reading
     def step_dirs(self) -> dict[int, Path]:
         """Every ``step_N`` directory, complete or not."""
@@ -192,27 +242,22 @@ class TrainStateDirectory:
 
     # ---- cleaning
     def cleanup_incomplete(self) -> list[Path]:
-        """Remove everything no commit covers (see the module docstring); returns what was removed."""
+        """Remove what this root's own writer left unfinished: its stamped ``.incomplete.*``
+        directories, its states half-deleted by a rotation (``.deleting.*``), its temporary
+        ``latest`` files. Anything else is left in place (logged). Returns what was removed."""
         removed = []
         if not self.root.is_dir():
             return removed
         for p in sorted(self.root.iterdir()):
             if p.is_dir() and p.name.startswith((_TMP_PREFIX, _DELETING_PREFIX)):
-                shutil.rmtree(p)
-                removed.append(p)
+                if self._owned(p) or not any(p.iterdir()):  # an empty one holds nothing to lose
+                    shutil.rmtree(p)
+                    removed.append(p)
+                else:
+                    log.warning("train state %s was not written by this checkpoint root's writer: left in place "
+                                "(never loaded)", p)
         for p in self.root.glob(f".{LATEST}.*.tmp"):
             p.unlink()
-            removed.append(p)
-        pointed = self._pointed_step()
-        for step, p in self.step_dirs().items():
-            if not (p / TRAIN_STATE_MARKER).is_file():
-                why = "has no completion marker"
-            elif pointed is not None and step > pointed:
-                why = f"is newer than {LATEST} ({step_dir_name(pointed)}): renamed but never committed"
-            else:
-                continue
-            log.warning("train state %s %s: removing it", p, why)
-            _remove_tree(p)
             removed.append(p)
         return removed
 
@@ -225,29 +270,90 @@ class TrainStateDirectory:
             raise ValueError(f"{self.root / LATEST} names {name!r}, not a step_NNNNNNNN directory")
         return int(m.group(1))
 
-    def resolve_latest(self) -> Path | None:
-        """The directory to resume from: the one ``latest`` names when it is complete, else the
-        newest complete one (logged); None for an empty or absent root. Call after cleanup."""
-        steps = self.complete_steps()
+    def _interrupted_commit(self, step: int) -> bool:
+        """``step_N`` is this root's own complete state, renamed into place, and ``latest`` was last
+        written before its marker: the save stopped between the rename and the pointer move."""
+        p = self.root / step_dir_name(step)
+        if not (self.is_complete(p) and self._owned(p)):
+            return False
+        return (self.root / LATEST).stat().st_mtime <= (p / TRAIN_STATE_MARKER).stat().st_mtime
+
+    def _refuse_newer(self, newer: list[int], base: int | None) -> None:
+        steps = self.step_dirs()
+        what = []
+        for s in newer:
+            p = steps[s]
+            why = "is complete" if self.is_complete(p) else f"has no valid {TRAIN_STATE_MARKER} (incomplete or not a state)"
+            what.append(f"{p.name} ({why}{'' if self._owned(p) else ', not written by this root'})")
+        if base is None:
+            where = "there is no committed state to resume from"
+            todo = "move them out of the root to start this run from step 0"
+        else:
+            where = (f"{LATEST} names {step_dir_name(base)}" if self.latest_pointer() is not None
+                     else f"the newest complete state is {step_dir_name(base)}")
+            todo = (f"move them out of the root to resume from {step_dir_name(base)}, or write the name of a "
+                    f"complete one into {self.root / LATEST} to resume from it")
+        raise AmbiguousTrainState(
+            f"cannot resume from {self.root}: {where}, but newer step directories are there: {'; '.join(what)}. "
+            f"They may have been placed by hand or left by a rolled-back run; nothing was changed: {todo}")
+
+    def resolve_latest(self, finish_interrupted: bool = True) -> Path | None:
+        """The directory to resume from: the one ``latest`` names when it is complete; without
+        ``latest``, the newest complete one; None when there is none (logged when ``latest``
+        names a state that is gone). Raises :class:`AmbiguousTrainState` when a step directory
+        newer than that state is there, except for an interrupted commit of this root's own
+        (completed here: ``latest`` is moved to it, unless ``finish_interrupted=False``: a check
+        that changes nothing). Call after :meth:`cleanup_incomplete`."""
+        steps = self.step_dirs()
+        complete = [s for s, p in steps.items() if self.is_complete(p)]
         pointed = self._pointed_step()
-        if pointed is not None and pointed in steps:
+        if pointed is None:
+            base = complete[-1] if complete else None
+            newer = [s for s in steps if base is None or s > base]
+            if newer:
+                self._refuse_newer(newer, base)
+            if base is not None:
+                log.warning("%s is missing: resuming from %s, the newest complete state", self.root / LATEST,
+                            step_dir_name(base))
+            return None if base is None else self.root / step_dir_name(base)
+        newer = [s for s in steps if s > pointed]
+        if newer and newer[-1] == max(steps) and len(newer) == 1 and self._interrupted_commit(newer[0]):
+            name = step_dir_name(newer[0])
+            if finish_interrupted:
+                log.warning("train state %s was renamed into place but %s still names %s (the save stopped before "
+                            "moving it): completing that commit", self.root / name, LATEST, step_dir_name(pointed))
+                self._write_latest(name)
+            return self.root / name
+        if newer:
+            self._refuse_newer(newer, pointed)
+        if pointed in complete:
             return self.root / step_dir_name(pointed)
-        if pointed is not None:
-            log.warning("%s names %s, which is missing or incomplete; using the newest complete state instead",
-                        self.root / LATEST, step_dir_name(pointed))
-        if not steps:
-            return None
-        return self.root / step_dir_name(steps[-1])
+        gone = "is missing" if pointed not in steps else "is incomplete or damaged"
+        older = [s for s in complete if s < pointed]
+        if older:
+            log.warning("%s names %s, which %s: resuming from %s, the newest complete state, instead",
+                        self.root / LATEST, step_dir_name(pointed), gone, step_dir_name(older[-1]))
+            return self.root / step_dir_name(older[-1])
+        log.warning("%s names %s, which %s, and no other complete state is there: this run starts from step 0 "
+                    "(its first save replaces %s)", self.root / LATEST, step_dir_name(pointed), gone, LATEST)
+        return None
 
     # ---- writing
     def staging(self, step: int) -> Path:
         """A fresh, empty temporary directory for ``step`` inside the root (a leftover is removed)."""
         _check_step(step)
-        self.root.mkdir(parents=True, exist_ok=True)
+        root_id = self.root_id(create=True)
         tmp = self.root / f"{_TMP_PREFIX}{step_dir_name(step)}"
         if tmp.exists():
+            if not (self._owned(tmp) or not any(tmp.iterdir())):
+                raise AmbiguousTrainState(f"{tmp} exists and was not written by this checkpoint root's writer: "
+                                          "move it away")
             shutil.rmtree(tmp)
         tmp.mkdir()
+        import socket
+
+        _write_durable(tmp / _WRITER_STAMP, json.dumps({"root_id": root_id, "pid": os.getpid(),
+                                                         "host": socket.gethostname()}) + "\n")
         return tmp
 
     def commit(self, tmp: Path, step: int, marker: dict) -> Path:
@@ -258,14 +364,23 @@ class TrainStateDirectory:
         for d, _, names in os.walk(tmp):
             for n in names:
                 f = Path(d) / n
-                files[str(f.relative_to(tmp))] = f.stat().st_size
+                rel = str(f.relative_to(tmp))
+                if rel != _WRITER_STAMP:
+                    files[rel] = f.stat().st_size
         full = {"format": TRAIN_STATE_FORMAT, "version": TRAIN_STATE_VERSION, "step": step,
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **marker, "files": files}
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **marker, "files": files,
+                "root_id": self.root_id(create=True)}
         _write_durable(tmp / TRAIN_STATE_MARKER, json.dumps(full, indent=2, sort_keys=True) + "\n")
         _fsync_tree(tmp)
         final = self.root / step_dir_name(step)
-        if final.exists():  # the same step saved again (e.g. after a resume): the new one wins
-            _remove_tree(final)
+        if final.exists():
+            if self._owned(final):  # the same step saved again (e.g. after a resume): the new one wins
+                _remove_tree(final)
+            else:  # not ours (put there during the run): kept, under another name
+                aside = final.with_name(f"{final.name}.displaced-{time.strftime('%Y%m%dT%H%M%S')}")
+                final.rename(aside)
+                log.warning("train state %s was not written by this run: moved to %s to save step %d",
+                            final, aside.name, step)
         tmp.rename(final)
         _fsync_path(self.root, directory=True)
         self._write_latest(final.name)
@@ -284,7 +399,7 @@ class TrainStateDirectory:
             return []
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(f"keep_last must be an int >= 1 or None, got {keep_last!r}")
-        steps = self.complete_steps()
+        steps = [s for s in self.complete_steps() if self._owned(self.root / step_dir_name(s))]
         pointed = self._pointed_step()
         doomed = [s for s in steps[:-keep_last] if s != pointed] if len(steps) > keep_last else []
         for s in doomed:
@@ -510,7 +625,7 @@ def load_train_state(step_dir: str | os.PathLike, *, model, optimizer) -> TrainS
     if optimizer is not None and not marker.get("has_optimizer", False):
         raise ValueError(f"{str(step_dir)!r} holds no optimizer state; pass optimizer=None to load the model only")
     request = _state_dict_to_save(model, optimizer, True, marker.get("optimizer_metadata", OPTIMIZER_METADATA))
-    with _quiet_dcp():
+    with _quiet_dcp(), safe_dcp_metadata_reads():
         state = dist_checkpointing.load(request, str(step_dir))
     chunks = _unwrap(model)
     if len(chunks) == 1:

@@ -47,6 +47,14 @@ class MathDataset:
     path: str = ""
     skipped_no_answer: int = 0
     skipped_rows: list[int] = field(default_factory=list)
+    fields: tuple[str, ...] = ()  # the keys of the first row (to say what a row without an answer holds)
+
+    def describe_empty(self) -> str:
+        """Why a set has no items, in words (for an error message)."""
+        if self.skipped_no_answer:
+            return (f"all {self.skipped_no_answer} rows lack an 'answer' or 'answers' field with a value "
+                    f"(a row's fields: {', '.join(self.fields) or 'none'})")
+        return "the file has no rows"
 
     def __len__(self) -> int:
         return len(self.items)
@@ -71,15 +79,25 @@ def math_data_dir(root: str | os.PathLike | None = None) -> Path:
 
 
 def resolve_math_path(name_or_path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
-    """A set name (``"math500"`` -> ``<root>/math/math500/data.jsonl``), a folder, or a .jsonl file."""
+    """A set name (``"math500"`` -> ``<root>/math/math500/data.jsonl``), a folder, or a .jsonl file.
+
+    A bare name that is both a shared set and a folder in the working directory is refused
+    (ValueError): write ``./math500`` for the folder."""
     p = Path(name_or_path)
     if p.suffix == ".jsonl" and p.is_file():
         return p
-    if p.is_dir():
-        return p / "data.jsonl"
     candidate = math_data_dir(root) / str(name_or_path) / "data.jsonl"
+    bare = isinstance(name_or_path, str) and os.sep not in name_or_path and not name_or_path.startswith(".")
+    if bare and candidate.is_file() and p.is_dir() and p.resolve() != candidate.parent.resolve():
+        raise ValueError(
+            f"math set {name_or_path!r} is ambiguous: it names the shared set {candidate.parent} and the folder "
+            f"{p.resolve()} in the working directory; write ./{name_or_path} for the folder, or rename it")
+    if p.is_dir() and (p / "data.jsonl").is_file():
+        return p / "data.jsonl"
     if candidate.is_file():
         return candidate
+    if p.is_dir():
+        raise FileNotFoundError(f"math set folder {str(p)!r} has no data.jsonl")
     raise FileNotFoundError(
         f"no math set {str(name_or_path)!r}: not a .jsonl file or folder, and {candidate} does not exist "
         f"(set HOLDERPO_DATA to the shared data folder)")
@@ -128,27 +146,36 @@ def load_math_dataset(name_or_path: str | os.PathLike, root: str | os.PathLike |
     name = path.parent.name if path.name == "data.jsonl" else path.stem
     items: list[MathItem] = []
     skipped: list[int] = []
-    with open(path, encoding="utf-8") as f:
-        row_idx = -1
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            row_idx += 1
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc})") from None
-            problem = row.get("problem")
-            if not isinstance(problem, str) or not problem.strip():
-                raise ValueError(f"{path}:{line_no}: row has no 'problem' string (keys: {sorted(row)})")
-            golds = _gold_answers(row)
-            if not golds:
-                skipped.append(row_idx)
-                continue
-            items.append(MathItem(problem=problem, answers=tuple(golds), source=name, index=row_idx))
-            if limit is not None and len(items) >= limit:
-                break
-    return MathDataset(name=name, items=items, path=str(path), skipped_no_answer=len(skipped), skipped_rows=skipped)
+    fields: tuple[str, ...] = ()
+    try:
+        lines = path.read_bytes().decode("utf-8").split("\n")  # not splitlines: JSON strings may hold U+2028
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    row_idx = -1
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        row_idx += 1
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{line_no}: not valid JSON ({exc})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{line_no}: a row must be a JSON object, got {type(row).__name__}")
+        if row_idx == 0:
+            fields = tuple(row)
+        problem = row.get("problem")
+        if not isinstance(problem, str) or not problem.strip():
+            raise ValueError(f"{path}:{line_no}: row has no 'problem' string (keys: {sorted(row)})")
+        golds = _gold_answers(row)
+        if not golds:
+            skipped.append(row_idx)
+            continue
+        items.append(MathItem(problem=problem, answers=tuple(golds), source=name, index=row_idx))
+        if limit is not None and len(items) >= limit:
+            break
+    return MathDataset(name=name, items=items, path=str(path), skipped_no_answer=len(skipped), skipped_rows=skipped,
+                       fields=fields)
 
 
 # --- generated arithmetic word problems (the embedded CPU demo) -------------------------------

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 __all__ = ["PromptTemplate", "PROMPT_TEMPLATES", "get_prompt_template", "register_prompt_template",
-           "render_chatml"]
+           "render_chatml", "prompt_token_ids", "prompt_token_lengths"]
 
 ChatFormatter = Callable[[list[dict]], str]
 
@@ -59,6 +59,24 @@ class PromptTemplate:
         if not self.chat:
             return self.user_format.replace("{problem}", problem)
         return (apply_chat_template or render_chatml)(self.messages(problem))
+
+
+def prompt_token_ids(template: PromptTemplate, tokenizer, problem: str) -> list[int]:
+    """The token ids the rollout engine is given for ``problem``: a chat template through the
+    tokenizer's own chat template (no special tokens added on top), a raw one with them."""
+    return prompt_token_lengths(template, tokenizer, [problem], ids=True)[0]
+
+
+def prompt_token_lengths(template: PromptTemplate, tokenizer, problems: list[str], ids: bool = False) -> list:
+    """Token counts (or ids, ``ids=True``) of many prompts, tokenized as :func:`prompt_token_ids`
+    does, in one batch call."""
+    if template.chat:
+        texts = [tokenizer.apply_chat_template(template.messages(p), add_generation_prompt=True, tokenize=False)
+                 for p in problems]
+        enc = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    else:
+        enc = tokenizer([template.render(p) for p in problems])["input_ids"] if problems else []
+    return [list(e) for e in enc] if ids else [len(e) for e in enc]
 
 
 PROMPT_TEMPLATES: dict[str, PromptTemplate] = {}

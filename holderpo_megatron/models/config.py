@@ -107,7 +107,16 @@ class ModelArch:
         p = Path(path) / "config.json"
         if not p.is_file():
             raise ValueError(f"no config.json in {str(path)!r}")
-        return cls.from_hf_config(json.loads(p.read_text()))
+        try:
+            cfg = json.loads(p.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p} is not valid JSON: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{p}: expected a JSON object, got {type(cfg).__name__}")
+        try:
+            return cls.from_hf_config(cfg)
+        except (ValueError, TypeError) as e:  # a field missing, of the wrong type, or unsupported
+            raise ValueError(f"{p}: {e}") from None
 
     def to_dict(self) -> dict:
         return asdict(self)

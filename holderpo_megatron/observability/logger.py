@@ -109,8 +109,9 @@ class MetricsLogger:
 
     run_dir: the run's directory (created). config: what to write besides metrics.jsonl.
     resume_step: None for a new run (refuses a run_dir whose metrics.jsonl already has records);
-      the step a resumed run restarts after: records with a larger step are removed first (they
-      will be logged again), unless ``truncate=False``.
+      the step a resumed run restarts after: records with a larger step leave metrics.jsonl (they
+      will be logged again), unless ``truncate=False``; the previous file is first copied, whole,
+      to ``metrics.jsonl.before-restart-<UTC time>`` (a WARNING names it): nothing is deleted.
     total_steps: for the progress bar and to always record the last step.
     run_config: the run's configuration (JSON-able), given to wandb.
     """
@@ -169,8 +170,12 @@ class MetricsLogger:
         else:
             keep = records
         if len(keep) != len(records) or dirty:
-            log.info("%s: resuming after step %s, removing %d later records", self.path, self.resume_step,
-                     len(records) - len(keep))
+            if len(keep) != len(records):
+                # never delete what this run cannot log again: the whole old file stays, renamed
+                kept_as = self._set_aside()
+                log.warning("%s: this run restarts after step %s; the %d records of later steps (up to step %d) "
+                            "will be logged again. The previous file, with every record, is kept as %s",
+                            self.path, self.resume_step, len(records) - len(keep), records[-1]["step"], kept_as)
             tmp = self.path.with_name(self.path.name + ".tmp")
             with open(tmp, "w", encoding="utf-8") as f:
                 for r in keep:
@@ -178,6 +183,23 @@ class MetricsLogger:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
+
+    def _set_aside(self) -> Path:
+        """Copy metrics.jsonl to a new ``metrics.jsonl.before-restart-<UTC time>[-N]``; returns its path."""
+        import shutil
+
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for n in range(1000):
+            kept = self.path.with_name(f"{self.path.name}.before-restart-{stamp}" + (f"-{n}" if n else ""))
+            try:
+                with open(kept, "xb") as out, open(self.path, "rb") as src:
+                    shutil.copyfileobj(src, out)
+                    out.flush()
+                    os.fsync(out.fileno())
+                return kept
+            except FileExistsError:
+                continue
+        raise RuntimeError(f"{self.path}: no free name to keep the previous records under")
 
     def _open_tensorboard(self):
         try:

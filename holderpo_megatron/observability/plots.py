@@ -102,10 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="a run directory holding metrics.jsonl")
     parser.add_argument("--out", default=None, help="output directory (default RUN_DIR/plots)")
     args = parser.parse_args(argv)
+    if not Path(args.run_dir).is_dir():
+        print(f"holderpo plot: run directory {args.run_dir!r} does not exist", file=sys.stderr)
+        return 2
     try:
         files = plot_run(args.run_dir, args.out)
-    except ValueError as e:
-        print(f"holderpo plot: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        print(f"holderpo plot: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     for f in files:
         print(f)

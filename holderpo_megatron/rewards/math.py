@@ -11,12 +11,22 @@ Per-response outcomes (``RewardResult.outcomes``), in the order they are decided
   no_answer   no answer in the template's format
   too_long    the extracted answer exceeds ``max_answer_chars`` (adversarial input), scored 0
   correct / wrong
-  timeout     the verifier overran ``timeout_s``: scored 0, its worker killed and replaced
+  timeout     the verifier overran ``timeout_s``: scored 0, its worker killed and replaced; or the
+              batch's ``batch_timeout_s`` was spent before it was verified (counted apart as
+              ``stats["over_budget"]``, logged)
   error       the verifier raised (or its worker died): scored 0
+
+The per-batch budget bounds one call of ``score``: answers are sent to the verifier in waves
+sized so that a wave cannot outlast the budget left (``workers`` answers per ``timeout_s``
+of it); once it is spent the rest score as timeouts. A batch therefore takes at most
+``batch_timeout_s`` plus one ``timeout_s`` (and the restarts of killed workers), however many
+answers hang.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -28,6 +38,8 @@ from holderpo_megatron.rewards.verifier import math_verify_any, warm_up_math_ver
 
 __all__ = ["RewardConfig", "RewardResult", "MathReward", "ExactIntReward", "Reward", "build_reward",
            "REWARD_KINDS", "OUTCOMES"]
+
+log = logging.getLogger(__name__)
 
 REWARD_KINDS = ("math", "exact_int")
 OUTCOMES = ("correct", "wrong", "no_answer", "truncated", "too_long", "timeout", "error")
@@ -43,6 +55,8 @@ class RewardConfig:
     workers: verifier processes.
     truncated_reward: reward of a response cut off by the length limit; None grades it like any other.
     max_answer_chars: longer extracted answers score 0 without verification; None disables the check.
+    batch_timeout_s: wall-clock seconds for verifying one ``score`` call's answers (None: no budget);
+      once spent, the answers not yet verified score as timeouts (module docstring).
     """
 
     kind: str = "math"
@@ -51,6 +65,7 @@ class RewardConfig:
     workers: int = 2
     truncated_reward: float | None = 0.0
     max_answer_chars: int | None = 1000
+    batch_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in REWARD_KINDS:
@@ -66,6 +81,9 @@ class RewardConfig:
         if self.max_answer_chars is not None and not (isinstance(self.max_answer_chars, int)
                                                       and self.max_answer_chars >= 1):
             raise ValueError(f"max_answer_chars must be an int >= 1 or None, got {self.max_answer_chars!r}")
+        if self.batch_timeout_s is not None and not (isinstance(self.batch_timeout_s, (int, float))
+                                                     and self.batch_timeout_s > 0):
+            raise ValueError(f"batch_timeout_s must be a number > 0 or None, got {self.batch_timeout_s!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RewardConfig":
@@ -176,11 +194,15 @@ class MathReward:
         errors = []
         restarts_before = self._pool.restarts if self._pool is not None else 0
         restarts = 0
+        over_budget = 0
         if to_verify:
             pool = self.pool
-            results = pool.map([(extracted[i], [str(g) for g in answers[i]]) for i in to_verify])
-            for i, res in zip(to_verify, results):
-                if res.status == "ok":
+            calls = [(extracted[i], [str(g) for g in answers[i]]) for i in to_verify]
+            for i, res in zip(to_verify, self._verify(pool, calls, t0)):
+                if res is None:  # the batch's time budget ran out before this answer was verified
+                    outcomes[i] = "timeout"
+                    over_budget += 1
+                elif res.status == "ok":
                     ok = bool(res.value)
                     rewards[i], outcomes[i] = (1.0 if ok else 0.0), ("correct" if ok else "wrong")
                 else:
@@ -188,9 +210,28 @@ class MathReward:
                     if res.status == "error" and len(errors) < 3:
                         errors.append(res.error)
             restarts = pool.restarts - restarts_before
-        stats = _summarise(rewards, outcomes, t0, verified=len(to_verify), fast_path=fast,
-                           worker_restarts=restarts, error_examples=errors)
+            if over_budget:
+                log.warning("reward: the batch's time budget (batch_timeout_s=%.0f s) ran out: %d of %d answers "
+                            "were not verified and score as timeouts", cfg.batch_timeout_s, over_budget, n)
+        stats = _summarise(rewards, outcomes, t0, verified=len(to_verify) - over_budget, fast_path=fast,
+                           worker_restarts=restarts, error_examples=errors, over_budget=over_budget)
         return RewardResult(rewards, outcomes, extracted, stats)
+
+    def _verify(self, pool: TimeoutPool, calls: list[tuple], t0: float) -> list:
+        """Outcomes of ``calls`` in order; None for those the batch budget left unverified. Waves
+        of ``workers * floor(budget left / timeout_s)`` calls (at least ``workers``): a wave ends
+        within the budget left, or one ``timeout_s`` past it when less than that is left."""
+        budget = self.config.batch_timeout_s
+        if budget is None:
+            return pool.map(calls)
+        out: list = []
+        while len(out) < len(calls):
+            left = budget - (time.monotonic() - t0)
+            if left <= 0:
+                break
+            wave = self.config.workers * max(1, math.floor(left / self.config.timeout_s))
+            out.extend(pool.map(calls[len(out):len(out) + wave]))
+        return out + [None] * (len(calls) - len(out))
 
     def close(self) -> None:
         if self._pool is not None:

@@ -32,6 +32,9 @@ class SGLangEngineConfig:
     counts against it: a small fraction (0.05) fails start-up on a busy machine; 0.3 leaves room
     (the KV pages are reserved, not touched, until used). ``server_args`` passes any other
     ``sglang`` ServerArgs field (e.g. ``max_total_tokens`` to cap the KV cache).
+
+    ``api_key``: sent as ``Authorization: Bearer`` to given servers (``server_urls``/``router_url``);
+    servers our launcher starts always get a fresh random key of their own.
     """
 
     model_path: str
@@ -57,6 +60,7 @@ class SGLangEngineConfig:
     log_level: str = "warning"
     log_dir: str | None = None
     server_args: dict = field(default_factory=dict)
+    api_key: str | None = field(default=None, repr=False)  # of given servers (server_urls, router_url)
 
     def __post_init__(self):
         object.__setattr__(self, "server_urls", tuple(u.rstrip("/") for u in self.server_urls))
@@ -106,6 +110,11 @@ class SGLangEngineConfig:
             bad("log_level", " | ".join(_LOG_LEVELS))
         if not isinstance(self.server_args, dict):
             bad("server_args", "a dict of sglang ServerArgs fields")
+        if "api_key" in self.server_args:
+            raise ValueError("SGLangEngineConfig.server_args must not set api_key: servers we launch get a random key "
+                             "of their own; a key for given servers goes in api_key")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
+            raise ValueError("SGLangEngineConfig.api_key is invalid; allowed: None or a non-empty string")
 
     # -- resolved values ------------------------------------------------------------------------
     @property
@@ -162,4 +171,6 @@ class SGLangEngineConfig:
         return kw
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["api_key"] = None if self.api_key is None else "<redacted>"
+        return d

@@ -232,23 +232,31 @@ def _child_pids() -> set[int]:
 class ServerBackend:
     """One SGLang HTTP server (started by us: ``process`` set; or given by URL)."""
 
-    def __init__(self, url: str, *, process=None, timeout_s: float = 600.0, tp_size: int = 1):
+    def __init__(self, url: str, *, process=None, timeout_s: float = 600.0, tp_size: int = 1,
+                 api_key: str | None = None):
         self.url = url.rstrip("/")
         self.name = self.url
         self.process = process
         self.timeout_s = timeout_s
         self.tp_size = tp_size
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
 
     # -- transport ------------------------------------------------------------------------------
     def _request(self, path: str, payload: dict | None = None, *, timeout: float | None = None, method=None):
         data = None if payload is None else json.dumps(payload).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method or ("GET" if data is None else "POST"),
-                                     headers={"Content-Type": "application/json"})
+                                     headers=self._headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout or self.timeout_s) as r:
                 body = r.read()
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")[:2000]
+            if e.code == 401:
+                detail += (" (the server wants an API key: set rollout.api_key or $HOLDERPO_SGLANG_API_KEY to the "
+                           "server's --api-key)" if "Authorization" not in self._headers else
+                           " (the API key sent is not the server's)")
             raise RolloutEngineError(f"{self.url}{path} answered HTTP {e.code}: {detail}") from e
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
             raise ServerUnreachable(f"{self.url}{path}: {getattr(e, 'reason', e)}") from e

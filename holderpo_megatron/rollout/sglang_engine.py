@@ -72,14 +72,16 @@ class SGLangEngine(RolloutEngine):
         else:
             self._backends = self._start_servers(config)
             if config.router_url:
-                self._router = ServerBackend(config.router_url, timeout_s=config.request_timeout_s)
+                self._router = ServerBackend(config.router_url, timeout_s=config.request_timeout_s,
+                                             api_key=config.api_key)
         for b in self._backends:
             self._inflight[b.name] = 0
 
     @staticmethod
     def _start_servers(cfg: SGLangEngineConfig) -> list[ServerBackend]:
         if cfg.server_urls:
-            return [ServerBackend(u, timeout_s=cfg.request_timeout_s, tp_size=cfg.tp_size) for u in cfg.server_urls]
+            return [ServerBackend(u, timeout_s=cfg.request_timeout_s, tp_size=cfg.tp_size, api_key=cfg.api_key)
+                    for u in cfg.server_urls]
         from .sglang_launcher import SGLangServerProcess
 
         procs = []
@@ -92,7 +94,8 @@ class SGLangEngine(RolloutEngine):
             for p in procs:
                 p.kill()
             raise
-        return [ServerBackend(p.url, process=p, timeout_s=cfg.request_timeout_s, tp_size=cfg.tp_size) for p in procs]
+        return [ServerBackend(p.url, process=p, timeout_s=cfg.request_timeout_s, tp_size=cfg.tp_size, api_key=p.api_key)
+                for p in procs]
 
     @property
     def server_urls(self) -> list[str]:

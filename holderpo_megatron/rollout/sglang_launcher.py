@@ -3,12 +3,21 @@
 A server that does not come up raises :class:`EngineStartError` with the tail of its log; a
 server that dies later is noticed by :meth:`SGLangServerProcess.exit_code` and reported with
 the same log tail.
+
+Each server gets a fresh random API key (``api_key``): its weight-update endpoints unpickle
+payloads and load any path, so on a shared node no other local user may reach them. The key
+travels in a private (0600) config file, never on the command line (which every local user can
+read), and our client sends it as ``Authorization: Bearer <key>``. A server ends when the process
+that started it dies (``PR_SET_PDEATHSIG``, set by the server itself before SGLang loads): a
+killed trainer never leaves an engine behind. Start servers from a long-lived thread (the
+signal follows the starting thread's exit).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -21,6 +30,19 @@ from pathlib import Path
 from .interface import EngineStartError
 
 __all__ = ["SGLangServerProcess", "free_port", "log_tail", "sglang_env"]
+
+# `python -c` bootstrap of a server: die with the parent (PID argv[1]) first, then run SGLang's
+# `launch_server` as `python -m` would. Plain Python: the server's interpreter may not find our package.
+_BOOTSTRAP = (
+    "import ctypes, os, runpy, signal, sys\n"
+    "parent = int(sys.argv[1])\n"
+    "if sys.platform.startswith('linux'):\n"
+    "    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != parent:\n"
+    "    sys.exit('the process that started this SGLang server is gone')\n"
+    "sys.argv = ['sglang.launch_server'] + sys.argv[2:]\n"
+    "runpy.run_module('sglang.launch_server', run_name='__main__', alter_sys=True)\n"
+)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -81,12 +103,23 @@ class SGLangServerProcess:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         self.log_path = os.path.join(log_dir, f"sglang-{self.port}.log")
         device = server_args.get("device", "cpu")
-        cmd = [sys.executable, "-m", "sglang.launch_server", *_cli_args(server_args),
+        server_args = dict(server_args)
+        self.api_key = server_args.pop("api_key", None) or secrets.token_urlsafe(32)
+        secret_dir = tempfile.mkdtemp(prefix="holderpo-sglang-")  # 0700
+        key_file = os.path.join(secret_dir, "server.yaml")
+        with open(os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            json.dump({"api-key": self.api_key}, f)  # JSON is YAML; keys are the flags
+        cmd = [sys.executable, "-c", _BOOTSTRAP, str(os.getpid()), "--config", key_file, *_cli_args(server_args),
                "--host", host, "--port", str(self.port)]
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=sglang_env(device),
-                                     start_new_session=True)
-        self._wait_ready(startup_timeout_s)
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=sglang_env(device),
+                                         start_new_session=True)
+            self._wait_ready(startup_timeout_s)
+        finally:  # read at start-up: a key file on disk is a key another process could read later
+            import shutil
+
+            shutil.rmtree(secret_dir, ignore_errors=True)
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

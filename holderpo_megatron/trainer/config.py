@@ -23,6 +23,8 @@ from typing import Any, Literal
 from holderpo_megatron.algorithms import LossOptions, PSchedule, make_loss_options, policy_loss_names, policy_loss_options
 from holderpo_megatron.observability import ObservabilityConfig
 from holderpo_megatron.rollout.agent import AgentConfig
+from holderpo_megatron.data.templates import PROMPT_TEMPLATES
+from holderpo_megatron.rewards.extract import ANSWER_TEMPLATES
 
 from .actor import ActorSettings, OptimizerSettings, Regularizers
 from .config_loader import ConfigError, apply_overrides, from_dict, load_yaml_with_defaults
@@ -73,6 +75,8 @@ class ParallelSection:
               f"tp*pp*cp = {self.tp}*{self.pp}*{self.cp} = {self.tp * self.pp * self.cp}")
         _need(self.gpu_memory_gb > 0, f"parallel.gpu_memory_gb must be > 0, got {self.gpu_memory_gb}")
         _need(self.collective_timeout_s >= 10, f"parallel.collective_timeout_s must be >= 10, got {self.collective_timeout_s}")
+        _need(self.cp == 1, f"parallel.cp={self.cp}: context parallelism is not wired into the Actor yet (it refuses "
+                            "cp > 1 when it builds the model, after every rank has started); use cp: 1")
 
     @property
     def world_size(self) -> int:
@@ -121,6 +125,9 @@ class RolloutSection:
     # resumed run samples exactly what an uninterrupted one would. Needs a GPU attention backend
     # (triton, fa3, flashinfer); SGLang on CPU refuses it.
     deterministic: bool = False
+    # Bearer key for user-given servers (server_urls); unset: $HOLDERPO_SGLANG_API_KEY, else none.
+    # Servers we launch always get a fresh random key of their own.
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
         _need(self.group_size >= 2, f"rollout.group_size must be >= 2 (group advantages), got {self.group_size}")
@@ -145,6 +152,12 @@ class RolloutSection:
         _need(not self.engine_nodes or self.mode == "servers",
               f"rollout.engine_nodes={self.engine_nodes}: no trainer process runs on an engine node, so its engines "
               f"are servers: set rollout.mode=servers, got mode={self.mode}")
+        for i, u in enumerate(self.server_urls):
+            _need(_is_server_url(u), f"rollout.server_urls[{i}] {u!r} is not a server URL; "
+                                     "expected http(s)://host[:port] (e.g. http://10.0.0.5:30000)")
+        _need(self.api_key is None or (self.api_key.strip() != "" and self.api_key == self.api_key.strip()),
+              "rollout.api_key must be null or a non-empty key without surrounding spaces")
+
 
 
 @dataclass
@@ -198,12 +211,26 @@ class DataSection:
     reward: Literal["math", "exact_int"] = "math"
     answer_template: str = "qwen_math"
     reward_timeout_s: float = 5.0
+    # wall-clock seconds for scoring one step's responses; when spent, the answers not yet verified
+    # score as timeouts (counted in reward_timeouts, logged). null: no budget.
+    reward_batch_timeout_s: float | None = 300.0
+    # training prompts longer than rollout.max_prompt_tokens (recipe's tokenizer and template) are
+    # dropped when the set loads (count logged); more than this fraction of them is an error
+    max_dropped_prompt_fraction: float = 0.01
     shuffle: bool = True
     arithmetic_max_operand: int = 99  # train: arithmetic only: operands in 1..this
     arithmetic_direct: bool = False  # train: arithmetic only: "What is a plus b?" phrasings only
 
     def __post_init__(self):
         _need(self.reward_timeout_s > 0, f"data.reward_timeout_s must be > 0, got {self.reward_timeout_s}")
+        _need(self.reward_batch_timeout_s is None or self.reward_batch_timeout_s > 0,
+              f"data.reward_batch_timeout_s must be null or > 0, got {self.reward_batch_timeout_s}")
+        _need(0 <= self.max_dropped_prompt_fraction < 1,
+              f"data.max_dropped_prompt_fraction must be in [0, 1), got {self.max_dropped_prompt_fraction}")
+        _need(self.prompt_template in PROMPT_TEMPLATES,
+              f"data.prompt_template {self.prompt_template!r} is not one of {sorted(PROMPT_TEMPLATES)}")
+        _need(self.answer_template in ANSWER_TEMPLATES,
+              f"data.answer_template {self.answer_template!r} is not one of {sorted(ANSWER_TEMPLATES)}")
         _need(self.arithmetic_max_operand >= 1, f"data.arithmetic_max_operand must be >= 1, got {self.arithmetic_max_operand}")
 
     def resolved_data_dir(self) -> Path:
@@ -266,7 +293,7 @@ class EvalSection:
     sampled_temperature: float = 0.7
     max_new_tokens: int = 4096
     limit: int | None = None  # first N items per benchmark
-    at_start: bool = False
+    at_start: bool = False  # also evaluate the initial policy (step 0) before training (not on resume)
 
     def __post_init__(self):
         _need(self.every >= 0, f"eval.every must be >= 0, got {self.every}")
@@ -314,6 +341,33 @@ class RunConfig:
         _need(longest <= self.train.token_budget,
               f"train.token_budget={self.train.token_budget} must hold one full sequence "
               f"(rollout.max_prompt_tokens + rollout.max_new_tokens = {longest})")
+        e = self.eval
+        _need(self.agent.enabled or not (e.every or e.at_start) or bool(e.benchmarks or e.sampled_benchmarks),
+              f"eval.every={e.every}, eval.at_start={e.at_start} but eval.benchmarks and eval.sampled_benchmarks "
+              "are empty: list the benchmarks to run (e.g. [math500]) or set eval.every: 0")
+
+    def public_dict(self) -> dict:
+        """The configuration as a JSON-able dict for run records (config.json, wandb): secrets redacted."""
+        from dataclasses import asdict
+
+        d = asdict(self)
+        if d["rollout"].get("api_key") is not None:
+            d["rollout"]["api_key"] = "<redacted>"
+        return d
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether training runs evaluations (every N steps or at the start)."""
+        return bool(self.eval.every or self.eval.at_start)
+
+    @property
+    def engine_context_length(self) -> int:
+        """Tokens the rollout engine must hold for its longest request: a prompt of up to
+        rollout.max_prompt_tokens and the longer of the training and evaluation responses."""
+        new = self.rollout.max_new_tokens
+        if self.evaluates and not self.agent.enabled:
+            new = max(new, self.eval.max_new_tokens)
+        return self.rollout.max_prompt_tokens + new
 
     @property
     def run_dir(self) -> Path:
@@ -339,10 +393,26 @@ def engine_config(cfg: RunConfig, model_path: str | os.PathLike):
     return SGLangEngineConfig(
         model_path=str(model_path), mode=r.mode, tp_size=r.engine_tp, mem_fraction_static=r.mem_fraction_static,
         server_urls=tuple(r.server_urls), request_timeout_s=r.timeout_s, random_seed=cfg.train.seed,
-        context_length=cfg.max_sequence_length, log_dir=str(cfg.run_dir / "sglang_logs"),
+        context_length=cfg.engine_context_length, log_dir=str(cfg.run_dir / "sglang_logs"),
+        # a key for servers someone else runs; servers we launch get the run's own random key (trainer/fleet.py)
+        api_key=(r.api_key or os.environ.get("HOLDERPO_SGLANG_API_KEY")) if r.server_urls else None,
         # colocated engines hand their GPU memory to training (trainer/fleet.py MemoryHandover)
         enable_memory_saver=r.placement == "colocated" and r.release_memory_during_train,
         server_args={"enable_deterministic_inference": True} if r.deterministic else {})
+
+
+def _is_server_url(url) -> bool:
+    from urllib.parse import urlparse
+
+    if not isinstance(url, str):
+        return False
+    try:
+        p = urlparse(url)
+        port = p.port
+    except ValueError:  # a port that is not a number or out of range
+        return False
+    return p.scheme in ("http", "https") and bool(p.hostname) and p.path in ("", "/") and not p.query \
+        and not p.fragment and (port is None or port > 0)
 
 
 def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
@@ -378,6 +448,14 @@ def validate_run(cfg: RunConfig, arch=None, check_paths: bool = True) -> None:
         if p.vpp and (arch.num_layers // p.pp) % p.vpp:
             raise ConfigError(f"parallel.vpp={p.vpp}: {arch.num_layers // p.pp} layers per stage do not split into "
                               f"{p.vpp} chunks")
+        ctx = cfg.engine_context_length
+        if ctx > arch.max_position_embeddings:
+            r = cfg.rollout
+            raise ConfigError(
+                f"eval.max_new_tokens={cfg.eval.max_new_tokens}: an evaluation request of rollout.max_prompt_tokens="
+                f"{r.max_prompt_tokens} + {cfg.eval.max_new_tokens} new tokens = {ctx} exceeds the model's "
+                f"max_position_embeddings={arch.max_position_embeddings}; lower eval.max_new_tokens to "
+                f"{arch.max_position_embeddings - r.max_prompt_tokens}")
     placement = run_placement(cfg)
     if cfg.rollout.mode == "embedded" and len(placement.engines) != 1:
         raise ConfigError(f"rollout.mode=embedded runs one in-process engine, but the placement has "
@@ -391,10 +469,31 @@ def validate_run(cfg: RunConfig, arch=None, check_paths: bool = True) -> None:
             raise ConfigError(f"model.megatron_load {cfg.model.megatron_load!r} is not a directory")
         if cfg.agent.enabled:
             pass  # the game files are unpacked (and their absence reported) by envs.alfworld on rank 0
-        elif cfg.data.train != "arithmetic":
-            t = Path(cfg.data.train)
-            if not (t.suffix == ".jsonl" and t.is_file()) and not (cfg.data.resolved_data_dir() / "math" / cfg.data.train / "data.jsonl").is_file():
-                raise ConfigError(
-                    f"data.train {cfg.data.train!r} is neither a .jsonl file nor a set under "
-                    f"{cfg.data.resolved_data_dir() / 'math'}"
-                )
+        else:
+            _check_data_sets(cfg)
+
+
+def _check_data_sets(cfg: RunConfig) -> None:
+    """The training set resolves without ambiguity and has items; every benchmark exists."""
+    from holderpo_megatron.data.datasets import load_math_dataset, math_data_dir, resolve_math_path
+
+    d = cfg.data
+    if d.train != "arithmetic":
+        try:
+            ds = load_math_dataset(d.train, root=d.resolved_data_dir())
+        except FileNotFoundError:
+            raise ConfigError(f"data.train {d.train!r} is neither a .jsonl file nor a set under "
+                              f"{math_data_dir(d.resolved_data_dir())}") from None
+        except ValueError as e:
+            raise ConfigError(f"data.train {d.train!r}: {e}") from None
+        if not ds.items:
+            raise ConfigError(f"data.train {d.train!r} ({ds.path}) has no usable items: {ds.describe_empty()}")
+    root = math_data_dir(d.resolved_data_dir())
+    for key in ("benchmarks", "sampled_benchmarks"):
+        for name in getattr(cfg.eval, key):
+            try:
+                resolve_math_path(root / name)
+            except (FileNotFoundError, ValueError):
+                have = sorted(p.name for p in root.iterdir() if (p / "data.jsonl").is_file()) if root.is_dir() else []
+                raise ConfigError(f"eval.{key} entry {name!r} is not a set under {root} "
+                                  f"(there: {', '.join(have) or 'nothing'})") from None

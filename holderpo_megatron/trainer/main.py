@@ -11,6 +11,10 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
+    from .run_guard import die_with_parent
+
+    # torchrun starts workers in sessions of their own: a killed launcher's process group misses them
+    die_with_parent()
     from .config import load_run_config
     from .loop import run_training
 

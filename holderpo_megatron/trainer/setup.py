@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -14,8 +13,8 @@ import torch.distributed as dist
 
 from holderpo_megatron.checkpoint import SafetensorsReader, load_hf_weights_into_model, load_megatron_checkpoint
 from holderpo_megatron.checkpoint.train_state import load_latest_train_state, save_train_state
-from holderpo_megatron.data.datasets import BatchIterator, generate_arithmetic_problems, load_math_dataset
-from holderpo_megatron.data.templates import get_prompt_template
+from holderpo_megatron.data.datasets import BatchIterator
+from holderpo_megatron.data.templates import get_prompt_template, prompt_token_ids
 from holderpo_megatron.models import ModelArch
 from holderpo_megatron.models.builtin import resolve_model_path
 from holderpo_megatron.observability import MetricsLogger
@@ -24,8 +23,10 @@ from holderpo_megatron.rewards.math import RewardConfig, build_reward
 
 from .actor import MegatronActor
 from .config import RunConfig, engine_config, run_placement, validate_run
+from .data_checks import train_prompt_items
 from .fleet import MemoryHandover, RolloutFleet, host_identity, sync_topology
 from .liveness import PeerHeartbeat
+from .run_guard import hold_run_lock
 from .faults import KILL_DURING_SAVE, kill_if_asked
 
 __all__ = ["TrainContext", "setup_training"]
@@ -76,7 +77,7 @@ class TrainContext:
             cfg.run_dir, cfg.logging,
             # resuming (even before a first checkpoint) drops records after the restart step
             resume_step=self.start_step if cfg.checkpoint.resume else None, total_steps=cfg.train.steps,
-            run_config=asdict(cfg))
+            run_config=cfg.public_dict())
         self._start_rollout_side()
         if self.start_step > 0:
             self.sync_weights(version=self.start_step)
@@ -89,15 +90,11 @@ class TrainContext:
             load_hf_weights_into_model(actor.unwrapped(), self.arch, SafetensorsReader(self.hf_dir))
 
     def _train_items(self):
-        d = self.cfg.data
         if self.cfg.agent.enabled:  # games (EpisodeSpec) instead of prompts
             from .agent_loop import agent_games
 
             return agent_games(self.cfg, self.cfg.agent.train_split, self.cfg.agent.games_limit)
-        if d.train == "arithmetic":
-            return generate_arithmetic_problems(50_000, seed=self.cfg.train.seed, max_operand=d.arithmetic_max_operand,
-                                               direct=d.arithmetic_direct).items
-        return load_math_dataset(d.train, root=d.resolved_data_dir()).items
+        return train_prompt_items(self.cfg, self.hf_dir, announce=self.rank == 0)  # over-long prompts dropped
 
     def _start_rollout_side(self) -> None:
         """Every rank: its engines (placement), its part of the weight synchroniser and the memory
@@ -118,7 +115,8 @@ class TrainContext:
             self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
             self.reward = build_reward(RewardConfig(
                 kind=cfg.data.reward, template=cfg.data.answer_template,
-                timeout_s=cfg.data.reward_timeout_s, truncated_reward=cfg.algorithm.truncated_reward))
+                timeout_s=cfg.data.reward_timeout_s, truncated_reward=cfg.algorithm.truncated_reward,
+                batch_timeout_s=cfg.data.reward_batch_timeout_s))
             if cfg.agent.enabled:
                 from .agent_loop import build_env_pool
 
@@ -133,10 +131,7 @@ class TrainContext:
             offload=cfg.train.offload_during_rollout, run_dir=cfg.run_dir if self.rank == 0 else None)
 
     def prompt_ids(self, problem: str) -> list[int]:
-        if self.template.chat:
-            return self.tokenizer.apply_chat_template(self.template.messages(problem), add_generation_prompt=True,
-                                                      tokenize=True, return_dict=False)
-        return self.tokenizer(self.template.render(problem))["input_ids"]
+        return prompt_token_ids(self.template, self.tokenizer, problem)
 
     # ------------------------------------------------------------------ weights, eval, checkpoints
     def sync_weights(self, version: int) -> dict[str, float]:
@@ -202,7 +197,14 @@ class TrainContext:
         if self.cfg.checkpoint.export_hf_at_end:
             from holderpo_megatron.checkpoint import export_hf_checkpoint
 
-            export_hf_checkpoint(self.actor.unwrapped(), self.arch, self.hf_dir, self.cfg.run_dir / "hf")
+            out = self.cfg.run_dir / "hf"
+            if self.start_step >= self.cfg.train.steps and (out / "config.json").is_file():
+                if self.rank == 0:
+                    log.warning("run %s is complete (step %d of %d) and exported to %s: nothing to do",
+                                self.cfg.run_dir, self.start_step, self.cfg.train.steps, out)
+                return
+            # an export of an earlier attempt (a run resumed to train further) is replaced atomically
+            export_hf_checkpoint(self.actor.unwrapped(), self.arch, self.hf_dir, out, overwrite=True)
 
     def close(self) -> None:
         if getattr(self, "logger", None) is not None:
@@ -225,8 +227,13 @@ def setup_training(cfg: RunConfig) -> TrainContext:
 
         enable_cpu_megatron()
     init_distributed()
+    # rank 0 holds the run directory's lock (or checks that its launcher does) before it touches it
+    run_lock = hold_run_lock(cfg.run_dir) if dist.get_rank() == 0 else None
     ctx = TrainContext(cfg)
+    ctx.run_lock = run_lock  # released when the process ends
     if ctx.rank == 0:
         (cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+        (cfg.run_dir / "config.json").write_text(json.dumps(cfg.public_dict(), indent=2, default=str))
+    if cfg.eval.at_start and ctx.start_step == 0:
+        ctx.evaluate(0)
     return ctx

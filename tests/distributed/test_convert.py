@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -258,3 +259,102 @@ def test_torchrun_conversion_gives_the_same_weights(round_trips, tmp_path):
     convert_in_subprocess([("meg2hf", str(tmp_path / "meg"), str(tmp_path / "back"))])
     for f in sorted(p.name for p in back.iterdir()):
         assert (back / f).read_bytes() == (tmp_path / "back" / f).read_bytes(), f
+
+
+# ---------------------------------------------------------------------------------------------
+# refused before anything is read or deleted; one line per error (issue 14)
+# ---------------------------------------------------------------------------------------------
+
+
+def _cli(capsys, *args) -> tuple[int, str]:
+    from holderpo_megatron.checkpoint.convert import main
+
+    rc = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def _listing(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where,relation", [("same", "is"), ("parent", "contains"), ("child", "is inside")])
+def test_save_that_is_contains_or_is_inside_an_input_is_refused_and_nothing_deleted(
+        hf_copy, meg_copy, tmp_path, capsys, where, relation):
+    sibling = tmp_path / "sibling_model"
+    sibling.mkdir()
+    (sibling / "weights.bin").write_bytes(b"w")
+    for direction, flag, src in (("hf-to-megatron", "--hf-path", hf_copy), ("megatron-to-hf", "--load", meg_copy)):
+        save = {"same": src, "parent": src.parent, "child": src / "out"}[where]
+        before = _listing(tmp_path)
+        rc, err = _cli(capsys, direction, flag, src, "--save", save, "--overwrite", "--quiet")
+        assert rc == 2 and err.count("\n") == 0, err
+        assert err.startswith(f"error: output {str(save)!r} {relation} the input {flag} {str(src)!r}"), err
+        assert _listing(tmp_path) == before  # the source, and its sibling, untouched
+
+
+def test_unwritable_save_is_refused_before_reading(meg_copy, tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    if os.geteuid() == 0:  # root writes anywhere: ask the check what an unprivileged user would get
+        import holderpo_megatron.checkpoint.output_dir as od
+
+        real = os.access
+        monkeypatch.setattr(od.os, "access", lambda p, m: False if Path(p) == locked else real(p, m))
+    else:
+        locked.chmod(0o500)
+    (meg_copy / "__0_0.distcp").write_bytes(b"")  # damaged too: the output is checked first
+    rc, err = _cli(capsys, "megatron-to-hf", "--load", meg_copy, "--save", locked / "out", "--quiet")
+    locked.chmod(0o700)
+    assert rc == 2 and err == f"error: output {str(locked / 'out')!r} cannot be written: {locked} is not writable"
+
+
+def _distcp(meg: Path) -> Path:
+    return sorted(meg.glob("*.distcp"))[0]
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("config_json", r"config\.json is not valid JSON"),
+    ("no_metadata", r"\.metadata is missing: .* is not a complete torch_dist checkpoint"),
+    ("short_metadata", r"\.metadata: not a readable torch distributed checkpoint metadata file .* damaged or incomplete"),
+    ("no_distcp", r"__0_0\.distcp is missing \(its \.metadata lists tensors stored there\)"),
+    ("short_distcp", r"__0_0\.distcp is \d+ bytes but its \.metadata places data up to byte \d+: the file is truncated"),
+])
+def test_damaged_checkpoints_give_one_line_naming_the_file(meg_copy, tmp_path, capsys, damage, message):
+    if damage == "config_json":
+        (meg_copy / "config.json").write_text('{"architectures": ["Qwen3ForCausalLM"],')
+    elif damage == "no_metadata":
+        (meg_copy / ".metadata").unlink()
+    elif damage == "short_metadata":
+        data = (meg_copy / ".metadata").read_bytes()
+        (meg_copy / ".metadata").write_bytes(data[: len(data) // 2])
+    elif damage == "no_distcp":
+        _distcp(meg_copy).unlink()
+    else:
+        f = _distcp(meg_copy)
+        f.write_bytes(f.read_bytes()[:-100])
+    rc, err = _cli(capsys, "megatron-to-hf", "--load", meg_copy, "--save", tmp_path / "out", "--quiet")
+    assert rc == 2 and err.count("\n") == 0 and re.search(message, err), err
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.incomplete").exists()
+
+
+def test_malformed_hf_config_is_one_line(hf_copy, tmp_path, capsys):
+    (hf_copy / "config.json").write_text("{not json")
+    rc, err = _cli(capsys, "hf-to-megatron", "--hf-path", hf_copy, "--save", tmp_path / "out", "--quiet")
+    assert rc == 2 and err.startswith(f"error: {hf_copy / 'config.json'} is not valid JSON") and "\n" not in err
+
+
+def test_a_crafted_metadata_runs_nothing(meg_copy, tmp_path, capsys):
+    """A .metadata whose unpickling calls os.system: refused, the command never runs."""
+    import pickle
+
+    flag = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {flag}",))
+
+    (meg_copy / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    rc, err = _cli(capsys, "megatron-to-hf", "--load", meg_copy, "--save", tmp_path / "out", "--quiet")
+    assert rc == 2 and "refused to load: it asks for posix.system" in err, err
+    assert not flag.exists()

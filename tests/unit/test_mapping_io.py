@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -117,3 +118,43 @@ def test_progress_bar_and_summary():
     assert silent.getvalue() == ""
     s = str(ConversionSummary("HF -> Megatron", "/out", 146, 2 * 1024**3, 8.0, "bfloat16"))
     assert s == "HF -> Megatron: 146 tensors, 2.00 GB (bfloat16) in 8.0 s (256.00 MB/s) -> /out"
+
+
+def test_dcp_metadata_is_read_through_an_allow_list(tmp_path):
+    """What Megatron's loader reads (torch's FileSystemReader.read_metadata) while a checkpoint is
+    loaded (model.megatron_load, a resume): real metadata reads as before, a crafted one runs nothing."""
+    import pickle
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from holderpo_megatron.checkpoint.safe_metadata import (UnsafeCheckpointError, read_dcp_metadata,
+                                                            safe_dcp_metadata_reads)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.randn(3, 4), "b": torch.zeros(2, dtype=torch.bfloat16), "step": 7, "name": "x"},
+                 checkpoint_id=str(tmp_path / "ok"), no_dist=True)
+    with safe_dcp_metadata_reads():
+        md = FileSystemReader(str(tmp_path / "ok")).read_metadata()
+    assert set(md.state_dict_metadata) == {"w", "b", "step", "name"}
+    assert read_dcp_metadata(tmp_path / "ok").state_dict_metadata["w"].size == torch.Size([3, 4])
+
+    flag = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {flag}",))
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    with safe_dcp_metadata_reads(), pytest.raises(UnsafeCheckpointError, match="asks for posix.system"):
+        FileSystemReader(str(bad)).read_metadata()
+    for payload in (pickle.dumps(print), pickle.dumps(getattr)):  # any callable outside the allow-list
+        (bad / ".metadata").write_bytes(payload)
+        with pytest.raises(UnsafeCheckpointError, match="refused to load"):
+            read_dcp_metadata(bad)
+    assert not flag.exists()
+    assert FileSystemReader.read_metadata.__module__.startswith("torch")  # restored afterwards

@@ -156,6 +156,26 @@ def test_resume_truncates_later_steps_and_appends(tmp_path):
     assert _lines(tmp_path / "metrics.jsonl")[-1]["reward"] == 40
 
 
+def test_a_restart_before_the_logged_steps_keeps_every_record_aside(tmp_path, caplog):
+    # a resume that found no usable state restarts at step 0: the 50 logged steps must survive
+    with MetricsLogger(tmp_path, QUIET) as logger:
+        for step in range(1, 51):
+            logger.log(step, {"reward": step})
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    with caplog.at_level(logging.WARNING):
+        with MetricsLogger(tmp_path, QUIET, resume_step=0) as logger:
+            logger.log(1, {"reward": -1})
+    assert [r["reward"] for r in _lines(tmp_path / "metrics.jsonl")] == [-1]
+    kept = sorted(tmp_path.glob("metrics.jsonl.before-restart-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == before
+    assert "the 50 records of later steps (up to step 50) will be logged again" in caplog.text
+    assert kept[0].name in caplog.text and caplog.records[-1].levelno == logging.WARNING
+    # a second restart keeps its own copy: nothing is overwritten
+    with MetricsLogger(tmp_path, QUIET, resume_step=0):
+        pass
+    assert len(list(tmp_path.glob("metrics.jsonl.before-restart-*"))) == 2
+
+
 def test_a_line_torn_by_a_crash_is_dropped_on_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "reward": 1}\n{"step": 2, "reward": 2}\n{"step": 3, "rew')

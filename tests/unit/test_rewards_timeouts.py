@@ -55,6 +55,20 @@ def test_every_item_hanging_never_stalls_the_batch():
     assert 2 * timeout <= wall < 2 * timeout + 10.0, wall
 
 
+def test_a_batch_time_budget_bounds_the_whole_batch(caplog):
+    # 20 hanging answers on 2 workers would take 10 timeouts; a 2.5 s budget stops after about 3
+    timeout, budget = 1.0, 2.5
+    with MathReward(timeout_s=timeout, workers=2, verify_fn=hang_forever, batch_timeout_s=budget) as reward:
+        t0 = time.monotonic()
+        res = reward.score([rf"\boxed{{{i}}}" for i in range(20)] + [r"\boxed{7}"], [["x"]] * 20 + [["7"]])
+        wall = time.monotonic() - t0
+    assert res.outcomes == ["timeout"] * 20 + ["correct"]  # the string match needs no verifier
+    assert res.stats["timeout"] == 20 and res.stats["over_budget"] >= 10
+    assert res.stats["verified"] == 20 - res.stats["over_budget"]
+    assert wall < budget + timeout + 5.0, wall  # + worker restarts
+    assert "time budget (batch_timeout_s=2 s) ran out" in caplog.text and "score as timeouts" in caplog.text
+
+
 def test_verifier_errors_are_counted_not_swallowed():
     with MathReward(timeout_s=10.0, workers=1, verify_fn=raise_on_marker) as reward:
         res = reward.score([r"\boxed{BOOM}", r"\boxed{ok}", r"\boxed{no}"], [["x"], ["ok"], ["x"]])

@@ -116,3 +116,94 @@ def test_cpu_shims_provide_exactly_what_sglang_calls():
         sys.path.remove(SITE)
         for name in [m for m in sys.modules if m.split(".")[0] in ("sgl_kernel", "torchvision")]:
             del sys.modules[name]
+
+
+# ------------------------------------------------------------------ API keys (issue 14)
+class _Capture:
+    """A local HTTP server that records each request's path and Authorization header."""
+
+    def __init__(self, status: int = 200):
+        import http.server
+        import threading
+
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(n)
+                seen.append((self.path, self.headers.get("Authorization")))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"success": true}')
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_given_servers_get_the_configured_key_as_a_bearer_token(tmp_path):
+    from holderpo_megatron.rollout.interface import RolloutEngineError
+    from holderpo_megatron.rollout.sglang_backends import ServerBackend
+    from holderpo_megatron.rollout.sglang_engine import SGLangEngine
+
+    srv = _Capture()
+    try:
+        engine = SGLangEngine(SGLangEngineConfig(model_path=str(tmp_path / "remote"), mode="servers",
+                                                 server_urls=(srv.url,), api_key="k-123"))
+        engine._backends[0].flush_cache()
+        ServerBackend(srv.url).flush_cache()
+        assert srv.seen == [("/flush_cache", "Bearer k-123"), ("/flush_cache", None)]
+        assert "k-123" not in repr(engine.config) and engine.config.to_dict()["api_key"] == "<redacted>"
+    finally:
+        srv.close()
+    denied = _Capture(status=401)
+    try:
+        with pytest.raises(RolloutEngineError, match=r"HTTP 401.*set rollout.api_key or \$HOLDERPO_SGLANG_API_KEY"):
+            ServerBackend(denied.url).flush_cache()
+    finally:
+        denied.close()
+
+
+def test_launched_servers_get_a_random_key_never_on_the_command_line(tmp_path, monkeypatch):
+    import json
+    import os
+    import stat
+
+    from holderpo_megatron.rollout import sglang_launcher
+
+    launched = []
+
+    class FakePopen:
+        def __init__(self, cmd, **kw):
+            cfg = cmd[cmd.index("--config") + 1]
+            mode = stat.S_IMODE(os.stat(cfg).st_mode)
+            launched.append((cmd, json.loads(open(cfg).read()), mode, cfg))
+            self.pid = 0
+
+        def poll(self):
+            return None
+
+    monkeypatch.setattr(sglang_launcher.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(sglang_launcher.SGLangServerProcess, "_wait_ready", lambda self, t: None)
+    procs = [sglang_launcher.SGLangServerProcess({"model_path": "/m", "device": "cpu"}, log_dir=str(tmp_path))
+             for _ in range(2)]
+    (cmd_a, file_a, mode_a, path_a), (_, file_b, _, _) = launched
+    assert procs[0].api_key == file_a["api-key"] and len(procs[0].api_key) >= 32
+    assert file_a["api-key"] != file_b["api-key"]  # one key per server
+    assert mode_a == 0o600 and not os.path.exists(path_a)  # private, and gone once the server started
+    assert not any(procs[0].api_key in part for part in cmd_a)
+    # the server dies with the process that started it: the bootstrap is given our PID
+    assert cmd_a[1] == "-c" and "PR_SET_PDEATHSIG" in cmd_a[2] and cmd_a[3] == str(os.getpid())
+    with pytest.raises(ValueError, match="server_args must not set api_key"):
+        SGLangEngineConfig(model_path=str(tmp_path), server_args={"api_key": "x"})

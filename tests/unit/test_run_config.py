@@ -89,6 +89,21 @@ BAD = [
     ({"agent": {"max_turns": 3}}, "unknown key 'agent.max_turns'"),
     ({"agent": {"step_timeout_s": 0}}, "agent.step_timeout_s and agent.episode_timeout_s must be > 0"),
     ({"agent": {"games_limit": 0}}, "agent.games_limit must be null or >= 1"),
+    # refused up front (issue 14): each names its key
+    ({"parallel": {"cp": 2, "nproc_per_node": 2}}, "parallel.cp=2: context parallelism is not wired into the Actor"),
+    ({"data": {"prompt_template": "qwen-math"}}, "data.prompt_template 'qwen-math' is not one of"),
+    ({"data": {"answer_template": "boxed"}}, "data.answer_template 'boxed' is not one of"),
+    ({"data": {"max_dropped_prompt_fraction": 1.0}}, "data.max_dropped_prompt_fraction must be in"),
+    ({"data": {"reward_batch_timeout_s": 0}}, "data.reward_batch_timeout_s must be null or > 0"),
+    ({"eval": {"every": 10}}, "eval.every=10, eval.at_start=False but eval.benchmarks and eval.sampled_benchmarks "
+                              "are empty"),
+    ({"eval": {"at_start": True}}, "eval.at_start=True but eval.benchmarks"),
+    ({"rollout": {"mode": "servers", "server_urls": ["localhost:30000"]}},
+     "rollout.server_urls\\[0\\] 'localhost:30000' is not a server URL"),
+    ({"rollout": {"mode": "servers", "server_urls": ["http://h:30000", "http//h:30001"]}},
+     "rollout.server_urls\\[1\\] 'http//h:30001' is not a server URL"),
+    ({"rollout": {"mode": "servers", "server_urls": ["http://h:port"]}}, "rollout.server_urls\\[0\\]"),
+    ({"rollout": {"api_key": ""}}, "rollout.api_key must be null or a non-empty key"),
 ]
 
 
@@ -148,3 +163,83 @@ def test_embedded_mode_is_one_engine_a_fleet_needs_servers():
     cfg = load_run_config("examples/recipes/tiny-cpu.yaml", ["parallel.pp=1", "rollout.engines_per_node=null",
                                                              "rollout.mode=servers"])
     validate_run(cfg, arch_for_plan(cfg), check_paths=False)  # two engines, one per replica
+
+
+# ------------------------------------------------------------------ refused up front (issue 14)
+def test_yaml_exponent_floats_are_numbers_and_loader_errors_are_one_line(tmp_path):
+    (tmp_path / "r.yaml").write_text("train: {optimizer: {lr: 1e-6, weight_decay: 1E-2}}\nrollout: {temperature: 7e-1}\n")
+    cfg = load_run_config(tmp_path / "r.yaml", ["train.optimizer.adam_eps=1e-9"])
+    o = cfg.train.optimizer
+    assert (o.lr, o.weight_decay, cfg.rollout.temperature, o.adam_eps) == (1e-6, 1e-2, 0.7, 1e-9)
+    (tmp_path / "d.yaml").write_text("defaults: 5\n")
+    with pytest.raises(ConfigError, match=r"d.yaml: defaults must be a file name or a list of file names \(relative to this file\), got 5"):
+        load_run_config(tmp_path / "d.yaml")
+    (tmp_path / "d2.yaml").write_text("defaults: [{a: 1}]\n")
+    with pytest.raises(ConfigError, match="defaults must be a file name or a list"):
+        load_run_config(tmp_path / "d2.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not UTF-8 text \\(byte 0xe9 at offset 9\\)"):
+        load_run_config(tmp_path / "latin1.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError) as e:
+        load_run_config(tmp_path / "bad.yaml")
+    assert "\n" not in str(e.value)
+
+
+def _math_root(tmp_path, sets: dict[str, list[dict]]):
+    import json
+
+    for name, rows in sets.items():
+        (tmp_path / "data" / "math" / name).mkdir(parents=True)
+        (tmp_path / "data" / "math" / name / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(tmp_path / "data")
+
+
+def test_data_sets_and_benchmarks_are_checked_before_launch(tmp_path, monkeypatch):
+    root = _math_root(tmp_path, {"good": [{"problem": "1+1?", "answer": "2"}],
+                                 "math500": [{"problem": "2+2?", "answer": "4"}],
+                                 "renamed": [{"problem": "1+1?", "solution": "2"}, {"problem": "2+2?", "final": "4"}],
+                                 "empty": []})
+
+    def cfg(**data):
+        e = data.pop("eval", {})
+        return from_dict(RunConfig, {"data": {"data_dir": root, **data}, "eval": e})
+
+    validate_run(cfg(train="good", eval={"every": 5, "benchmarks": ["math500"]}), None)
+    with pytest.raises(ConfigError, match="data.train 'renamed' .* has no usable items: all 2 rows lack an 'answer' "
+                       "or 'answers' field with a value \\(a row's fields: problem, solution\\)"):
+        validate_run(cfg(train="renamed"), None)
+    with pytest.raises(ConfigError, match="data.train 'empty' .* has no usable items: the file has no rows"):
+        validate_run(cfg(train="empty"), None)
+    with pytest.raises(ConfigError, match="eval.benchmarks entry 'math5000' is not a set under .*there: empty, good, "
+                       "math500, renamed"):
+        validate_run(cfg(train="good", eval={"every": 5, "benchmarks": ["math500", "math5000"]}), None)
+    with pytest.raises(ConfigError, match="eval.sampled_benchmarks entry 'aime26'"):
+        validate_run(cfg(train="good", eval={"every": 5, "sampled_benchmarks": ["aime26"]}), None)
+    # a ./math500 folder in the working directory would shadow the shared set
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "math500").mkdir()
+    (tmp_path / "math500" / "data.jsonl").write_text('{"problem": "local", "answer": "0"}\n')
+    with pytest.raises(ConfigError, match="data.train 'math500': math set 'math500' is ambiguous: it names the shared "
+                       "set .* and the folder .*math500 in the working directory; write ./math500 for the folder"):
+        validate_run(cfg(train="math500"), None)
+    validate_run(cfg(train="./math500"), None)
+
+
+def test_eval_requests_must_fit_the_model_context():
+    cfg = load_run_config("examples/recipes/qwen2.5-math-7b.yaml", ["eval.max_new_tokens=4096"])
+    with pytest.raises(ConfigError, match="eval.max_new_tokens=4096: an evaluation request of "
+                       "rollout.max_prompt_tokens=1024 \\+ 4096 new tokens = 5120 exceeds the model's "
+                       "max_position_embeddings=4096; lower eval.max_new_tokens to 3072"):
+        validate_run(cfg, arch_for_plan(cfg), check_paths=False)
+    cfg = load_run_config("examples/recipes/deepseek-r1-distill-qwen-7b.yaml")
+    # the engine is started with room for evaluation's longer answers, not only the training ones
+    assert cfg.engine_context_length == 1024 + 4096
+    assert load_run_config("examples/recipes/deepseek-r1-distill-qwen-7b.yaml",
+                           ["eval.every=0"]).engine_context_length == 1024 + 3000
+
+
+def test_api_key_is_redacted_from_run_records():
+    cfg = from_dict(RunConfig, {"rollout": {"mode": "servers", "server_urls": ["http://h:1"], "api_key": "s3cret"}})
+    assert cfg.public_dict()["rollout"]["api_key"] == "<redacted>"
+    assert "s3cret" not in repr(cfg)

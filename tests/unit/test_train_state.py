@@ -34,7 +34,7 @@ def test_commit_renames_writes_marker_and_latest(tmp_path):
     d = TrainStateDirectory(tmp_path / "ckpt")
     final = _save_fake(d, 7)
     assert final == tmp_path / "ckpt" / "step_00000007"
-    assert _names(d.root) == ["latest", "step_00000007"]  # no temporary left behind
+    assert _names(d.root) == [".holderpo-root-id", "latest", "step_00000007"]  # no temporary left behind
     assert (d.root / LATEST).read_text() == "step_00000007\n"
     marker = d.read_marker(final)
     assert marker["step"] == 7 and marker["extra"] == {"cursor": 7}
@@ -69,31 +69,89 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
     _save_fake(d, 3, payload=b"a")
     _save_fake(d, 3, payload=b"bb")
     assert (tmp_path / "step_00000003" / "sub" / "shard.bin").read_bytes() == b"bb" * 3
-    assert _names(tmp_path) == ["latest", "step_00000003"]
+    assert _names(tmp_path) == [".holderpo-root-id", "latest", "step_00000003"]
 
 
-def test_incomplete_and_uncommitted_directories_are_removed_never_loaded(tmp_path, caplog):
+def test_only_what_this_roots_writer_left_unfinished_is_removed(tmp_path, caplog):
     d = TrainStateDirectory(tmp_path)
     for s in (1, 2):
         _save_fake(d, s)
-    # a crash while writing step 3: its temporary directory is left
+    # a crash while writing step 3: its (stamped) temporary directory is left
     (d.staging(3) / "sub.bin").write_bytes(b"half")
-    # a step directory without its marker (copied by hand, or a foreign tool)
-    (tmp_path / "step_00000004").mkdir()
-    (tmp_path / "step_00000004" / "x.bin").write_bytes(b"x")
-    # step 5 renamed into place but the process died before moving `latest`
-    tmp5 = d.staging(5)
-    d.commit(tmp5, 5, {})
-    (tmp_path / LATEST).write_text("step_00000002\n")
-    # a rotation that died mid-delete
-    (tmp_path / ".deleting.step_00000000").mkdir()
+    # a rotation of ours that died mid-delete
+    shutil.copytree(tmp_path / "step_00000001", tmp_path / ".deleting.step_00000000")
+    # someone else's hidden directory, and an empty one (nothing to lose)
+    (tmp_path / ".incomplete.step_00000009").mkdir()
+    (tmp_path / ".incomplete.step_00000009" / "theirs.bin").write_bytes(b"x")
+    (tmp_path / ".incomplete.step_00000008").mkdir()
     with caplog.at_level(logging.WARNING):
         removed = d.cleanup_incomplete()
     assert sorted(p.name for p in removed) == [
-        ".deleting.step_00000000", ".incomplete.step_00000003", "step_00000004", "step_00000005"]
-    assert "no completion marker" in caplog.text and "never committed" in caplog.text
-    assert _names(tmp_path) == ["latest", "step_00000001", "step_00000002"]
+        ".deleting.step_00000000", ".incomplete.step_00000003", ".incomplete.step_00000008"]
+    assert ".incomplete.step_00000009 was not written by this checkpoint root's writer" in caplog.text
+    assert _names(tmp_path) == [".holderpo-root-id", ".incomplete.step_00000009", "latest", "step_00000001",
+                                "step_00000002"]
     assert d.resolve_latest().name == "step_00000002"
+
+
+def test_step_directories_placed_by_hand_are_never_deleted_and_refuse_the_resume(tmp_path):
+    d = TrainStateDirectory(tmp_path)
+    for s in (1, 2):
+        _save_fake(d, s)
+    # a newer step directory without a marker (copied by hand, or a foreign tool)
+    (tmp_path / "step_00000004").mkdir()
+    (tmp_path / "step_00000004" / "x.bin").write_bytes(b"x")
+    assert d.cleanup_incomplete() == []
+    with pytest.raises(ts.AmbiguousTrainState, match=r"latest names step_00000002, but newer step directories are "
+                       r"there: step_00000004 \(has no valid train_state.json.*nothing was changed: move them out"):
+        d.resolve_latest()
+    assert (tmp_path / "step_00000004" / "x.bin").read_bytes() == b"x"
+    shutil.rmtree(tmp_path / "step_00000004")
+    # a complete state of another run copied in, newer than latest
+    other = TrainStateDirectory(tmp_path / "other")
+    _save_fake(other, 5)
+    shutil.copytree(other.root / "step_00000005", tmp_path / "step_00000005")
+    with pytest.raises(ts.AmbiguousTrainState, match=r"step_00000005 \(is complete, not written by this root\)"):
+        d.resolve_latest()
+    # rolling latest back by hand while newer states of our own are there: refused too, never deleted
+    shutil.rmtree(tmp_path / "step_00000005")
+    _save_fake(d, 3)
+    (tmp_path / LATEST).write_text("step_00000001\n")
+    with pytest.raises(ts.AmbiguousTrainState, match=r"latest names step_00000001.*step_00000002 \(is complete\); "
+                       r"step_00000003"):
+        d.resolve_latest()
+    assert d.complete_steps() == [1, 2, 3]
+    # rotation deletes only this root's own states
+    shutil.copytree(other.root / "step_00000005", tmp_path / "step_00000000")
+    (tmp_path / LATEST).write_text("step_00000003\n")
+    assert d.rotate(1) == [1, 2]
+    assert d.complete_steps() == [0, 3]
+    # a step saved where a foreign directory stands moves it aside, never deletes it
+    (tmp_path / "step_00000004").mkdir()
+    (tmp_path / "step_00000004" / "x.bin").write_bytes(b"x")
+    _save_fake(d, 4)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("step_00000004.displaced-")]
+    assert len(aside) == 1 and (aside[0] / "x.bin").read_bytes() == b"x"
+    # nothing committed, yet a step directory is there: refused, not deleted
+    fresh = TrainStateDirectory(tmp_path / "fresh")
+    (fresh.root / "step_00000007").mkdir(parents=True)
+    with pytest.raises(ts.AmbiguousTrainState, match="there is no committed state to resume from"):
+        fresh.resolve_latest()
+
+
+def test_a_save_interrupted_before_latest_moved_is_completed(tmp_path, caplog):
+    d = TrainStateDirectory(tmp_path)
+    _save_fake(d, 1)
+    latest_before = (tmp_path / LATEST).read_text()
+    _save_fake(d, 2)
+    (tmp_path / LATEST).write_text(latest_before)  # as if the writer died before os.replace
+    os.utime(tmp_path / LATEST, (0, 0))
+    assert d.resolve_latest(finish_interrupted=False).name == "step_00000002"
+    assert (tmp_path / LATEST).read_text() == latest_before  # a check changes nothing
+    with caplog.at_level(logging.WARNING):
+        assert d.resolve_latest().name == "step_00000002"
+    assert "completing that commit" in caplog.text
+    assert (tmp_path / LATEST).read_text() == "step_00000002\n"
 
 
 def test_missing_or_stale_latest_falls_back_to_the_newest_complete_state(tmp_path, caplog):
@@ -107,10 +165,20 @@ def test_missing_or_stale_latest_falls_back_to_the_newest_complete_state(tmp_pat
     (tmp_path / LATEST).write_text("step_00000009\n")  # names a state that is gone
     with caplog.at_level(logging.WARNING):
         assert d.resolve_latest().name == "step_00000002"
-    assert "missing or incomplete" in caplog.text
+    assert "names step_00000009, which is missing: resuming from step_00000002, the newest complete state" \
+        in caplog.text
     (tmp_path / LATEST).write_text("garbage\n")
     with pytest.raises(ValueError, match="not a step_NNNNNNNN directory"):
         d.resolve_latest()
+
+
+def test_latest_naming_a_missing_state_with_nothing_else_says_the_run_starts_over(tmp_path, caplog):
+    (tmp_path / LATEST).write_text("step_00000005\n")
+    with caplog.at_level(logging.WARNING):
+        assert TrainStateDirectory(tmp_path).resolve_latest() is None
+    assert "names step_00000005, which is missing, and no other complete state is there: this run starts from " \
+           "step 0" in caplog.text
+    assert "instead" not in caplog.text
 
 
 def test_a_damaged_state_is_not_loaded(tmp_path):
@@ -131,7 +199,7 @@ _FAULTS = {
     # the operation whose n-th call kills the writer -> what a resume must find
     "before_marker": ("write_durable", 1, 1),
     "before_rename": ("rename", 1, 1),
-    "before_latest": ("replace", 1, 1),
+    "before_latest": ("replace", 1, 2),  # the interrupted commit is completed
     "during_rotation": ("rmtree", 1, 2),
 }
 
@@ -175,10 +243,10 @@ def test_a_writer_killed_at_any_point_leaves_a_loadable_state(tmp_path, fault):
     got = d.resolve_latest()
     assert got.name == f"step_{expected:08d}"
     assert d.read_marker(got)["step"] == expected
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != ".latest"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != ".holderpo-root-id"]
     # the run goes on: the next save works and rotates as usual
     _save_fake(d, 3, keep_last=1)
-    assert _names(tmp_path) == ["latest", "step_00000003"]
+    assert _names(tmp_path) == [".holderpo-root-id", "latest", "step_00000003"]
 
 
 # ---------------------------------------------------------------- RNG states and arguments
