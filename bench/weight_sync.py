@@ -152,9 +152,12 @@ def _fleet_rank_main(rank, world, store, model_dir, mode, bucket_bytes, repeats,
     from holderpo_megatron.rollout import SGLangEngine, SGLangEngineConfig
     from holderpo_megatron.rollout.sglang_launcher import SGLangServerProcess
 
+    key = [os.urandom(16).hex() if rank == 0 else None]  # one API key for the fleet, as a run shares one
+    dist.broadcast_object_list(key, src=0)
     cfg = SGLangEngineConfig(model_path=model_dir, dtype="float32", skip_tokenizer_init=True, context_length=256,
-                             mem_fraction_static=0.2)
-    server = SGLangServerProcess(cfg.server_args_dict())  # this replica's engine (the fleet's owner rank)
+                             mem_fraction_static=0.2, api_key=key[0])
+    # this replica's engine (the fleet's owner rank)
+    server = SGLangServerProcess(dict(cfg.server_args_dict(), api_key=key[0]))
     client = None
     try:
         urls: list = [None] * world

@@ -1,14 +1,13 @@
 """The ``holderpo`` command: train, eval, plan, plot, convert.
 
-    holderpo train --config RECIPE.yaml [key=value ...]   # one node: starts torchrun itself
+    holderpo train --config RECIPE.yaml [key=value ...]   # this node's share: starts torchrun itself
     holderpo plan  --config RECIPE.yaml [key=value ...]   # layout + per-GPU memory estimate
     holderpo eval  --config RECIPE.yaml [key=value ...]   # the recipe's evaluation suite on its model
     holderpo plot  RUN_DIR                                # PNG curves of a run
     holderpo convert hf-to-megatron|megatron-to-hf ...    # checkpoint conversion (tools/ wrappers)
 
-Clusters use torchrun directly on every node (see README):
-    torchrun --nnodes N --nproc-per-node G --rdzv-backend c10d --rdzv-endpoint HOST:PORT \
-        -m holderpo_megatron.trainer.main --config RECIPE.yaml [key=value ...]
+On a cluster every node runs the same command with its node rank (or under SLURM, nothing more):
+    holderpo train --config RECIPE.yaml --nnodes N --node-rank R --master-addr NODE0 [--master-port P]
 """
 
 from __future__ import annotations
@@ -29,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint (default: checkpoint.resume)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the torchrun command, start nothing")
+    g = p.add_argument_group("several nodes (default: SLURM's variables when present, else one node)")
+    g.add_argument("--nnodes", type=int, default=None, help="nodes in the run (must equal parallel.nnodes)")
+    g.add_argument("--node-rank", type=int, default=None, help="this node's rank, 0..nnodes-1")
+    g.add_argument("--master-addr", default=None, help="node 0's address (the rendezvous)")
+    g.add_argument("--master-port", type=int, default=None, help="the rendezvous port on node 0 (default 29500)")
     p = sub.add_parser("eval", help="evaluate the recipe's model on its math suite")
     _add_config_args(p)
     p.add_argument("--out", default=None, help="output directory (default: <run dir>/eval)")
@@ -60,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             from holderpo_megatron.trainer.launch import launch_training
 
             cfg = load_run_config(args.config, args.overrides)
-            return launch_training(args.config, args.overrides, cfg, resume=args.resume, dry_run=args.dry_run)
+            nodes = dict(nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr,
+                         master_port=args.master_port)
+            return launch_training(args.config, args.overrides, cfg, resume=args.resume, dry_run=args.dry_run,
+                                   nodes=nodes)
         if args.command == "eval":
             from holderpo_megatron.trainer.evaluate import eval_main
 

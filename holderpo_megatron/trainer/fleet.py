@@ -33,6 +33,9 @@ log = logging.getLogger("holderpo")
 
 #: names this machine for the run (a launcher may set it; two nodes on one machine in tests)
 HOST_ID_ENV = "HOLDERPO_HOST_ID"
+#: the address other nodes reach this node's engines at (default: its hostname)
+NODE_ADDR_ENV = "HOLDERPO_NODE_ADDR"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def host_identity() -> str:
@@ -95,9 +98,12 @@ class RolloutFleet:
                     self.driver = self.feed = SGLangEngine(engine_cfg)
             return
         try:
-            self._start_owned(engine_cfg)
+            key = self._run_key()
+            self._start_owned(engine_cfg, key)
             self.urls = self._exchange_urls()
-            servers = self._servers_cfg = dataclasses.replace(engine_cfg, mode="servers", num_servers=1)
+            servers = self._servers_cfg = dataclasses.replace(
+                engine_cfg, mode="servers", num_servers=1,
+                api_key=key if any(e.owner_rank is not None for e in placement.engines) else engine_cfg.api_key)
             if rank == 0:
                 self.driver = SGLangEngine(dataclasses.replace(servers, server_urls=tuple(self.urls)))
             if self.is_replica_owner and self.fed:
@@ -109,20 +115,34 @@ class RolloutFleet:
         if rank == 0:
             log.info("rollout fleet: %d engine(s): %s", len(self.urls), ", ".join(self.urls))
 
-    def _start_owned(self, engine_cfg) -> None:
+    @staticmethod
+    def _run_key() -> str:
+        """One random API key for every server this run launches (drawn on rank 0, shared, never
+        written down): their weight-update endpoints unpickle payloads, so only we may call them."""
+        import secrets
+
+        box = [secrets.token_urlsafe(32) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _start_owned(self, engine_cfg, key: str) -> None:
         from holderpo_megatron.rollout.sglang_launcher import SGLangServerProcess
 
+        # one node: the loopback; several: every interface, advertised at this node's address
+        advertise = os.environ.get(NODE_ADDR_ENV) or (engine_cfg.host if self.placement.nnodes == 1
+                                                      else socket.gethostname())
+        bind = engine_cfg.host if advertise == engine_cfg.host or advertise in _LOOPBACK else "0.0.0.0"
         for slot in self.placement.owned_by(self.rank):
-            args = engine_cfg.server_args_dict()
+            args = dict(engine_cfg.server_args_dict(), api_key=key)
             if engine_cfg.resolved_device == "cuda":
                 args["base_gpu_id"] = slot.gpus[0]  # the slot's first local GPU; tp_size GPUs from there
             with without_torchrun_env():
-                self.processes.append((slot.index, SGLangServerProcess(
-                    args, host=engine_cfg.host, log_dir=engine_cfg.log_dir,
-                    startup_timeout_s=engine_cfg.startup_timeout_s)))
+                proc = SGLangServerProcess(args, host=bind, log_dir=engine_cfg.log_dir,
+                                           startup_timeout_s=engine_cfg.startup_timeout_s)
+            self.processes.append((slot.index, proc, f"http://{advertise}:{proc.port}"))
 
     def _exchange_urls(self) -> list[str]:
-        mine = {i: p.url for i, p in self.processes}
+        mine = {i: url for i, _, url in self.processes}
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
         known = {e.index: e.url for e in self.placement.engines if e.url}
@@ -177,7 +197,7 @@ class RolloutFleet:
                 client.shutdown()
             except Exception as e:  # every engine still gets its shutdown
                 errors.append(repr(e))
-        for _, p in self.processes:
+        for _, p, _ in self.processes:
             try:
                 p.kill()
             except Exception as e:

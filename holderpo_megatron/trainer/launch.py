@@ -1,15 +1,17 @@
-"""`holderpo train` on one node: validate the recipe, then start torchrun with one worker per GPU
-(or per CPU rank under gloo). Multi-node runs use torchrun directly on each node (README).
+"""`holderpo train`: this node's share of a run. Validate the recipe, then start torchrun with one
+worker per GPU (or per CPU rank under gloo); on several nodes every node runs the same command with
+its node rank (flags, or SLURM's variables: :mod:`.nodes`), and the exact torchrun command is printed.
 
 Before any process starts: the recipe is validated (:func:`validate_run`, the data sets and their
-prompt lengths), the run directory's lock is taken (held by this process for the whole run; a
-second run on the directory is refused), and a resume is checked (an ambiguous checkpoint root
+prompt lengths), the run directory's lock is taken on node 0 (held by this process for the whole
+run; a second run on the directory is refused), and a resume is checked (an ambiguous checkpoint root
 is refused; a run that is already complete says so and starts nothing). torchrun is started so
 that it dies with this process, and its workers die with it (:mod:`.run_guard`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,35 +19,35 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, validate_run
+from .nodes import NodeLaunch
 from .run_guard import LOCK_OWNER_ENV, RunDirectoryBusy, acquire_run_lock
 
 
 def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, resume: bool = False,
-                    dry_run: bool = False) -> int:
+                    dry_run: bool = False, nodes: dict | None = None) -> int:
+    """``nodes``: the command line's ``nnodes``/``node_rank``/``master_addr``/``master_port`` (None:
+    not given; then SLURM's or torchrun's variables, else one node)."""
     from holderpo_megatron.models.builtin import resolve_model_path
 
     from .data_checks import check_prompt_lengths
     from .plan import arch_for_plan
 
-    if cfg.parallel.nnodes != 1:
-        raise ConfigError(
-            f"parallel.nnodes={cfg.parallel.nnodes}: `holderpo train` starts one node; on a cluster run "
-            "`torchrun --nnodes ... -m holderpo_megatron.trainer.main --config ...` on every node"
-        )
+    try:
+        node = NodeLaunch.resolve(nnodes=cfg.parallel.nnodes, nproc_per_node=cfg.parallel.nproc_per_node,
+                                  flags=nodes, collective_timeout_s=cfg.parallel.collective_timeout_s)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     # Materialise a builtin model once, here, so the workers do not race to build it.
     if cfg.model.hf_path.startswith("builtin:") and not dry_run:
         resolve_model_path(cfg.model.hf_path)
     validate_run(cfg, arch_for_plan(cfg))  # every error before any worker starts
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={cfg.parallel.nproc_per_node}",
-           "-m", "holderpo_megatron.trainer.main", "--config", config_path, *overrides]
-    if resume:
-        cmd.append("checkpoint.resume=true")
+    cmd = node.torchrun_command(["--config", config_path, *overrides, *(["checkpoint.resume=true"] if resume else [])])
+    where = f"node {node.node_rank} of {node.nnodes}"
     if dry_run:
-        print("launching:", " ".join(cmd), flush=True)
+        print(f"launching ({where}):", " ".join(cmd), flush=True)
         return 0
-    try:
-        lock = acquire_run_lock(cfg.run_dir)
+    try:  # node 0 holds the run directory (shared by every node on a cluster)
+        lock = acquire_run_lock(cfg.run_dir) if node.node_rank == 0 else contextlib.nullcontext()
     except RunDirectoryBusy as e:
         print(f"holderpo train: {e}", file=sys.stderr)
         return 2
@@ -55,10 +57,11 @@ def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, r
             if done is not None:
                 return done
         check_prompt_lengths(cfg, resolve_model_path(cfg.model.hf_path))
-        print("launching:", " ".join(cmd), flush=True)
-        env = dict(os.environ)
+        print(f"launching ({where}):", " ".join(cmd), flush=True)
+        env = dict(os.environ, **node.worker_env())
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // cfg.parallel.nproc_per_node)))
-        env[LOCK_OWNER_ENV] = str(os.getpid())
+        if node.node_rank == 0:
+            env[LOCK_OWNER_ENV] = str(os.getpid())
         return _run_dying_with_us(cmd, env)
 
 

@@ -78,7 +78,7 @@ def _worker(rank, world, overrides):
         # engine 1 dies: the next sync fails on every rank, naming it; no engine declares the version
         dead = fleet.urls[1]
         if rank == 1:
-            fleet.processes[0][1].kill()
+            fleet.processes[0][1].kill()  # (slot, server process, URL)
         dist.barrier()
         with pytest.raises(RuntimeError, match=rf"weight sync of version 3 failed; no engine declares it: .*{dead}"):
             one_step(ctx, 2)

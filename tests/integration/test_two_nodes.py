@@ -48,7 +48,9 @@ def _start_nodes(model: Path, out: Path, steps: int, port: int, logs: Path) -> l
                  "checkpoint.resume=false", "checkpoint.export_hf_at_end=false"]
     procs = []
     for node in (0, 1):
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HOLDERPO_HOST_ID=f"host-{node}")
+        # two hosts to the run; their engines answer on the loopback (one machine)
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HOLDERPO_HOST_ID=f"host-{node}",
+                   HOLDERPO_NODE_ADDR="127.0.0.1")
         cmd = [sys.executable, "-m", "holderpo_megatron.cli", "train", "--config", str(RECIPE), "--nnodes", "2",
                "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), *overrides]
         log = open(logs / f"node{node}.log", "w")
