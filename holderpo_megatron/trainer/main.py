@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -15,6 +16,10 @@ def main(argv=None) -> int:
 
     # torchrun starts workers in sessions of their own: a killed launcher's process group misses them
     die_with_parent()
+    # our own INFO lines (the transport chosen and why, the fleet's engines, resumes) reach the log
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    for name in ("holderpo", "holderpo_megatron"):
+        logging.getLogger(name).setLevel(logging.INFO)
     from .config import load_run_config
     from .loop import run_training
 

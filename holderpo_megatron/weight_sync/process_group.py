@@ -25,11 +25,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def open_weights_update_group(master_address: str, master_port: int, world_size: int, group_name: str,
                               backend: str, timeout: timedelta = timedelta(seconds=300)):
-    """Join as rank 0 (the TCP store's host). Blocks until all ``world_size`` ranks joined."""
-    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
+    """Join as rank 0, hosting the group's TCP store. Blocks until all ``world_size`` ranks joined.
 
-    store, _, _ = next(rendezvous(f"tcp://{master_address}:{master_port}", 0, world_size, timeout=timeout))
-    store.set_timeout(timeout)
+    The store is made here, not through ``rendezvous(tcp://...)``: under torchrun that sees
+    ``TORCHELASTIC_USE_AGENT_STORE`` and connects as a client to a store it expects torchrun's agent
+    to host, so nobody hosts this group's store and every member waits forever."""
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
+
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=True, timeout=timeout, multi_tenant=True)
     store = PrefixStore(group_name, store)
     pg, _ = _new_process_group_helper(world_size, 0, [], Backend(backend), store, group_name=group_name,
                                       backend_options=None, timeout=timeout)
