@@ -44,6 +44,7 @@ def run_training(cfg: RunConfig) -> None:
                 ctx.save(step + 1)
             kill_if_asked(KILL_AFTER_STEP, step + 1)
         ctx.finish()
+        ctx.close(orderly=True)
     except Exception as e:
         # a collective that failed because another node died: name that node on this one
         why = ctx.heartbeat.explain(e) if ctx.heartbeat is not None else ""

@@ -206,19 +206,25 @@ class TrainContext:
             # an export of an earlier attempt (a run resumed to train further) is replaced atomically
             export_hf_checkpoint(self.actor.unwrapped(), self.arch, self.hf_dir, out, overwrite=True)
 
-    def close(self) -> None:
+    def close(self, orderly: bool = False) -> None:
+        """Stop everything this rank holds (again: a no-op). ``orderly`` (a run that finished): every
+        rank closes its weight synchroniser before any engine stops (closing a weights-update group
+        talks to every engine in it, some started by other ranks or nodes)."""
         if getattr(self, "logger", None) is not None:
             self.logger.close()
         if self.synchronizer is not None:
-            self.synchronizer.close()
-        if self.env_pool is not None:
-            self.env_pool.close()
-        if self.fleet is not None:
-            self.fleet.close()
-        if self.heartbeat is not None:
-            self.heartbeat.close()
-        if self.reward is not None:
-            self.reward.close()
+            try:
+                self.synchronizer.close()
+            except Exception as e:  # the run's work is done; an engine that is already gone is no error
+                log.warning("closing the weight synchroniser: %s: %s", type(e).__name__, e)
+            self.synchronizer = None
+        if orderly:
+            dist.barrier()
+        for name in ("env_pool", "fleet", "heartbeat", "reward"):
+            part = getattr(self, name)
+            if part is not None:
+                part.close()
+                setattr(self, name, None)
 
 
 def setup_training(cfg: RunConfig) -> TrainContext:
