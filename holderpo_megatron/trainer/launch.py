@@ -42,6 +42,8 @@ def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, r
     if resume:
         cmd.append("checkpoint.resume=true")
     if dry_run:
+        if not cfg.model.hf_path.startswith("builtin:"):  # (a builtin model is not built by a dry run)
+            check_prompt_lengths(cfg, cfg.model.hf_path)
         print("launching:", " ".join(cmd), flush=True)
         return 0
     try:
