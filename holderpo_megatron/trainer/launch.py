@@ -11,7 +11,6 @@ that it dies with this process, and its workers die with it (:mod:`.run_guard`).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -90,15 +89,11 @@ def _resume_check(cfg: RunConfig) -> int | None:
 
 
 def _run_dying_with_us(cmd: list[str], env: dict) -> int:
-    """Run ``cmd``; the kernel kills it (SIGKILL) if this process dies first (Linux)."""
+    """Run ``python -m MODULE ...`` (``cmd``); the kernel kills it (SIGKILL) if this process dies first."""
+    from holderpo_megatron.rollout.sglang_launcher import module_command_dying_with_us
 
-    def pdeathsig():  # in the child, before exec (this process has no other threads)
-        if sys.platform.startswith("linux"):
-            import ctypes
-
-            ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-    with subprocess.Popen(cmd, env=env, preexec_fn=pdeathsig) as proc:
+    assert cmd[:2] == [sys.executable, "-m"], cmd
+    with subprocess.Popen(module_command_dying_with_us(cmd[2], *cmd[3:]), env=env) as proc:
         try:
             return proc.wait()
         except BaseException:  # Ctrl-C: torchrun got the SIGINT too; give it time to stop its workers
