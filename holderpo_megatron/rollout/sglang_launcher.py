@@ -103,7 +103,7 @@ class SGLangServerProcess:
     """One ``python -m sglang.launch_server`` child, its URL and its log file."""
 
     def __init__(self, server_args: dict, *, host: str = "127.0.0.1", port: int = 0,
-                 log_dir: str | None = None, startup_timeout_s: float = 300.0):
+                 log_dir: str | None = None, startup_timeout_s: float = 300.0, api_key: str | None = None):
         self.host = host
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
@@ -111,8 +111,10 @@ class SGLangServerProcess:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         self.log_path = os.path.join(log_dir, f"sglang-{self.port}.log")
         device = server_args.get("device", "cpu")
-        server_args = dict(server_args)
-        self.api_key = server_args.pop("api_key", None) or secrets.token_urlsafe(32)
+        if "api_key" in server_args:
+            raise ValueError("pass the API key as api_key=, not in server_args")
+        # several processes sharing one server set (ranks of a run) agree on a key and pass it; else a fresh one
+        self.api_key = api_key or secrets.token_urlsafe(32)
         secret_dir = tempfile.mkdtemp(prefix="holderpo-sglang-")  # 0700
         key_file = os.path.join(secret_dir, "server.yaml")
         with open(os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:

@@ -207,7 +207,13 @@ def test_launched_servers_get_a_random_key_never_on_the_command_line(tmp_path, m
     # the server dies with the process that started it: the bootstrap is given our PID
     assert cmd_a[1] == "-c" and "PR_SET_PDEATHSIG" in cmd_a[2] and cmd_a[3:5] == [str(os.getpid()),
                                                                                   "sglang.launch_server"]
-    with pytest.raises(ValueError, match="server_args must not set api_key"):
+    # processes sharing servers (a run's ranks) agree on one key and pass it
+    shared = sglang_launcher.SGLangServerProcess({"model_path": "/m", "device": "cpu"}, log_dir=str(tmp_path),
+                                                 api_key="agreed-key")
+    assert shared.api_key == "agreed-key" and launched[-1][1]["api-key"] == "agreed-key"
+    with pytest.raises(ValueError, match="pass the API key as api_key=, not in server_args"):
+        sglang_launcher.SGLangServerProcess({"model_path": "/m", "api_key": "x"}, log_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="server_args must not set api_key: the key goes in api_key"):
         SGLangEngineConfig(model_path=str(tmp_path), server_args={"api_key": "x"})
 
 
