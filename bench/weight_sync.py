@@ -157,7 +157,7 @@ def _fleet_rank_main(rank, world, store, model_dir, mode, bucket_bytes, repeats,
     cfg = SGLangEngineConfig(model_path=model_dir, dtype="float32", skip_tokenizer_init=True, context_length=256,
                              mem_fraction_static=0.2, api_key=key[0])
     # this replica's engine (the fleet's owner rank)
-    server = SGLangServerProcess(dict(cfg.server_args_dict(), api_key=key[0]))
+    server = SGLangServerProcess(cfg.server_args_dict(), api_key=key[0])
     client = None
     try:
         urls: list = [None] * world

@@ -345,10 +345,10 @@ class TrainStateDirectory:
         root_id = self.root_id(create=True)
         tmp = self.root / f"{_TMP_PREFIX}{step_dir_name(step)}"
         if tmp.exists():
-            if not (self._owned(tmp) or not any(tmp.iterdir())):
-                raise AmbiguousTrainState(f"{tmp} exists and was not written by this checkpoint root's writer: "
-                                          "move it away")
-            shutil.rmtree(tmp)
+            if self._owned(tmp) or not any(tmp.iterdir()):
+                shutil.rmtree(tmp)
+            else:  # not ours (another tool's, an older version's): kept, under another name
+                self._displace(tmp, step)
         tmp.mkdir()
         import socket
 
@@ -377,14 +377,17 @@ class TrainStateDirectory:
             if self._owned(final):  # the same step saved again (e.g. after a resume): the new one wins
                 _remove_tree(final)
             else:  # not ours (put there during the run): kept, under another name
-                aside = final.with_name(f"{final.name}.displaced-{time.strftime('%Y%m%dT%H%M%S')}")
-                final.rename(aside)
-                log.warning("train state %s was not written by this run: moved to %s to save step %d",
-                            final, aside.name, step)
+                self._displace(final, step)
         tmp.rename(final)
         _fsync_path(self.root, directory=True)
         self._write_latest(final.name)
         return final
+
+    def _displace(self, path: Path, step: int) -> None:
+        """Move a directory this root's writer did not make out of the way of saving ``step``."""
+        aside = path.with_name(f"{path.name}.displaced-{time.strftime('%Y%m%dT%H%M%S')}")
+        path.rename(aside)
+        log.warning("train state %s was not written by this run: moved to %s to save step %d", path, aside.name, step)
 
     def _write_latest(self, name: str) -> None:
         tmp = self.root / f".{LATEST}.{os.getpid()}.tmp"

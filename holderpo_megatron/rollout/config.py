@@ -33,8 +33,8 @@ class SGLangEngineConfig:
     (the KV pages are reserved, not touched, until used). ``server_args`` passes any other
     ``sglang`` ServerArgs field (e.g. ``max_total_tokens`` to cap the KV cache).
 
-    ``api_key``: sent as ``Authorization: Bearer`` to given servers (``server_urls``/``router_url``);
-    servers our launcher starts always get a fresh random key of their own.
+    ``api_key``: sent as ``Authorization: Bearer`` to given servers (``server_urls``/``router_url``)
+    and set on the servers our launcher starts; unset, each server we start gets a fresh random key.
     """
 
     model_path: str
@@ -60,7 +60,7 @@ class SGLangEngineConfig:
     log_level: str = "warning"
     log_dir: str | None = None
     server_args: dict = field(default_factory=dict)
-    api_key: str | None = field(default=None, repr=False)  # of given servers (server_urls, router_url)
+    api_key: str | None = field(default=None, repr=False)  # given servers' key; None: a random one per launch
 
     def __post_init__(self):
         object.__setattr__(self, "server_urls", tuple(u.rstrip("/") for u in self.server_urls))
@@ -111,8 +111,7 @@ class SGLangEngineConfig:
         if not isinstance(self.server_args, dict):
             bad("server_args", "a dict of sglang ServerArgs fields")
         if "api_key" in self.server_args:
-            raise ValueError("SGLangEngineConfig.server_args must not set api_key: servers we launch get a random key "
-                             "of their own; a key for given servers goes in api_key")
+            raise ValueError("SGLangEngineConfig.server_args must not set api_key: the key goes in api_key")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
             raise ValueError("SGLangEngineConfig.api_key is invalid; allowed: None or a non-empty string")
 

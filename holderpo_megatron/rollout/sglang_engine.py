@@ -89,7 +89,7 @@ class SGLangEngine(RolloutEngine):
             for i in range(cfg.num_servers):
                 procs.append(SGLangServerProcess(
                     cfg.server_args_dict(), host=cfg.host, port=(cfg.base_port + i if cfg.base_port else 0),
-                    log_dir=cfg.log_dir, startup_timeout_s=cfg.startup_timeout_s))
+                    log_dir=cfg.log_dir, startup_timeout_s=cfg.startup_timeout_s, api_key=cfg.api_key))
         except BaseException:
             for p in procs:
                 p.kill()

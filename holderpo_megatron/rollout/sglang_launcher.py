@@ -29,20 +29,28 @@ from pathlib import Path
 
 from .interface import EngineStartError
 
-__all__ = ["SGLangServerProcess", "free_port", "log_tail", "sglang_env"]
+__all__ = ["SGLangServerProcess", "free_port", "log_tail", "sglang_env", "module_command_dying_with_us"]
 
-# `python -c` bootstrap of a server: die with the parent (PID argv[1]) first, then run SGLang's
-# `launch_server` as `python -m` would. Plain Python: the server's interpreter may not find our package.
+# `python -c` bootstrap: die with the parent (PID argv[1]) first, then run module argv[2] as
+# `python -m` would. Plain Python: the child's interpreter may not find our package.
 _BOOTSTRAP = (
     "import ctypes, os, runpy, signal, sys\n"
-    "parent = int(sys.argv[1])\n"
+    "parent, module = int(sys.argv[1]), sys.argv[2]\n"
     "if sys.platform.startswith('linux'):\n"
     "    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG\n"
     "if os.getppid() != parent:\n"
-    "    sys.exit('the process that started this SGLang server is gone')\n"
-    "sys.argv = ['sglang.launch_server'] + sys.argv[2:]\n"
-    "runpy.run_module('sglang.launch_server', run_name='__main__', alter_sys=True)\n"
+    "    sys.exit('the process that started ' + module + ' is gone')\n"
+    "sys.argv = [module] + sys.argv[3:]\n"
+    "runpy.run_module(module, run_name='__main__', alter_sys=True)\n"
 )
+
+
+def module_command_dying_with_us(module: str, *args: str) -> list[str]:
+    """The command running ``python -m module args`` in a child that the kernel kills (SIGKILL)
+    when this process dies (Linux ``PR_SET_PDEATHSIG``, set by the child itself: no
+    ``preexec_fn`` in a process with threads). Start it from a long-lived thread: the signal
+    follows the exit of the thread that started the child."""
+    return [sys.executable, "-c", _BOOTSTRAP, str(os.getpid()), module, *args]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -95,7 +103,7 @@ class SGLangServerProcess:
     """One ``python -m sglang.launch_server`` child, its URL and its log file."""
 
     def __init__(self, server_args: dict, *, host: str = "127.0.0.1", port: int = 0,
-                 log_dir: str | None = None, startup_timeout_s: float = 300.0):
+                 log_dir: str | None = None, startup_timeout_s: float = 300.0, api_key: str | None = None):
         self.host = host
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
@@ -103,14 +111,16 @@ class SGLangServerProcess:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         self.log_path = os.path.join(log_dir, f"sglang-{self.port}.log")
         device = server_args.get("device", "cpu")
-        server_args = dict(server_args)
-        self.api_key = server_args.pop("api_key", None) or secrets.token_urlsafe(32)
+        if "api_key" in server_args:
+            raise ValueError("pass the API key as api_key=, not in server_args")
+        # several processes sharing one server set (ranks of a run) agree on a key and pass it; else a fresh one
+        self.api_key = api_key or secrets.token_hex(32)
         secret_dir = tempfile.mkdtemp(prefix="holderpo-sglang-")  # 0700
         key_file = os.path.join(secret_dir, "server.yaml")
         with open(os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             json.dump({"api-key": self.api_key}, f)  # JSON is YAML; keys are the flags
-        cmd = [sys.executable, "-c", _BOOTSTRAP, str(os.getpid()), "--config", key_file, *_cli_args(server_args),
-               "--host", host, "--port", str(self.port)]
+        cmd = module_command_dying_with_us("sglang.launch_server", "--config", key_file, *_cli_args(server_args),
+                                           "--host", host, "--port", str(self.port))
         self._log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=sglang_env(device),

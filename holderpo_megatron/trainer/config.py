@@ -467,6 +467,15 @@ def validate_run(cfg: RunConfig, arch=None, check_paths: bool = True) -> None:
             raise ConfigError(f"model.hf_path {hf!r} is not a directory")
         if cfg.model.megatron_load and not Path(cfg.model.megatron_load).is_dir():
             raise ConfigError(f"model.megatron_load {cfg.model.megatron_load!r} is not a directory")
+        if cfg.model.megatron_load:  # complete, and its metadata safe to read (allow-listed unpickling)
+            from holderpo_megatron.checkpoint.dist_ckpt import read_marker
+            from holderpo_megatron.checkpoint.safe_metadata import read_dcp_metadata
+
+            try:
+                read_marker(cfg.model.megatron_load)
+                read_dcp_metadata(cfg.model.megatron_load)
+            except ValueError as e:
+                raise ConfigError(f"model.megatron_load: {' '.join(str(e).split())}") from None
         if cfg.agent.enabled:
             pass  # the game files are unpacked (and their absence reported) by envs.alfworld on rank 0
         else:

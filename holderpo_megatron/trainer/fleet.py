@@ -121,7 +121,7 @@ class RolloutFleet:
         written down): their weight-update endpoints unpickle payloads, so only we may call them."""
         import secrets
 
-        box = [secrets.token_urlsafe(32) if dist.get_rank() == 0 else None]
+        box = [secrets.token_hex(32) if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
@@ -133,12 +133,12 @@ class RolloutFleet:
                                                       else socket.gethostname())
         bind = engine_cfg.host if advertise == engine_cfg.host or advertise in _LOOPBACK else "0.0.0.0"
         for slot in self.placement.owned_by(self.rank):
-            args = dict(engine_cfg.server_args_dict(), api_key=key)
+            args = engine_cfg.server_args_dict()
             if engine_cfg.resolved_device == "cuda":
                 args["base_gpu_id"] = slot.gpus[0]  # the slot's first local GPU; tp_size GPUs from there
             with without_torchrun_env():
                 proc = SGLangServerProcess(args, host=bind, log_dir=engine_cfg.log_dir,
-                                           startup_timeout_s=engine_cfg.startup_timeout_s)
+                                           startup_timeout_s=engine_cfg.startup_timeout_s, api_key=key)
             self.processes.append((slot.index, proc, f"http://{advertise}:{proc.port}"))
 
     def _exchange_urls(self) -> list[str]:

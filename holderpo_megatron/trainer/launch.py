@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +43,8 @@ def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, r
     cmd = node.torchrun_command(["--config", config_path, *overrides, *(["checkpoint.resume=true"] if resume else [])])
     where = f"node {node.node_rank} of {node.nnodes}"
     if dry_run:
+        if not cfg.model.hf_path.startswith("builtin:"):  # (a builtin model is not built by a dry run)
+            check_prompt_lengths(cfg, cfg.model.hf_path)
         print(f"launching ({where}):", " ".join(cmd), flush=True)
         return 0
     try:  # node 0 holds the run directory (shared by every node on a cluster)
@@ -91,15 +92,11 @@ def _resume_check(cfg: RunConfig) -> int | None:
 
 
 def _run_dying_with_us(cmd: list[str], env: dict) -> int:
-    """Run ``cmd``; the kernel kills it (SIGKILL) if this process dies first (Linux)."""
+    """Run ``python -m MODULE ...`` (``cmd``); the kernel kills it (SIGKILL) if this process dies first."""
+    from holderpo_megatron.rollout.sglang_launcher import module_command_dying_with_us
 
-    def pdeathsig():  # in the child, before exec (this process has no other threads)
-        if sys.platform.startswith("linux"):
-            import ctypes
-
-            ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-    with subprocess.Popen(cmd, env=env, preexec_fn=pdeathsig) as proc:
+    assert cmd[:2] == [sys.executable, "-m"], cmd
+    with subprocess.Popen(module_command_dying_with_us(cmd[2], *cmd[3:]), env=env) as proc:
         try:
             return proc.wait()
         except BaseException:  # Ctrl-C: torchrun got the SIGINT too; give it time to stop its workers

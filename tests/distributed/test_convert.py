@@ -346,15 +346,10 @@ def test_malformed_hf_config_is_one_line(hf_copy, tmp_path, capsys):
 
 def test_a_crafted_metadata_runs_nothing(meg_copy, tmp_path, capsys):
     """A .metadata whose unpickling calls os.system: refused, the command never runs."""
-    import pickle
+    from tests.crafted import exploit_pickle
 
     flag = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, (f"touch {flag}",))
-
-    (meg_copy / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    (meg_copy / ".metadata").write_bytes(exploit_pickle(flag))
     rc, err = _cli(capsys, "megatron-to-hf", "--load", meg_copy, "--save", tmp_path / "out", "--quiet")
     assert rc == 2 and "refused to load: it asks for posix.system" in err, err
     assert not flag.exists()

@@ -160,7 +160,7 @@ def test_resume_is_bitwise_equal_and_a_crashed_save_is_ignored(tmp_path):
     assert sorted(os.listdir(root / "step_00000002" / "rng")) == ["rank_00000.pt", "rank_00001.pt"]
 
     run_gloo(_world_b, 2, cfg, batches, str(root), str(ref_dir))
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
+    assert sorted(p.name for p in root.iterdir()) == [".holderpo-root-id", "latest", "step_00000002"]
 
 
 def _offload_world(rank, world, cfg, sd, batches):

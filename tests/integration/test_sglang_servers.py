@@ -73,8 +73,10 @@ def test_weight_sync_into_a_server(servers, model_dir, transport):
 
 def test_requests_on_a_dead_server_are_retried_on_a_live_one(servers, model_dir):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    # a given server (ours, launched with a random key): reached with that key, as rollout.api_key would
     both = SGLangEngine(SGLangEngineConfig(model_path=str(model_dir), mode="servers", dtype="float32",
-                                           server_urls=(servers.server_urls[0], dead), max_retries=1))
+                                           server_urls=(servers.server_urls[0], dead), max_retries=1,
+                                           api_key=servers._backends[0].process.api_key))
     out = both.generate([[1, k, k + 1] for k in range(3, 11)], SamplingParams(temperature=0.0, max_new_tokens=4))
     assert len(out) == 8 and all(len(row) == 1 and len(row[0].output_ids) == 4 for row in out)
     assert all(row[0].engine == servers.server_urls[0] for row in out)

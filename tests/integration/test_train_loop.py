@@ -80,3 +80,16 @@ def test_three_steps_metrics_weights_and_drift(tiny_model, tmp_path):
     assert set(after) == set(before)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) > len(before) // 2, changed
+
+    # the same command again: the run is complete and exported, so nothing starts
+    res = _train(_recipe(tmp_path, tiny_model, 3, out))
+    assert "is complete: its last state step_00000003 is step 3 of train.steps=3" in res.stdout, res.stdout
+    assert "launching" not in res.stdout
+    # trained further, it resumes and replaces its own export (atomically) instead of failing on it
+    res = _train(_recipe(tmp_path, tiny_model, 4, out))
+    assert "resuming" in res.stdout and "step 3 of 4" in res.stdout, res.stdout[-3000:]
+    assert [json.loads(x)["step"] for x in (out / "loop" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    again = {}
+    for f in sorted((out / "loop" / "hf").glob("*.safetensors")):
+        again.update(load_file(str(f)))
+    assert set(again) == set(before) and any(not torch.equal(after[k], again[k]) for k in after)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import pytest
 import torch
@@ -127,6 +126,8 @@ def test_dcp_metadata_is_read_through_an_allow_list(tmp_path):
     import warnings
 
     import torch.distributed.checkpoint as dcp
+
+    from tests.crafted import exploit_pickle
     from torch.distributed.checkpoint import FileSystemReader
 
     from holderpo_megatron.checkpoint.safe_metadata import (UnsafeCheckpointError, read_dcp_metadata,
@@ -142,14 +143,9 @@ def test_dcp_metadata_is_read_through_an_allow_list(tmp_path):
     assert read_dcp_metadata(tmp_path / "ok").state_dict_metadata["w"].size == torch.Size([3, 4])
 
     flag = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, (f"touch {flag}",))
-
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    (bad / ".metadata").write_bytes(exploit_pickle(flag))
     with safe_dcp_metadata_reads(), pytest.raises(UnsafeCheckpointError, match="asks for posix.system"):
         FileSystemReader(str(bad)).read_metadata()
     for payload in (pickle.dumps(print), pickle.dumps(getattr)):  # any callable outside the allow-list

@@ -1,6 +1,7 @@
 """Rollout engine configuration, sampling parameters, the drift metric, the CPU shims: no SGLang needed."""
 
 import logging
+import sys
 
 import pytest
 import torch
@@ -204,6 +205,48 @@ def test_launched_servers_get_a_random_key_never_on_the_command_line(tmp_path, m
     assert mode_a == 0o600 and not os.path.exists(path_a)  # private, and gone once the server started
     assert not any(procs[0].api_key in part for part in cmd_a)
     # the server dies with the process that started it: the bootstrap is given our PID
-    assert cmd_a[1] == "-c" and "PR_SET_PDEATHSIG" in cmd_a[2] and cmd_a[3] == str(os.getpid())
-    with pytest.raises(ValueError, match="server_args must not set api_key"):
+    assert cmd_a[1] == "-c" and "PR_SET_PDEATHSIG" in cmd_a[2] and cmd_a[3:5] == [str(os.getpid()),
+                                                                                  "sglang.launch_server"]
+    # processes sharing servers (a run's ranks) agree on one key and pass it
+    shared = sglang_launcher.SGLangServerProcess({"model_path": "/m", "device": "cpu"}, log_dir=str(tmp_path),
+                                                 api_key="agreed-key")
+    assert shared.api_key == "agreed-key" and launched[-1][1]["api-key"] == "agreed-key"
+    with pytest.raises(ValueError, match="pass the API key as api_key=, not in server_args"):
+        sglang_launcher.SGLangServerProcess({"model_path": "/m", "api_key": "x"}, log_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="server_args must not set api_key: the key goes in api_key"):
         SGLangEngineConfig(model_path=str(tmp_path), server_args={"api_key": "x"})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_started_dying_with_us_ends_when_we_are_killed():
+    """How launched SGLang servers and torchrun end with their parent, even under SIGKILL."""
+    import os
+    import subprocess
+    import time
+
+    import psutil
+
+    code = ("import subprocess, time\n"
+            "from holderpo_megatron.rollout.sglang_launcher import module_command_dying_with_us as cmd\n"
+            "p = subprocess.Popen(cmd('http.server', '0', '--bind', '127.0.0.1'), stdout=subprocess.DEVNULL,\n"
+            "                     stderr=subprocess.DEVNULL)\n"
+            "print(p.pid, flush=True)\n"
+            "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    child = psutil.Process(int(parent.stdout.readline()))
+    time.sleep(1.0)
+    assert child.is_running() and "http.server" in " ".join(child.cmdline())
+    parent.kill()
+    parent.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.1)
+    else:
+        child.kill()
+        raise AssertionError("the child outlived its parent by 10 s")

@@ -243,3 +243,19 @@ def test_api_key_is_redacted_from_run_records():
     cfg = from_dict(RunConfig, {"rollout": {"mode": "servers", "server_urls": ["http://h:1"], "api_key": "s3cret"}})
     assert cfg.public_dict()["rollout"]["api_key"] == "<redacted>"
     assert "s3cret" not in repr(cfg)
+
+
+def test_a_crafted_megatron_load_checkpoint_is_refused_before_launch(tmp_path):
+    from holderpo_megatron.checkpoint.dist_ckpt import FORMAT, FORMAT_VERSION, MARKER
+    from tests.crafted import exploit_pickle
+
+    flag = tmp_path / "pwned"
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / MARKER).write_text(f'{{"format": "{FORMAT}", "version": {FORMAT_VERSION}}}')
+    (ckpt / ".metadata").write_bytes(exploit_pickle(flag))
+    cfg = from_dict(RunConfig, {"model": {"hf_path": "builtin:smollm2-135m-instruct", "megatron_load": str(ckpt)},
+                                "data": {"train": "arithmetic"}})
+    with pytest.raises(ConfigError, match="model.megatron_load: .*refused to load: it asks for posix.system"):
+        validate_run(cfg, None)
+    assert not flag.exists()

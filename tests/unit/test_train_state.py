@@ -132,6 +132,12 @@ def test_step_directories_placed_by_hand_are_never_deleted_and_refuse_the_resume
     _save_fake(d, 4)
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("step_00000004.displaced-")]
     assert len(aside) == 1 and (aside[0] / "x.bin").read_bytes() == b"x"
+    # so does a foreign temporary directory in the way of a save
+    (tmp_path / ".incomplete.step_00000005").mkdir()
+    (tmp_path / ".incomplete.step_00000005" / "x.bin").write_bytes(b"x")
+    _save_fake(d, 5)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(".incomplete.step_00000005.displaced-")]
+    assert len(aside) == 1 and (aside[0] / "x.bin").read_bytes() == b"x"
     # nothing committed, yet a step directory is there: refused, not deleted
     fresh = TrainStateDirectory(tmp_path / "fresh")
     (fresh.root / "step_00000007").mkdir(parents=True)
