@@ -126,12 +126,23 @@ class RolloutFleet:
         return box[0]
 
     def _start_owned(self, engine_cfg, key: str) -> None:
-        from holderpo_megatron.rollout.sglang_launcher import SGLangServerProcess
-
         # one node: the loopback; several: every interface, advertised at this node's address
         advertise = os.environ.get(NODE_ADDR_ENV) or (engine_cfg.host if self.placement.nnodes == 1
                                                       else socket.gethostname())
         bind = engine_cfg.host if advertise == engine_cfg.host or advertise in _LOOPBACK else "0.0.0.0"
+        if engine_cfg.resolved_device == "cpu":
+            # in turn: a CPU SGLang engine sizes its KV cache from the host's free memory while it loads,
+            # so a neighbour loading at the same moment can leave it none (each GPU engine has its own GPU)
+            for turn in range(dist.get_world_size()):
+                if turn == self.rank:
+                    self._launch(engine_cfg, key, bind, advertise)
+                dist.barrier()
+        else:
+            self._launch(engine_cfg, key, bind, advertise)
+
+    def _launch(self, engine_cfg, key: str, bind: str, advertise: str) -> None:
+        from holderpo_megatron.rollout.sglang_launcher import SGLangServerProcess
+
         for slot in self.placement.owned_by(self.rank):
             args = engine_cfg.server_args_dict()
             if engine_cfg.resolved_device == "cuda":

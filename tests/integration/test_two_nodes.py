@@ -43,7 +43,7 @@ def _start_nodes(model: Path, out: Path, steps: int, port: int, logs: Path) -> l
                  "data.answer_template=plain", "rollout.max_prompt_tokens=48", "rollout.max_new_tokens=8",
                  "train.prompts_per_step=2", "rollout.group_size=4", "train.token_budget=256",
                  f"train.steps={steps}", "parallel.nnodes=2", "parallel.nproc_per_node=1", "parallel.pp=2",
-                 "parallel.collective_timeout_s=120", "rollout.mode=servers", "rollout.weight_sync=auto",
+                 "parallel.collective_timeout_s=300", "rollout.mode=servers", "rollout.weight_sync=auto",
                  "rollout.verify_sync=true", "algorithm.regularizers={entropy_coef: 0.01}", "logging.progress=false",
                  "checkpoint.resume=false", "checkpoint.export_hf_at_end=false"]
     procs = []
