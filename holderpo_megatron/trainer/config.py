@@ -70,6 +70,8 @@ class ParallelSection:
               f"parallel: world size nnodes*nproc_per_node = {self.world_size} is not divisible by "
               f"tp*pp*cp = {self.tp}*{self.pp}*{self.cp} = {self.tp * self.pp * self.cp}")
         _need(self.gpu_memory_gb > 0, f"parallel.gpu_memory_gb must be > 0, got {self.gpu_memory_gb}")
+        _need(not self.sequence_parallel or self.tp > 1,
+              "parallel.sequence_parallel needs tp > 1 (it splits activations over the TP group); got tp=1")
 
     @property
     def world_size(self) -> int:
