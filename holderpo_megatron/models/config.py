@@ -178,6 +178,8 @@ def to_transformer_config(arch: ModelArch, tp: int = 1, pp: int = 1, cp: int = 1
     from megatron.core.transformer import TransformerConfig
 
     check_layout(arch, tp, pp, cp)
+    if sequence_parallel and tp == 1:
+        raise ValueError("sequence_parallel needs tensor_parallel > 1 (it splits activations over the TP group)")
     kwargs = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -197,7 +199,7 @@ def to_transformer_config(arch: ModelArch, tp: int = 1, pp: int = 1, cp: int = 1
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
-        sequence_parallel=sequence_parallel and tp > 1,
+        sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,  # required by Megatron when pipeline_parallel > 1
         bf16=params_dtype == torch.bfloat16,

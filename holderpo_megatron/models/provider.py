@@ -19,23 +19,31 @@ def te_available() -> bool:
     return True
 
 
-def layer_spec(arch: ModelArch, use_te: bool | None = None):
-    """Transformer Engine spec on GPU when TE imports, else Megatron's local spec."""
+def layer_spec(arch: ModelArch, use_te: bool | None = None, core_attention=None):
+    """Transformer Engine spec on GPU when TE imports, else Megatron's local spec with
+    :class:`~holderpo_megatron.models.attention.SegmentCausalAttention` as its core attention (packed
+    rows as THD and context parallelism without S x S; Megatron's own local attention does neither).
+    ``core_attention`` replaces it (the memory bench passes Megatron's ``DotProductAttention``)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if use_te is None:
         use_te = te_available()
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    return specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm)
+    from .attention import SegmentCausalAttention
+
+    spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm)
+    spec.submodules.self_attention.submodules.core_attention = core_attention or SegmentCausalAttention
+    return spec
 
 
 def build_gpt_model(arch: ModelArch, config, *, pre_process: bool | None = None, post_process: bool | None = None,
                     use_te: bool | None = None, vp_stage: int | None = None,
-                    make_vocab_size_divisible_by: int = 128):
+                    make_vocab_size_divisible_by: int = 128, core_attention=None):
     """GPTModel for this rank's pipeline stage. ``config`` comes from :func:`to_transformer_config`.
 
-    ``pre_process``/``post_process`` default to whether this rank holds the first/last stage.
+    ``pre_process``/``post_process`` default to whether this rank holds the first/last stage;
+    ``core_attention``: see :func:`layer_spec`.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -52,7 +60,7 @@ def build_gpt_model(arch: ModelArch, config, *, pre_process: bool | None = None,
         rope.update(seq_len_interpolation_factor=arch.rope_scaling_factor)
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, use_te),
+        transformer_layer_spec=layer_spec(arch, use_te, core_attention),
         vocab_size=vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

@@ -177,18 +177,19 @@ class ContextParallelReducer(SequenceReducer):
             in the same order) on every rank; a rank may hold no token of some sequence.
         group: the CP process group; None or a group of size 1 means no communication.
         check: verify once (one 2-element all-reduce) that all ranks agree on ``num_sequences``.
+        max_len: the generation budget for Dr. GRPO's default divisor (optional; a shard implies none).
 
     Each per-sequence reduction all-reduces ``[S]`` values (``[k, S]`` for k fused sums): O(1) bytes
     per sequence, independent of the number of tokens.
     """
 
-    def __init__(self, local: SequenceReducer, group=None, check: bool = True):
+    def __init__(self, local: SequenceReducer, group=None, check: bool = True, max_len: int | None = None):
         if not isinstance(local, SequenceReducer):
             raise ValueError(f"local must be a SequenceReducer, got {type(local).__name__}")
         self.local = local
         self.group = group
         self.num_sequences = local.num_sequences
-        self.default_max_len = None
+        self.default_max_len = max_len
         self._active = group is not None and dist.get_world_size(group) > 1
         self._owner = (not self._active) or dist.get_rank(group) == 0
         if self._active and check:

@@ -8,12 +8,18 @@ CUDA is available. Megatron-Core 0.16 assumes CUDA in a handful of places; this 
 its CPU meaning and nothing else:
 
 * ``torch.cuda.current_device()`` -> ``"cpu"``; tensor factories called with ``device="cuda"`` (or a
-  cuda ``torch.device``) build CPU tensors (a ``TorchFunctionMode``); ``Tensor.cuda()`` is the identity.
+  cuda ``torch.device``) build CPU tensors (a ``TorchFunctionMode``), ``pin_memory=True`` is dropped
+  (no pinned allocator without an accelerator; Megatron pins the CP RoPE index); ``Tensor.cuda()`` is the identity.
 * the CUDA RNG: ``torch.cuda.{manual_seed, get_rng_state, set_rng_state}`` and Megatron's tracker
   helpers act on one dedicated CPU ``torch.Generator``. RL runs use zero dropout; the tracker's
   states are kept (and checkpointed) but ops on CPU draw from the default CPU generator.
 * ``torch.cuda.{synchronize, Event, Stream, current_stream, stream, memory_*}``: no-ops / zeros.
 * gradient clipping: Megatron asserts CUDA grad types there; the CPU version scales the same way.
+* sequence parallelism: without TE or apex the local spec's norms are torch's (``WrappedTorchNorm``),
+  which refuse it; under SP each TP rank normalises its own slice of tokens, so the norm is the same
+  and only its weight's gradient must be summed over TP, which ``finalize_model_grads`` does for
+  parameters tagged ``sequence_parallel`` (as TE's and apex's norms tag theirs). Gloo itself has the
+  all-gather and reduce-scatter SP needs.
 
 The distributed optimizer is not supported on CPU (its buffers assume CUDA): CPU runs use Megatron's
 non-distributed optimizer, said plainly in :func:`enable_cpu_megatron`'s return value.
@@ -22,6 +28,7 @@ non-distributed optimizer, said plainly in :func:`enable_cpu_megatron`'s return 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 
 import torch
@@ -55,13 +62,16 @@ def _is_cuda(dev) -> bool:
 
 
 class _CudaToCpu(TorchFunctionMode):
-    """Rewrites device='cuda' (or an int ordinal) to 'cpu' on every torch call that takes one."""
+    """Rewrites device='cuda' (or an int ordinal) to 'cpu' on every torch call that takes one, and
+    drops pin_memory=True."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         dev = kwargs.get("device")
         if _is_cuda(dev):
             kwargs = dict(kwargs, device="cpu")
+        if kwargs.get("pin_memory"):
+            kwargs = dict(kwargs, pin_memory=False)
         if func is torch.Tensor.to and len(args) > 1:
             # positional device of Tensor.to: only a str or torch.device (ints there are flags)
             args = (args[0],) + tuple(
@@ -158,9 +168,24 @@ def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled
                 grad.detach().mul_(clip_coeff)
 
 
+def _torch_norm_under_sequence_parallel(original_new):
+    def new(cls, config, hidden_size, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original_new(cls, config, hidden_size, *args, **kwargs)
+        plain = copy.copy(config)  # the torch norm itself does not depend on SP
+        plain.sequence_parallel = False
+        norm = original_new(cls, plain, hidden_size, *args, **kwargs)
+        for p in norm.parameters():
+            p.sequence_parallel = True  # finalize_model_grads sums these gradients over TP
+        return norm
+
+    return new
+
+
 def _patch_megatron() -> None:
     from megatron.core.optimizer import clip_grads, optimizer
     from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     mrandom._get_cuda_rng_state = lambda *a, **k: _CUDA_GEN.get_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: _set_rng_state(state)
@@ -168,6 +193,7 @@ def _patch_megatron() -> None:
     # when apex/TE are absent; only the clipping asserts CUDA tensor types.
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    WrappedTorchNorm.__new__ = _torch_norm_under_sequence_parallel(WrappedTorchNorm.__new__)
 
 
 def enable_cpu_megatron(force: bool = False) -> str:

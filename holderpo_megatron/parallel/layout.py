@@ -18,12 +18,15 @@ class ParallelLayout:
     pp: int = 1
     cp: int = 1
     vpp: int | None = None  # virtual pipeline chunks per rank (interleaved 1F1B), None = off
+    sequence_parallel: bool = False  # Megatron's sequence parallelism over the TP group (tp > 1)
 
     def __post_init__(self):
         for name in ("tp", "pp", "cp"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"parallel.{name} must be an int >= 1, got {v!r}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("parallel.sequence_parallel needs tp > 1 (it splits activations over the TP group)")
         if self.vpp is not None and (not isinstance(self.vpp, int) or self.vpp < 2 or self.pp < 2):
             raise ValueError(f"parallel.vpp must be None or an int >= 2 with pp >= 2, got vpp={self.vpp!r}, pp={self.pp}")
 

@@ -36,10 +36,14 @@ from holderpo_megatron.algorithms import (
 )
 from holderpo_megatron.data.batching import MicroBatch, build_microbatch, plan_microbatches, plan_units
 from holderpo_megatron.models import ModelArch, build_gpt_model, to_transformer_config
-from holderpo_megatron.parallel.aggregation import PackedSequenceReducer
+from holderpo_megatron.parallel.aggregation import (
+    ContextParallelReducer,
+    PackedSequenceReducer,
+    load_balanced_cp_index,
+)
 from holderpo_megatron.parallel.layout import ParallelLayout
 from holderpo_megatron.parallel.logprobs import vocab_parallel_logprobs
-from holderpo_megatron.parallel.loss_scaling import megatron_loss_outputs
+from holderpo_megatron.parallel.loss_scaling import all_reduce_loss_metrics, megatron_loss_outputs
 
 from .batch import RolloutBatch, loss_mask
 
@@ -117,18 +121,16 @@ class ActorSettings:
 
 def _thd_params(mb: MicroBatch, device):
     """Megatron's PackedSeqParams (THD) for one packed row: a segment per sequence, plus one for
-    the row's tail padding (which then attends only to itself)."""
+    the row's tail padding (which then attends only to itself); under context parallelism each
+    sequence's slot is padded to a multiple of 2 * cp (``cu_seqlens_*_padded``), offsets global."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    bounds = [0]
-    for n in mb.seq_lengths:
-        bounds.append(bounds[-1] + n)
-    if mb.input_ids.shape[1] > bounds[-1]:
-        bounds.append(mb.input_ids.shape[1])
-    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
-    longest = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                           max_seqlen_kv=longest)
+    cu = mb.cu_seqlens.to(device)
+    cu_padded = None if torch.equal(mb.cu_seqlens, mb.cu_seqlens_padded) else mb.cu_seqlens_padded.to(device)
+    slots = cu if cu_padded is None else cu_padded
+    longest = int((slots[1:] - slots[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
+                           cu_seqlens_kv_padded=cu_padded, max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 class MegatronActor:
@@ -137,17 +139,13 @@ class MegatronActor:
                  use_te: bool | None = None, max_seq_length: int | None = None):
         from megatron.core import parallel_state as ps
 
-        if layout.cp > 1:
-            # The CP-aware aggregation exists (parallel/aggregation.ContextParallelReducer), but
-            # splitting sequences over CP ranks needs TE's attention; not wired into the Actor yet.
-            raise ValueError(f"context_parallel={layout.cp}: the Actor supports cp=1 only for now")
         self.arch = arch
         self.layout = layout
         self.settings = settings or ActorSettings()
         self.max_seq_length = max_seq_length or arch.max_position_embeddings
         self.config = to_transformer_config(
             arch, layout.tp, layout.pp, layout.cp, params_dtype=params_dtype,
-            use_cpu_initialization=not torch.cuda.is_available(),
+            sequence_parallel=layout.sequence_parallel, use_cpu_initialization=not torch.cuda.is_available(),
             calculate_per_token_loss=True,
             # microbatches may differ in shape (token-budget batching): pipeline stages exchange
             # shapes; the interleaved schedule does not, so its microbatches are padded alike.
@@ -158,11 +156,8 @@ class MegatronActor:
             virtual_pipeline_model_parallel_size=layout.vpp,
         )
         chunks = layout.vpp or 1
-        from holderpo_megatron.models import te_available
-
-        # Packed rows: the local spec's attention honours our block-diagonal mask; TE's causal
-        # attention would ignore it, so with TE packed rows go as THD (cu_seqlens, flash varlen).
-        self.packed_as_thd = te_available() if use_te is None else bool(use_te)
+        # Packed rows go to the model as THD (segment boundaries, no [S, S] mask): TE's flash varlen
+        # on GPU, models.attention.SegmentCausalAttention in the local spec.
         self.model = [
             build_gpt_model(arch, self.config, use_te=use_te, vp_stage=(v if layout.vpp else None))
             for v in range(chunks)
@@ -173,6 +168,8 @@ class MegatronActor:
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.dp_group = ps.get_data_parallel_group()
+        self.cp_group = ps.get_context_parallel_group() if layout.cp > 1 else None
+        self.cp_rank = ps.get_context_parallel_rank()
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.vocab_start = ps.get_tensor_model_parallel_rank() * (self._padded_vocab() // layout.tp)
@@ -221,18 +218,14 @@ class MegatronActor:
 
         def forward_step(data_iterator, model):
             mb: MicroBatch = next(data_iterator)
-            if mb.attention_mask is not None and self.packed_as_thd:
-                out = model(mb.input_ids.to(dev), mb.position_ids.to(dev), None,
-                            packed_seq_params=_thd_params(mb, dev))
-            else:
-                mask = None if mb.attention_mask is None else mb.attention_mask.to(dev)
-                out = model(mb.input_ids.to(dev), mb.position_ids.to(dev), mask)
+            thd = _thd_params(mb, dev) if mb.packed else None
+            out = model(mb.input_ids.to(dev), mb.position_ids.to(dev), None, packed_seq_params=thd)
             return out, partial(loss_func_for, mb)
 
         n = len(microbatches)
         chunks = len(self.model)
         iters = [iter(microbatches) for _ in range(chunks)] if chunks > 1 else iter(microbatches)
-        seq_len = max(mb.input_ids.shape[1] for mb in microbatches)
+        seq_len = max(mb.global_length or mb.input_ids.shape[1] for mb in microbatches)
         mbs = max(mb.input_ids.shape[0] for mb in microbatches)
         if chunks > 1 and n % self.layout.pp:
             raise ValueError(
@@ -288,17 +281,29 @@ class MegatronActor:
                 g = ugroups.pop(big)
                 ugroups[big:big] = [g[: len(g) // 2], g[len(g) // 2:]]
         groups = [[i for k in g for i in units[k]] for g in ugroups]
+        cp = self.layout.cp
+        # CP: every row (padded) or sequence slot (packed) splits into 2 * cp chunks; sequence
+        # parallelism then splits each CP rank's share over TP
+        seq_multiple = 2 * cp if cp > 1 else 1
+        shape = dict(seq_multiple=seq_multiple,
+                     pad_to_multiple=seq_multiple * (self.layout.tp if self.layout.sequence_parallel else 1))
         if self.layout.vpp:
             # Megatron's interleaved schedule sends activations of one fixed shape: pad every
             # microbatch to the largest length and row count of the step.
             if pack:
-                longest = max(sum(len(sequences[i]) for i in g) for g in groups)
-                rows = 1
+                shape.update(min_length=max(sum(-(-len(sequences[i]) // seq_multiple) * seq_multiple for i in g)
+                                            for g in groups), min_rows=1)
             else:
-                longest = max(len(s) for s in sequences)
-                rows = max(len(g) for g in groups)
-            return [build_microbatch(sequences, g, pack=pack, min_length=longest, min_rows=rows) for g in groups]
-        return [build_microbatch(sequences, g, pack=pack) for g in groups]
+                shape.update(min_length=max(len(s) for s in sequences), min_rows=max(len(g) for g in groups))
+        mbs = [build_microbatch(sequences, g, pack=pack, **shape) for g in groups]
+        if cp > 1:
+            mbs = [mb.shard(self._cp_positions(mb)) for mb in mbs]
+        return mbs
+
+    def _cp_positions(self, mb: MicroBatch) -> torch.Tensor:
+        """Row positions this CP rank holds, Megatron's load-balanced order (chunks r, 2cp-1-r)."""
+        bounds = mb.cu_seqlens_padded if mb.packed else torch.tensor([0, mb.input_ids.shape[1]])
+        return load_balanced_cp_index(bounds, self.layout.cp, self.cp_rank).unsqueeze(0)
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -312,9 +317,14 @@ class MegatronActor:
         store: dict[int, torch.Tensor] = {}
 
         def loss_func(mb: MicroBatch, logits: torch.Tensor):
-            lp = self._token_logprobs(logits, mb)
+            lp = self._token_logprobs(logits, mb).float()
+            if mb.token_keep is not None:  # CP: this rank's tokens; the group adds up the whole
+                full = lp.new_zeros(mb.token_keep.shape)
+                full[mb.token_keep.to(lp.device)] = lp
+                dist.all_reduce(full, group=self.cp_group)
+                lp = full
             for k, v in zip(mb.seq_indices, mb.split_per_sequence(lp)):
-                store[k] = v.float()
+                store[k] = v
             return logits.new_zeros(()), torch.ones((), dtype=torch.int), {}
 
         self._run(mbs, loss_func, forward_only=True)
@@ -361,6 +371,9 @@ class MegatronActor:
         metrics = LossMetrics()
         for m in collected:
             metrics = metrics.merge(m)
+        if self.cp_group is not None and self.is_last_stage:
+            # CP ranks hold parts of the same sequences: merged here, over DP by the caller
+            metrics = all_reduce_loss_metrics(metrics, self.cp_group)
         return metrics
 
     # ------------------------------------------------------------------ memory handover
@@ -426,8 +439,13 @@ class MegatronActor:
         """Flat next-token log-probs ``[N]`` of a microbatch -> the registered loss (reduced per
         sequence by segment id, no padding to ``[B, T]``) plus the KL and entropy terms."""
         dev = logp.device
-        old = torch.cat([batch.old_logprobs[i].float() for i in mb.seq_indices]).to(dev)
-        mask = torch.cat([loss_mask(n, batch.response_start[i]) for n, i in zip(mb.seq_lengths, mb.seq_indices)]).to(dev)
+
+        def here(per_token: torch.Tensor) -> torch.Tensor:  # [N] of the full microbatch -> this CP rank's
+            return per_token if mb.token_keep is None else per_token[mb.token_keep]
+
+        old = here(torch.cat([batch.old_logprobs[i].float() for i in mb.seq_indices])).to(dev)
+        mask = here(torch.cat([loss_mask(n, batch.response_start[i])
+                               for n, i in zip(mb.seq_lengths, mb.seq_indices)])).to(dev)
         if batch.trajectory is None:
             seq_id, heads = mb.seq_id, list(range(mb.num_sequences))
         else:  # reduce per trajectory: all turns of an episode are one "sequence" of the loss
@@ -444,6 +462,8 @@ class MegatronActor:
         adv = batch.advantages[[mb.seq_indices[k] for k in heads]].float().to(dev)
         reducer = PackedSequenceReducer(seq_id.to(dev), num_sequences=len(heads),
                                         max_len=self.settings.generation_budget)
+        if self.cp_group is not None:  # Hölder means over tokens on several ranks: [S] all-reduces
+            reducer = ContextParallelReducer(reducer, self.cp_group, max_len=self.settings.generation_budget)
         out = compute_policy_loss(self.settings.loss, logp, old, adv, mask, options, reducer=reducer)
         reg = self.settings.regularizers
         maskf = mask.float()
@@ -453,7 +473,7 @@ class MegatronActor:
             # the policy loss's own unit: per-sequence means summed, or a token sum
             if out.normaliser == "token":
                 return (x * maskf).sum()
-            return (reducer.seq_sum(x * maskf) / reducer.seq_sum(maskf).clamp_min(1)).sum()
+            return reducer.total(reducer.seq_sum(x * maskf) / reducer.seq_sum(maskf).clamp_min(1))
 
         extra = logp.new_zeros(())
         if entropy is not None:
@@ -461,7 +481,7 @@ class MegatronActor:
             if reg.entropy_coef > 0:
                 extra = extra - reg.entropy_coef * averaged(entropy)
         if reg.kl_coef > 0:
-            ref = torch.cat([batch.ref_logprobs[i].float() for i in mb.seq_indices]).to(dev)
+            ref = here(torch.cat([batch.ref_logprobs[i].float() for i in mb.seq_indices])).to(dev)
             kl = kl_penalty(logp, ref, reg.kl_estimator)
             out.metrics.add_mean("kl", (kl.detach() * maskf).sum(), n_tok)
             extra = extra + reg.kl_coef * averaged(kl)

@@ -75,8 +75,8 @@ class ParallelSection:
               f"tp*pp*cp = {self.tp}*{self.pp}*{self.cp} = {self.tp * self.pp * self.cp}")
         _need(self.gpu_memory_gb > 0, f"parallel.gpu_memory_gb must be > 0, got {self.gpu_memory_gb}")
         _need(self.collective_timeout_s >= 10, f"parallel.collective_timeout_s must be >= 10, got {self.collective_timeout_s}")
-        _need(self.cp == 1, f"parallel.cp={self.cp}: context parallelism is not wired into the Actor yet (it refuses "
-                            "cp > 1 when it builds the model, after every rank has started); use cp: 1")
+        _need(not self.sequence_parallel or self.tp > 1,
+              "parallel.sequence_parallel needs tp > 1 (it splits activations over the TP group); got tp=1")
 
     @property
     def world_size(self) -> int:

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from holderpo_megatron.checkpoint import load_megatron_checkpoint
     from holderpo_megatron.models import ModelArch, check_layout
     from holderpo_megatron.parallel.layout import ParallelLayout, init_distributed, initialize_model_parallel
-    from holderpo_megatron.trainer.actor import MegatronActor
+    from holderpo_megatron.trainer.actor import ActorSettings, MegatronActor
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
@@ -75,11 +75,12 @@ def main(argv=None) -> int:
     from megatron.core import parallel_state as ps
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype or ("bf16" if torch.cuda.is_available() else "fp32"))
-    actor = MegatronActor(arch, layout, params_dtype=dtype)
+    actor = MegatronActor(arch, layout, ActorSettings(token_budget=args.token_budget, temperature=args.temperature),
+                          params_dtype=dtype)
     load_megatron_checkpoint(actor.unwrapped(), args.load)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mine = list(range(dp_rank, len(sequences), dp_size))
-    lps = actor.score([sequences[i] for i in mine], token_budget=args.token_budget, temperature=args.temperature)
+    lps = actor.score([sequences[i] for i in mine])
     gathered: list = [None] * dp_size
     dist.all_gather_object(gathered, [(i, lp.tolist()) for i, lp in zip(mine, lps)], group=ps.get_data_parallel_group())
     if dist.get_rank() == 0:

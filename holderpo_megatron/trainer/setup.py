@@ -47,7 +47,7 @@ class TrainContext:
         self.arch = ModelArch.from_pretrained_dir(self.hf_dir)
         validate_run(cfg, self.arch)
         p = cfg.parallel
-        self.layout = ParallelLayout(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp)
+        self.layout = ParallelLayout(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, sequence_parallel=p.sequence_parallel)
         initialize_model_parallel(self.layout, seed=cfg.train.seed)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()

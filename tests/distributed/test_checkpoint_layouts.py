@@ -57,13 +57,12 @@ def _pipeline_logits(model, ids: torch.Tensor, vocab: int) -> torch.Tensor | Non
 
     b, s = ids.shape
     pos = torch.arange(s).unsqueeze(0).expand(b, s)
-    mask = ~torch.ones(s, s, dtype=torch.bool).tril().view(1, 1, s, s)  # True = masked
     if not ps.is_pipeline_first_stage():
         hidden = torch.empty(s, b, model.config.hidden_size)
         dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
         model.set_input_tensor(hidden)
     with torch.no_grad():
-        out = model(ids, pos, mask)
+        out = model(ids, pos, None)  # causal
     if not ps.is_pipeline_last_stage():
         dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
         return None

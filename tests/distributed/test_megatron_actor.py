@@ -85,14 +85,20 @@ def test_logprob_parity_with_transformers_at_every_layout(family):
     run_gloo(_parity_worker, 4, model.config.to_dict(), sd, seqs, refs)
 
 
-def _grad_worker(rank, world, cfg, sd, seqs, starts, old, adv, refs, layouts):
+def _grad_worker(rank, world, cfg, sd, seqs, starts, old, adv, refs, layouts, ref_lp=None):
     from holderpo_megatron.checkpoint.mapping import export_hf_weights
     from holderpo_megatron.parallel.layout import destroy_model_parallel
     from holderpo_megatron.trainer.batch import RolloutBatch
 
     for layout_kw, run_kw in layouts:
         arch, actor = _setup(layout_kw, cfg, sd, optimizer=True)
+        assert actor.config.sequence_parallel == layout_kw.get("sequence_parallel", False)
         mine = _my_share(len(seqs))
+        if ref_lp is not None:  # score(): every rank gets whole sequences' log-probs
+            actor.settings = actor_settings(**run_kw)
+            for i, lp in zip(mine, actor.score([seqs[i] for i in mine])):
+                err = (lp.double() - ref_lp[i]).abs().max().item()
+                assert err <= 1e-4, f"{layout_kw} {run_kw} score seq {i}: max abs diff {err:.2e}"
         batch = RolloutBatch([seqs[i] for i in mine], [starts[i] for i in mine], [old[i] for i in mine], adv[mine])
         for (name, kw), ref in zip(LOSSES, refs):
             actor.settings = actor_settings(name, kw, **run_kw)
@@ -107,7 +113,7 @@ def _grad_worker(rank, world, cfg, sd, seqs, starts, old, adv, refs, layouts):
         destroy_model_parallel()
 
 
-def _grad_case(family, layouts):
+def _grad_case(family, layouts, check_scores=False):
     model = make_hf_model(family)
     seqs = ragged_sequences(model.config.vocab_size, 8, seed=2)
     with torch.no_grad():
@@ -115,7 +121,8 @@ def _grad_case(family, layouts):
     starts, old, adv = make_rollout(seqs, ref_lp)
     refs = [hf_reference_grads(model, seqs, starts, old, adv, n, kw) for n, kw in LOSSES]
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    run_gloo(_grad_worker, 4, model.config.to_dict(), sd, seqs, starts, old, adv, refs, layouts)
+    run_gloo(_grad_worker, 4, model.config.to_dict(), sd, seqs, starts, old, adv, refs, layouts,
+             ref_lp if check_scores else None)
 
 
 def test_gradients_equal_single_process_full_batch_llama():
@@ -136,6 +143,23 @@ def test_gradients_equal_single_process_full_batch_qwen2_pipelines():
         # DP2 x PP2 x interleaved virtual pipeline (2 chunks), 4 microbatches per rank
         (dict(tp=1, pp=2, vpp=2), dict(token_budget=128, max_sequences_per_microbatch=1)),
     ])
+
+
+def test_gradients_and_scores_equal_single_process_context_and_sequence_parallel():
+    """Context parallelism (K/V all-gathered over CP, load-balanced chunks, Hölder means through
+    ContextParallelReducer) and sequence parallelism, packed and padded."""
+    _grad_case("llama", [
+        # DP2 x CP2, padded rows of a multiple of 2 * cp tokens, 2 microbatches per rank
+        (dict(cp=2), dict(token_budget=128, max_sequences_per_microbatch=2)),
+        # TP2 x CP2, packed: each sequence's slot padded to a multiple of 2 * cp and split in 4 chunks
+        (dict(tp=2, cp=2), dict(token_budget=80, pack=True)),
+        # TP2 x CP2, padded
+        (dict(tp=2, cp=2), dict(token_budget=128, max_sequences_per_microbatch=3)),
+        # DP2 x TP2 with sequence parallelism (the same layout without it: the test above), packed
+        (dict(tp=2, sequence_parallel=True), dict(token_budget=80, pack=True)),
+        # TP2 x CP2 x sequence parallelism, padded (as the 32B recipe: tp, cp and SP together)
+        (dict(tp=2, cp=2, sequence_parallel=True), dict(token_budget=128, max_sequences_per_microbatch=2)),
+    ], check_scores=True)
 
 
 def _bad_input_worker(rank, world, cfg, sd):

@@ -40,13 +40,30 @@ def test_microbatch_targets_and_positions(pack):
     assert [t.tolist() for t in mb.split_per_sequence(mb.targets)] == [[2, 3, 4], [8, 9], [6]]
     assert mb.input_ids.shape[1] % 4 == 0
     if pack:
-        m = mb.attention_mask[0, 0]
-        # token 5 of the row (seq 2's 2nd token) sees seq 2's first token, not seq 0's
-        assert not m[5, 4] and m[5, 3] and m[4, 5]
-        assert (~m).sum(-1).min() >= 1  # no empty softmax row
+        # segments, not an [S, S] mask: the three sequences, then the row's tail padding
+        assert mb.cu_seqlens.tolist() == mb.cu_seqlens_padded.tolist() == [0, 4, 7, 9, 12]
         assert mb.position_ids[0, :9].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1]
     else:
-        assert mb.attention_mask is None and mb.input_ids.shape[0] == 3
+        assert mb.cu_seqlens is None and mb.input_ids.shape[0] == 3
+
+
+def test_packed_slots_and_context_parallel_shard():
+    seqs = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    # CP2: slots of a multiple of 2 * cp = 4 tokens, the row a multiple of 8
+    mb = build_microbatch(seqs, [0, 1, 2], pack=True, seq_multiple=4, pad_to_multiple=8)
+    assert mb.cu_seqlens_padded.tolist() == [0, 8, 12, 16]
+    assert mb.cu_seqlens.tolist() == [0, 5, 7, 10]
+    assert mb.input_ids[0].tolist() == [1, 2, 3, 4, 5, 0, 0, 0, 6, 7, 0, 0, 8, 9, 10, 0]
+    assert mb.targets.tolist() == [2, 3, 4, 5, 7, 9, 10]
+    with pytest.raises(ValueError, match="multiple of seq_multiple"):
+        build_microbatch(seqs, [0], pack=True, seq_multiple=4, pad_to_multiple=6)
+    # rank 0 of CP2 holds chunks 0 and 3 of each slot: positions 0-1, 6-7 | 8, 11 | 12, 15
+    shard = mb.shard(torch.tensor([[0, 1, 6, 7, 8, 11, 12, 15]]))
+    assert shard.input_ids[0].tolist() == [1, 2, 0, 0, 6, 0, 8, 0]
+    assert shard.global_length == 16 and shard.token_keep.tolist() == [1, 1, 0, 0, 1, 1, 0]
+    assert shard.targets.tolist() == [2, 3, 7, 9] and shard.seq_id.tolist() == [0, 0, 1, 2]
+    assert shard.input_ids.reshape(-1)[shard.token_index].tolist() == [1, 2, 6, 8]
+    assert shard.position_ids[0].tolist() == [0, 1, 0, 0, 0, 0, 0, 0]
 
 
 def _cost(lengths, pack):

@@ -58,6 +58,8 @@ def test_layout_dataclass():
         ParallelLayout(tp=2, pp=2).data_parallel_size(6)
     with pytest.raises(ValueError, match="parallel.vpp"):
         ParallelLayout(pp=1, vpp=2)
+    with pytest.raises(ValueError, match="sequence_parallel needs tp > 1"):
+        ParallelLayout(sequence_parallel=True)
 
 
 def test_padded_vocab():
@@ -73,3 +75,7 @@ def test_transformer_config_carries_layout_and_family():
     assert (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size) == (2, 4)
     assert (cfg.num_query_groups, cfg.kv_channels, cfg.add_qkv_bias, cfg.bf16) == (2, 64, True, True)
     assert cfg.normalization == "RMSNorm" and cfg.gated_linear_unit
+    # sequence parallelism reaches Megatron (it used to be dropped), and needs TP
+    assert to_transformer_config(arch(), tp=2, sequence_parallel=True).sequence_parallel
+    with pytest.raises(ValueError, match="sequence_parallel needs tensor_parallel > 1"):
+        to_transformer_config(arch(), tp=1, sequence_parallel=True)

@@ -210,8 +210,8 @@ def test_plan_prints_the_placement_and_refuses_what_does_not_fit(capsys):
     assert "resident in training: peak = sum" in out and "refused:" in out
     assert "set rollout.release_memory_during_train=true" in out  # max() would fit: say so
     assert plan_main(load_run_config("examples/recipes/llama-3.1-70b.yaml", [
-        "parallel.tp=1", "parallel.pp=1", "parallel.nnodes=1", "parallel.nproc_per_node=1", "rollout.engine_tp=1",
-        "rollout.engines_per_node=null"])) == 1
+        "parallel.tp=1", "parallel.sequence_parallel=false", "parallel.pp=1", "parallel.nnodes=1",
+        "parallel.nproc_per_node=1", "rollout.engine_tp=1", "rollout.engines_per_node=null"])) == 1
     out = capsys.readouterr().out
     assert "refused:" in out and "release_memory_during_train" not in out  # fits neither way
     assert HEADROOM < 1

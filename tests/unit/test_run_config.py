@@ -72,6 +72,7 @@ BAD = [
     ({"parallel": {"tp": 2, "nproc_per_node": 3}}, "world size nnodes\\*nproc_per_node = 3 is not divisible"),
     ({"parallel": {"tp": 0}}, "parallel.tp must be >= 1"),
     ({"parallel": {"vpp": 2}}, "parallel.vpp must be null or >= 2 with pp >= 2"),
+    ({"parallel": {"sequence_parallel": True}}, "parallel.sequence_parallel needs tp > 1"),
     ({"train": {"prompts_per_step": 3}, "rollout": {"group_size": 3}, "parallel": {"nproc_per_node": 2}},
      "samples per step must be divisible by data-parallel size"),
     ({"train": {"token_budget": 100}}, "train.token_budget=100 must hold one full sequence"),
@@ -90,7 +91,7 @@ BAD = [
     ({"agent": {"step_timeout_s": 0}}, "agent.step_timeout_s and agent.episode_timeout_s must be > 0"),
     ({"agent": {"games_limit": 0}}, "agent.games_limit must be null or >= 1"),
     # refused up front (issue 14): each names its key
-    ({"parallel": {"cp": 2, "nproc_per_node": 2}}, "parallel.cp=2: context parallelism is not wired into the Actor"),
+    ({"parallel": {"sequence_parallel": True}}, "parallel.sequence_parallel needs tp > 1"),
     ({"data": {"prompt_template": "qwen-math"}}, "data.prompt_template 'qwen-math' is not one of"),
     ({"data": {"answer_template": "boxed"}}, "data.answer_template 'boxed' is not one of"),
     ({"data": {"max_dropped_prompt_fraction": 1.0}}, "data.max_dropped_prompt_fraction must be in"),
@@ -128,8 +129,9 @@ def test_layout_against_the_model_and_paths(tmp_path):
 
 
 def test_plan_refuses_what_cannot_fit():
-    cfg = load_run_config("examples/recipes/llama-3.1-70b.yaml", ["parallel.tp=1", "parallel.pp=1",
-                                                                  "parallel.nnodes=1", "parallel.nproc_per_node=1"])
+    cfg = load_run_config("examples/recipes/llama-3.1-70b.yaml", ["parallel.tp=1", "parallel.pp=1", "parallel.nnodes=1",
+                                                                  "parallel.nproc_per_node=1",
+                                                                  "parallel.sequence_parallel=false"])
     mp = plan_run(cfg, arch_for_plan(cfg))
     assert not mp.fits and mp.training_gib > 500
 
