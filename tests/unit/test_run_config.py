@@ -91,7 +91,6 @@ BAD = [
     ({"agent": {"step_timeout_s": 0}}, "agent.step_timeout_s and agent.episode_timeout_s must be > 0"),
     ({"agent": {"games_limit": 0}}, "agent.games_limit must be null or >= 1"),
     # refused up front (issue 14): each names its key
-    ({"parallel": {"sequence_parallel": True}}, "parallel.sequence_parallel needs tp > 1"),
     ({"data": {"prompt_template": "qwen-math"}}, "data.prompt_template 'qwen-math' is not one of"),
     ({"data": {"answer_template": "boxed"}}, "data.answer_template 'boxed' is not one of"),
     ({"data": {"max_dropped_prompt_fraction": 1.0}}, "data.max_dropped_prompt_fraction must be in"),
