@@ -1,8 +1,9 @@
 """Every shipped recipe starts: validated, planned, and what start-up builds is built on a scaled-down
 stand-in of it. Same keys and features; the model is a tiny random one of the recipe model's family
 (its architecture, tying, RoPE scaling and biases, with hidden 64 and 4 layers), and the layout is
-mapped onto 4 CPU ranks: tp, pp and cp each capped at 2, at most 2 "nodes", data parallelism taking
-the rest. In one gloo world of 4 ranks, per recipe: the placement, Megatron's parallel groups, the
+mapped onto CPU ranks: tp, pp and cp each capped at 2, at most 2 "nodes", data parallelism taking
+the rest of 4 ranks (8 when tp, pp and cp are all 2, so every feature stays). In one gloo world per
+world size, per recipe: the placement, Megatron's parallel groups, the
 Actor with its optimizer, the engine config, and the weight transport the run would pick (by the
 host of each rank). A recipe using a refused feature fails here (validation names it).
 """
@@ -20,17 +21,19 @@ from tests.distributed.gloo_spawn import run_gloo
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p for p in (ROOT / "examples" / "recipes").glob("*.yaml") if p.name != "math-base.yaml")
-WORLD = 4
+
+
+def stand_in_world(cfg) -> int:
+    p = cfg.parallel
+    return max(4, min(p.tp, 2) * min(p.pp, 2) * min(p.cp, 2))
 
 
 def scaled_overrides(cfg, model_dir: Path) -> list[str]:
-    """The recipe's layout on WORLD CPU ranks (see the module docstring) and the tiny model."""
+    """The recipe's layout on CPU ranks (see the module docstring) and the tiny model."""
     p, r = cfg.parallel, cfg.rollout
     tp, pp, cp = min(p.tp, 2), min(p.pp, 2), min(p.cp, 2)
-    while tp * pp * cp > WORLD:
-        tp = 1
     nnodes = min(p.nnodes, 2)
-    nproc = WORLD // nnodes
+    nproc = stand_in_world(cfg) // nnodes
     engine_tp = min(r.engine_tp, nproc)
     out = [f"model.hf_path={model_dir}", "model.dtype=fp32", f"parallel.tp={tp}", f"parallel.pp={pp}",
            f"parallel.cp={cp}", f"parallel.nnodes={nnodes}", f"parallel.nproc_per_node={nproc}",
@@ -128,6 +131,8 @@ def test_every_shipped_recipe_validates_plans_and_builds_its_start_up(tmp_path):
         validate_run(small, arch_for_plan(small), check_paths=False)  # the stand-in keeps every feature
         assert json.loads((model / "config.json").read_text())["architectures"] == known["architectures"]
         placement = run_placement(small)
-        cases.append((str(recipe), overrides, _expected_transport(placement, small.parallel.nproc_per_node)))
+        cases.append((small.parallel.world_size, (str(recipe), overrides,
+                                                  _expected_transport(placement, small.parallel.nproc_per_node))))
     assert len(cases) == len(RECIPES) >= 9
-    run_gloo(_build_worker, WORLD, cases)
+    for world in sorted({w for w, _ in cases}):
+        run_gloo(_build_worker, world, [c for w, c in cases if w == world])
