@@ -79,7 +79,8 @@ class TrainContext:
             resume_step=self.start_step if cfg.checkpoint.resume else None, total_steps=cfg.train.steps,
             run_config=cfg.public_dict())
         self._start_rollout_side()
-        if self.start_step > 0:
+        # a resumed run's engines, and servers someone else runs, hold other weights than the trainer
+        if self.start_step > 0 or any(e.url for e in self.placement.engines):
             self.sync_weights(version=self.start_step)
 
     # ------------------------------------------------------------------ pieces
