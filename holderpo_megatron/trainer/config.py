@@ -98,7 +98,9 @@ class RolloutSection:
     # engine_gpus_per_node (extra GPUs on each trainer node, or on each of engine_nodes dedicated nodes)
     # or as server_urls (placement separate, mode servers) that someone else runs.
     placement: Literal["colocated", "separate"] = "colocated"
-    engines_per_node: int | None = None  # null: every slot; fewer leaves GPUs without an engine (CPU demo: 1)
+    # null: one engine with mode=embedded (in-process, rank 0), every slot with mode=servers (a fleet);
+    # fewer than every slot leaves GPUs without an engine
+    engines_per_node: int | None = None
     engine_gpus_per_node: int = 0
     engine_nodes: int = 0
     # colocated on GPU: engines release weights and KV while Megatron trains (SGLang's memory saver), so
@@ -427,7 +429,8 @@ def run_placement(cfg: RunConfig):
     p, r = cfg.parallel, cfg.rollout
     try:
         return plan_placement(nnodes=p.nnodes, gpus_per_node=p.nproc_per_node, tp=p.tp, pp=p.pp, cp=p.cp,
-                              engine_tp=r.engine_tp, placement=r.placement, engines_per_node=r.engines_per_node,
+                              engine_tp=r.engine_tp, placement=r.placement,
+                              engines_per_node=r.engines_per_node or (1 if r.mode == "embedded" else None),
                               engine_gpus_per_node=r.engine_gpus_per_node, engine_nodes=r.engine_nodes,
                               server_urls=r.server_urls)
     except ValueError as e:
@@ -460,7 +463,7 @@ def validate_run(cfg: RunConfig, arch=None, check_paths: bool = True) -> None:
     if cfg.rollout.mode == "embedded" and len(placement.engines) != 1:
         raise ConfigError(f"rollout.mode=embedded runs one in-process engine, but the placement has "
                           f"{len(placement.engines)} engines: set rollout.mode=servers (one SGLang server per "
-                          f"engine) or rollout.engines_per_node=1")
+                          f"engine) or leave rollout.engines_per_node unset (one engine)")
     if check_paths:
         hf = cfg.model.hf_path
         if hf and not hf.startswith("builtin:") and not Path(hf).is_dir():

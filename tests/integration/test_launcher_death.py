@@ -45,7 +45,7 @@ hardware: test
 model: {{hf_path: {model}, dtype: fp32}}
 parallel: {{tp: 1, pp: 1, nproc_per_node: 1}}
 rollout: {{mode: {mode}, group_size: 2, top_k: 1, max_prompt_tokens: 48, max_new_tokens: 8, weight_sync: tensor}}
-train: {{steps: 200, prompts_per_step: 2, token_budget: 256, lr: 1.0e-3}}
+train: {{steps: 200, prompts_per_step: 2, token_budget: 256, optimizer: {{lr: 1.0e-3}}}}
 data: {{train: arithmetic, arithmetic_max_operand: 9, prompt_template: plain, reward: exact_int, answer_template: plain,
        data_dir: {tmp / 'data'}}}
 eval: {{at_start: true, benchmarks: [tinybench], max_new_tokens: 8}}

@@ -157,13 +157,20 @@ def test_actor_settings_carry_the_run_constants_and_the_rollout_temperature():
 
 
 def test_embedded_mode_is_one_engine_a_fleet_needs_servers():
-    cfg = load_run_config("examples/recipes/tiny-cpu.yaml", ["parallel.pp=1", "rollout.engines_per_node=null"])
+    from holderpo_megatron.trainer.config import run_placement
+
+    cfg = load_run_config("examples/recipes/tiny-cpu.yaml", ["parallel.pp=1", "rollout.engines_per_node=2"])
     with pytest.raises(ConfigError, match="rollout.mode=embedded runs one in-process engine, but the placement has "
                                           "2 engines: set rollout.mode=servers"):
         validate_run(cfg, arch_for_plan(cfg), check_paths=False)
+    # unset: one engine when embedded (rank 0), every slot when servers (one per replica here)
+    cfg = load_run_config("examples/recipes/tiny-cpu.yaml", ["parallel.pp=1", "rollout.engines_per_node=null"])
+    validate_run(cfg, arch_for_plan(cfg), check_paths=False)
+    assert [e.owner_rank for e in run_placement(cfg).engines] == [0]
     cfg = load_run_config("examples/recipes/tiny-cpu.yaml", ["parallel.pp=1", "rollout.engines_per_node=null",
                                                              "rollout.mode=servers"])
-    validate_run(cfg, arch_for_plan(cfg), check_paths=False)  # two engines, one per replica
+    validate_run(cfg, arch_for_plan(cfg), check_paths=False)
+    assert [e.owner_rank for e in run_placement(cfg).engines] == [0, 1]
 
 
 # ------------------------------------------------------------------ refused up front (issue 14)
