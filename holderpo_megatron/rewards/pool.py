@@ -16,7 +16,6 @@ Not thread-safe: one ``map`` at a time.
 from __future__ import annotations
 
 import logging
-import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
