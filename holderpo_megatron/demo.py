@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from holderpo_megatron.cli import main as cli_main
     from holderpo_megatron.models.builtin import resolve_model_path
+    from holderpo_megatron.observability.console import RUN_LOG_NAME, QuietConsole
     from holderpo_megatron.trainer.config import load_run_config
 
     cfg = load_run_config(RECIPE, args.overrides)
@@ -78,9 +79,13 @@ def main(argv=None) -> int:
         return rc
     print("\nreward curve (mean reward per step, 1 = every sample correct):")
     print(reward_curve(run_dir))
-    base = resolve_model_path(cfg.model.hf_path)
-    before = held_out_accuracy(base, args.eval_problems, cfg)
-    after = held_out_accuracy(run_dir / "hf", args.eval_problems, cfg)
+    base = resolve_model_path(cfg.model.hf_path, revision=cfg.model.revision)
+    log = run_dir / RUN_LOG_NAME
+    print(f"\nevaluating the model before and after on {args.eval_problems} held-out problems "
+          f"(SGLang's output goes to {log})", flush=True)
+    with QuietConsole(log):
+        before = held_out_accuracy(base, args.eval_problems, cfg)
+        after = held_out_accuracy(run_dir / "hf", args.eval_problems, cfg)
     print(f"\nheld-out greedy accuracy on {args.eval_problems} problems: before {before:.1%}, after {after:.1%}")
     return 0
 

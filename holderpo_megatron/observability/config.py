@@ -20,6 +20,8 @@ class ObservabilityConfig:
     fsync: fsync metrics.jsonl after each record (survives a machine crash, not only a process crash).
     progress: the progress bar on stderr (rank 0).
     gpu_stats: GPU memory and utilisation via NVML when a GPU exists.
+    quiet_console: third-party output (SGLang, Megatron, transformers, their warnings) goes to
+      ``RUN_DIR/run.log`` instead of the console; false: everything on the console.
     """
 
     tensorboard: bool = True
@@ -32,9 +34,10 @@ class ObservabilityConfig:
     fsync: bool = False
     progress: bool = True
     gpu_stats: bool = True
+    quiet_console: bool = True
 
     def __post_init__(self):
-        for name in ("tensorboard", "wandb", "fsync", "progress", "gpu_stats"):
+        for name in ("tensorboard", "wandb", "fsync", "progress", "gpu_stats", "quiet_console"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise ValueError(f"logging.{name} must be true or false, got {v!r}")

@@ -6,9 +6,11 @@ current weights); ``holderpo eval`` (:func:`eval_main`) starts an engine on the 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from holderpo_megatron.eval.math_eval import BenchmarkSpec, MathEvalConfig, run_math_eval
+from holderpo_megatron.observability.progress import StepProgress
 from holderpo_megatron.rollout.interface import SamplingParams
 
 from .config import RunConfig, engine_config
@@ -29,22 +31,42 @@ def math_eval_config(cfg: RunConfig) -> MathEvalConfig:
                           verify_timeout_s=cfg.data.reward_timeout_s)
 
 
-def engine_generate_fn(engine, tokenizer):
-    """``generate_fn(prompts, n, temperature, max_new_tokens, seed)`` of the eval runner over an engine."""
+def engine_generate_fn(engine, tokenizer, on_done=None):
+    """``generate_fn(prompts, n, temperature, max_new_tokens, seed)`` of the eval runner over an engine;
+    ``on_done(k)`` after the k-th call (progress)."""
+    calls = [0]
 
     def generate_fn(prompts, n, temperature, max_new_tokens, seed):
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         params = SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
         groups = engine.generate(ids, params)
+        calls[0] += 1
+        if on_done is not None:
+            on_done(calls[0])
         return [[(tokenizer.decode(s.output_ids, skip_special_tokens=True), s.finish_reason) for s in g] for g in groups]
 
     return generate_fn
 
 
 def evaluate_with_engine(cfg: RunConfig, engine, tokenizer, out_dir: Path) -> dict:
-    results = run_math_eval(
-        math_eval_config(cfg), engine_generate_fn(engine, tokenizer), out_dir,
-        apply_chat_template=lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    mcfg = math_eval_config(cfg)
+    # one generation per benchmark and mode (greedy, sampled): the unit of progress
+    sets = [f"{b.name} {mode}" for b in mcfg.benchmarks
+            for mode, on in (("greedy", b.greedy), ("sampled", bool(b.n_samples))) if on]
+    bar = StepProgress(len(sets), desc="eval", unit="set", show=(), enabled=cfg.logging.progress) if sets else None
+
+    def done(k: int) -> None:
+        if bar is not None and k <= len(sets):
+            bar.update(k, note=sets[k - 1])
+
+    try:
+        results = run_math_eval(
+            mcfg, engine_generate_fn(engine, tokenizer, done), out_dir,
+            apply_chat_template=lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                                           add_generation_prompt=True))
+    finally:
+        if bar is not None:
+            bar.close()
     out = {"average": results["average"]["headline"]}
     out.update({name: r["headline"] for name, r in results["benchmarks"].items()})
     return out
@@ -74,25 +96,31 @@ def eval_main(cfg: RunConfig, out: str | None) -> int:
     from transformers import AutoTokenizer
 
     from holderpo_megatron.models.builtin import resolve_model_path
+    from holderpo_megatron.observability.console import RUN_LOG_NAME, QuietConsole
     from holderpo_megatron.rollout.sglang_engine import SGLangEngine
 
-    hf_dir = resolve_model_path(cfg.model.hf_path)
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    engine = SGLangEngine(engine_config(cfg, hf_dir))
+    hf_dir = resolve_model_path(cfg.model.hf_path, revision=cfg.model.revision)
     out_dir = Path(out) if out else cfg.run_dir / "eval"
-    pool = None
-    try:
-        if cfg.agent.enabled:
-            from .agent_loop import build_env_pool
+    quiet = contextlib.nullcontext()
+    if cfg.logging.quiet_console:
+        quiet = QuietConsole(out_dir / RUN_LOG_NAME)
+        print(f"log: SGLang and other third-party output goes to {quiet.log_path}", flush=True)
+    with quiet:
+        tok = AutoTokenizer.from_pretrained(hf_dir)
+        engine = SGLangEngine(engine_config(cfg, hf_dir))
+        pool = None
+        try:
+            if cfg.agent.enabled:
+                from .agent_loop import build_env_pool
 
-            pool = build_env_pool(cfg)
-            summary = agent_eval_with_engine(cfg, engine, tok, pool, out_dir)
-        else:
-            summary = evaluate_with_engine(cfg, engine, tok, out_dir)
-    finally:
-        if pool is not None:
-            pool.close()
-        engine.shutdown()
+                pool = build_env_pool(cfg)
+                summary = agent_eval_with_engine(cfg, engine, tok, pool, out_dir)
+            else:
+                summary = evaluate_with_engine(cfg, engine, tok, out_dir)
+        finally:
+            if pool is not None:
+                pool.close()
+            engine.shutdown()
     for k, v in summary.items():
         print(f"{k:>16}: {100 * v:.1f}")
     return 0

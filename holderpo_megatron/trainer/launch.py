@@ -17,6 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from holderpo_megatron.observability.console import RUN_LOG_ENV, RUN_LOG_NAME
+from holderpo_megatron.rollout.sglang_launcher import log_tail
+
 from .config import ConfigError, RunConfig, validate_run
 from .nodes import NodeLaunch
 from .run_guard import LOCK_OWNER_ENV, RunDirectoryBusy, acquire_run_lock
@@ -63,7 +66,17 @@ def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, r
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // cfg.parallel.nproc_per_node)))
         if node.node_rank == 0:
             env[LOCK_OWNER_ENV] = str(os.getpid())
-        return _run_dying_with_us(cmd, env)
+        run_log = None
+        if cfg.logging.quiet_console:
+            run_log = cfg.run_dir.absolute() / RUN_LOG_NAME
+            env[RUN_LOG_ENV] = str(run_log)
+            print(f"log: SGLang, Megatron and other third-party output goes to {run_log} "
+                  "(logging.quiet_console=false: to the console)", flush=True)
+        rc = _run_dying_with_us(cmd, env)
+        if rc != 0 and run_log is not None:
+            print(f"holderpo train: the workers ended with exit code {rc}; the last lines of {run_log}:\n"
+                  f"{log_tail(run_log, 30)}", file=sys.stderr, flush=True)
+        return rc
 
 
 def _resume_check(cfg: RunConfig) -> int | None:

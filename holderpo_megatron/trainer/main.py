@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -12,10 +13,17 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
+    from holderpo_megatron.observability.console import RUN_LOG_ENV, QuietConsole
+
     from .run_guard import die_with_parent
 
     # torchrun starts workers in sessions of their own: a killed launcher's process group misses them
     die_with_parent()
+    # `holderpo train` names the run's log file: third-party output (this process's and its engine
+    # processes') goes there, before Megatron and SGLang are imported; ours stays on the console
+    log_path = os.environ.get(RUN_LOG_ENV)
+    if log_path:
+        QuietConsole(log_path).start()
     # our own INFO lines (the transport chosen and why, the fleet's engines, resumes) reach the log
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     for name in ("holderpo", "holderpo_megatron"):

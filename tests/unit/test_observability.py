@@ -3,7 +3,6 @@
 import io
 import json
 import logging
-import math
 import sys
 import types
 
@@ -19,7 +18,6 @@ from holderpo_megatron.observability import (
     StepProgress,
     read_metrics,
 )
-from holderpo_megatron.observability.progress import format_duration
 
 QUIET = ObservabilityConfig(tensorboard=False, progress=False, gpu_stats=False)
 
@@ -328,8 +326,9 @@ def test_progress_prints_one_line_per_step_when_not_a_tty():
     bar.close()
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and "\r" not in out.getvalue()
-    assert lines[1].startswith("step 2/10 [") and "20%" in lines[1]
-    assert "3.00 s/step" in lines[1] and "ETA 0:24" in lines[1] and "reward=0.5" in lines[1]
+    # tqdm's own meter: 2 of 10 at 3 s/step, 8 left -> 0:24
+    assert lines[1].startswith("step:  20%|##") and "2/10 [00:06<00:24" in lines[1], lines[1]
+    assert "3.00s/step" in lines[1] and "reward=0.5, grad_norm=1.25" in lines[1] and "p_schedule" not in lines[1]
 
 
 def test_progress_redraws_in_place_on_a_tty_and_counts_only_this_process_steps():
@@ -339,21 +338,23 @@ def test_progress_redraws_in_place_on_a_tty_and_counts_only_this_process_steps()
     now[0] += 10.0
     bar.update(51)
     now[0] += 10.0
-    bar.update(52)
-    assert out.getvalue().count("\r") == 2 and "\n" not in out.getvalue()
-    assert "10.00 s/step" in out.getvalue() and "ETA 8:00" in out.getvalue()
+    bar.update(52, {"reward": 1.0})
+    text = out.getvalue()
+    assert text.count("\r") >= 3 and "\n" not in text  # drawn at 50, 51, 52 in place
+    # 2 steps in 20 s (the 50 resumed ones do not count): 10 s/step, 48 left -> 8:00
+    assert "52/100 [00:20<08:00, 10.00s/step, reward=1]" in text, text
     bar.close()
     assert out.getvalue().endswith("\n")
 
 
-def test_progress_disabled_and_durations():
+def test_progress_disabled_and_bad_totals():
     out = io.StringIO()
     StepProgress(3, stream=out, enabled=False).update(1)
     assert out.getvalue() == ""
-    assert format_duration(75) == "1:15" and format_duration(3725) == "1:02:05"
-    assert format_duration(math.nan) == "?"
     with pytest.raises(ValueError, match="total_steps must be an int >= 1"):
         StepProgress(0)
+    with pytest.raises(ValueError, match=r"start_step must be in \[0, 3\], got 4"):
+        StepProgress(3, start_step=4)
 
 
 def test_logger_drives_the_progress_bar(tmp_path):
@@ -361,4 +362,4 @@ def test_logger_drives_the_progress_bar(tmp_path):
     cfg = ObservabilityConfig(tensorboard=False, gpu_stats=False)
     with MetricsLogger(tmp_path, cfg, total_steps=4, progress_stream=out) as logger:
         logger.log(1, {"reward": 0.25})
-    assert out.getvalue().startswith("step 1/4") and "reward=0.25" in out.getvalue()
+    assert out.getvalue().startswith("step:  25%") and "1/4 [" in out.getvalue() and "reward=0.25" in out.getvalue()
