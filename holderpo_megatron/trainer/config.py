@@ -43,13 +43,20 @@ def _need(cond: bool, msg: str) -> None:
 
 @dataclass
 class ModelSection:
-    hf_path: str = ""  # HF directory (config.json, tokenizer, safetensors), or "builtin:smollm2-135m-instruct"
+    # HF directory (config.json, tokenizer, safetensors), a Hugging Face Hub id ("Qwen/Qwen2.5-7B-Instruct",
+    # through its cache: HF_HOME, HF_HUB_OFFLINE), or "builtin:smollm2-135m-instruct"
+    hf_path: str = ""
+    revision: str | None = None  # a Hub id's branch, tag or commit hash (None: its default branch)
     name: str = ""  # public model id, used by `holderpo plan` when hf_path is not on this machine
     megatron_load: str | None = None  # a converted torch_dist checkpoint; None: convert hf_path once (cached)
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
     def __post_init__(self):
         _need(bool(self.hf_path or self.name), "model.hf_path (or model.name for planning) must be set")
+        _need(self.revision is None or (isinstance(self.revision, str) and self.revision.strip() != ""),
+              f"model.revision must be a branch, tag or commit hash (or null), got {self.revision!r}")
+        _need(self.revision is None or not self.hf_path.startswith("builtin:"),
+              f"model.revision {self.revision!r} applies to a Hugging Face Hub id, not to {self.hf_path!r}")
 
 
 @dataclass
@@ -465,9 +472,14 @@ def validate_run(cfg: RunConfig, arch=None, check_paths: bool = True) -> None:
                           f"{len(placement.engines)} engines: set rollout.mode=servers (one SGLang server per "
                           f"engine) or leave rollout.engines_per_node unset (one engine)")
     if check_paths:
+        from holderpo_megatron.models.hub import is_hub_id
+
         hf = cfg.model.hf_path
-        if hf and not hf.startswith("builtin:") and not Path(hf).is_dir():
-            raise ConfigError(f"model.hf_path {hf!r} is not a directory")
+        if hf and not hf.startswith("builtin:") and not Path(hf).is_dir() and not is_hub_id(hf):
+            raise ConfigError(f"model.hf_path {hf!r} is neither a directory nor a Hugging Face Hub id (org/name)")
+        if cfg.model.revision is not None and not is_hub_id(hf):
+            raise ConfigError(f"model.revision {cfg.model.revision!r} applies to a Hugging Face Hub id; "
+                              f"model.hf_path {hf!r} is a local directory")
         if cfg.model.megatron_load and not Path(cfg.model.megatron_load).is_dir():
             raise ConfigError(f"model.megatron_load {cfg.model.megatron_load!r} is not a directory")
         if cfg.model.megatron_load:  # complete, and its metadata safe to read (allow-listed unpickling)

@@ -30,6 +30,7 @@ def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, r
     """``nodes``: the command line's ``nnodes``/``node_rank``/``master_addr``/``master_port`` (None:
     not given; then SLURM's or torchrun's variables, else one node)."""
     from holderpo_megatron.models.builtin import resolve_model_path
+    from holderpo_megatron.models.hub import cached_hub_file, is_hub_id
 
     from .data_checks import check_prompt_lengths
     from .plan import arch_for_plan
@@ -39,15 +40,24 @@ def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, r
                                   flags=nodes, collective_timeout_s=cfg.parallel.collective_timeout_s)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    # Materialise a builtin model once, here, so the workers do not race to build it.
-    if cfg.model.hf_path.startswith("builtin:") and not dry_run:
-        resolve_model_path(cfg.model.hf_path)
+    m = cfg.model
+    hub = is_hub_id(m.hf_path)
+    # Materialise a builtin model, or download a Hub model, once per node, here: this process runs
+    # once per node and before the workers, which then only read it (no race, no rank downloading alone)
+    if (hub or m.hf_path.startswith("builtin:")) and not dry_run:
+        try:
+            resolve_model_path(m.hf_path, revision=m.revision)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     validate_run(cfg, arch_for_plan(cfg))  # every error before any worker starts
     cmd = node.torchrun_command(["--config", config_path, *overrides, *(["checkpoint.resume=true"] if resume else [])])
     where = f"node {node.node_rank} of {node.nnodes}"
     if dry_run:
-        if not cfg.model.hf_path.startswith("builtin:"):  # (a builtin model is not built by a dry run)
-            check_prompt_lengths(cfg, cfg.model.hf_path)
+        # a builtin model is not built, nor a Hub model downloaded, by a dry run
+        if hub and cached_hub_file(m.hf_path, "config.json", m.revision) is not None:
+            check_prompt_lengths(cfg, resolve_model_path(m.hf_path, revision=m.revision, download=False))
+        elif not hub and not m.hf_path.startswith("builtin:"):
+            check_prompt_lengths(cfg, m.hf_path)
         print(f"launching ({where}):", " ".join(cmd), flush=True)
         return 0
     try:  # node 0 holds the run directory (shared by every node on a cluster)
@@ -60,7 +70,7 @@ def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, r
             done = _resume_check(cfg)
             if done is not None:
                 return done
-        check_prompt_lengths(cfg, resolve_model_path(cfg.model.hf_path))
+        check_prompt_lengths(cfg, resolve_model_path(m.hf_path, revision=m.revision, download=False))
         print(f"launching ({where}):", " ".join(cmd), flush=True)
         env = dict(os.environ, **node.worker_env())
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // cfg.parallel.nproc_per_node)))

@@ -36,10 +36,18 @@ HEADROOM = 0.92  # fraction of the GPU a plan may use (allocator fragmentation, 
 
 
 def arch_for_plan(cfg: RunConfig) -> ModelArch:
+    from holderpo_megatron.models.hub import cached_hub_file, is_hub_id
+
     hf = cfg.model.hf_path
     if hf and not hf.startswith("builtin:") and (Path(hf) / "config.json").is_file():
         return ModelArch.from_hf_config(json.loads((Path(hf) / "config.json").read_text()))
+    hub = is_hub_id(hf)
+    cached = cached_hub_file(hf, "config.json", cfg.model.revision) if hub else None
+    if cached is not None:  # a Hub id already in the cache (plan never downloads)
+        return ModelArch.from_hf_config(json.loads(cached.read_text()))
     name = cfg.model.name or ("HuggingFaceTB/SmolLM2-135M-Instruct" if hf == "builtin:smollm2-135m-instruct" else "")
+    if not name and hub:
+        name = hf
     if name in KNOWN_CONFIGS:
         return ModelArch.from_hf_config(KNOWN_CONFIGS[name])
     raise ConfigError(

@@ -43,7 +43,8 @@ class TrainContext:
 
         self.cfg = cfg
         self.rank = dist.get_rank()
-        self.hf_dir = resolve_model_path(cfg.model.hf_path)
+        # a Hub id was downloaded by `holderpo train` on this node before the workers started
+        self.hf_dir = resolve_model_path(cfg.model.hf_path, revision=cfg.model.revision, download=False)
         self.arch = ModelArch.from_pretrained_dir(self.hf_dir)
         validate_run(cfg, self.arch)
         p = cfg.parallel

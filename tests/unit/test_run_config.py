@@ -120,7 +120,7 @@ def test_layout_against_the_model_and_paths(tmp_path):
     with pytest.raises(ConfigError, match="num_attention_heads=9 is not divisible by tensor_parallel=2"):
         validate_run(cfg, arch, check_paths=False)
     cfg = from_dict(RunConfig, {"model": {"hf_path": str(tmp_path / "nope")}, "data": {"train": "arithmetic"}})
-    with pytest.raises(ConfigError, match="model.hf_path .* is not a directory"):
+    with pytest.raises(ConfigError, match="model.hf_path .* is neither a directory nor a Hugging Face Hub id"):
         validate_run(cfg, None)
     cfg = from_dict(RunConfig, {"data": {"train": "no_such_set", "data_dir": str(tmp_path)}})
     with pytest.raises(ConfigError, match="data.train 'no_such_set' is neither"):
