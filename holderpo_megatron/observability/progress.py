@@ -19,7 +19,7 @@ __all__ = ["StepProgress"]
 
 
 class StepProgress:
-    """``step:  12%|##        | 12/100 [00:37<04:33,  3.10s/step, reward=0.41, p=1.5]``
+    """``step:  12%|##        | 12/100 [00:37<04:33,  3.10s/step, reward_mean=0.41, p=1.5]``
 
     ``start_step``: the step a resumed run starts after (its steps do not count towards the rate).
     ``show``: the metric names appended when present. ``desc``/``unit``: the label and the unit
@@ -27,7 +27,7 @@ class StepProgress:
     """
 
     def __init__(self, total_steps: int, *, start_step: int = 0, stream: TextIO | None = None, enabled: bool = True,
-                 show: tuple[str, ...] = ("reward", "accuracy", "p", "kl", "grad_norm"), desc: str = "step",
+                 show: tuple[str, ...] = ("reward_mean", "accuracy", "p", "kl", "grad_norm"), desc: str = "step",
                  unit: str = "step", clock: Callable[[], float] = time.time):
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")

@@ -322,13 +322,13 @@ def test_progress_prints_one_line_per_step_when_not_a_tty():
     bar = StepProgress(10, stream=out, clock=lambda: now[0])
     for step in (1, 2):
         now[0] += 3.0
-        bar.update(step, {"reward": 0.5, "grad_norm": 1.25, "p_schedule": "x"})
+        bar.update(step, {"reward_mean": 0.5, "grad_norm": 1.25, "p_schedule": "x"})
     bar.close()
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and "\r" not in out.getvalue()
     # tqdm's own meter: 2 of 10 at 3 s/step, 8 left -> 0:24
     assert lines[1].startswith("step:  20%|##") and "2/10 [00:06<00:24" in lines[1], lines[1]
-    assert "3.00s/step" in lines[1] and "reward=0.5, grad_norm=1.25" in lines[1] and "p_schedule" not in lines[1]
+    assert "3.00s/step" in lines[1] and "reward_mean=0.5, grad_norm=1.25" in lines[1] and "p_schedule" not in lines[1]
 
 
 def test_progress_redraws_in_place_on_a_tty_and_counts_only_this_process_steps():
@@ -338,11 +338,11 @@ def test_progress_redraws_in_place_on_a_tty_and_counts_only_this_process_steps()
     now[0] += 10.0
     bar.update(51)
     now[0] += 10.0
-    bar.update(52, {"reward": 1.0})
+    bar.update(52, {"reward_mean": 1.0})
     text = out.getvalue()
     assert text.count("\r") >= 3 and "\n" not in text  # drawn at 50, 51, 52 in place
     # 2 steps in 20 s (the 50 resumed ones do not count): 10 s/step, 48 left -> 8:00
-    assert "52/100 [00:20<08:00, 10.00s/step, reward=1]" in text, text
+    assert "52/100 [00:20<08:00, 10.00s/step, reward_mean=1]" in text, text
     bar.close()
     assert out.getvalue().endswith("\n")
 
@@ -361,5 +361,5 @@ def test_logger_drives_the_progress_bar(tmp_path):
     out = io.StringIO()
     cfg = ObservabilityConfig(tensorboard=False, gpu_stats=False)
     with MetricsLogger(tmp_path, cfg, total_steps=4, progress_stream=out) as logger:
-        logger.log(1, {"reward": 0.25})
-    assert out.getvalue().startswith("step:  25%") and "1/4 [" in out.getvalue() and "reward=0.25" in out.getvalue()
+        logger.log(1, {"reward_mean": 0.25})
+    assert out.getvalue().startswith("step:  25%") and "1/4 [" in out.getvalue() and "reward_mean=0.25" in out.getvalue()
