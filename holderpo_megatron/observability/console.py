@@ -25,6 +25,8 @@ import warnings
 from pathlib import Path
 from typing import TextIO
 
+from tqdm import tqdm
+
 __all__ = ["QuietConsole", "RUN_LOG_ENV", "RUN_LOG_NAME", "console_stream", "OUR_LOGGERS"]
 
 RUN_LOG_ENV = "HOLDERPO_RUN_LOG"
@@ -76,7 +78,7 @@ class QuietConsole:
         sys.excepthook = self._excepthook
         self._handlers = []
         self._saved_logger_state = []
-        console_handler = logging.StreamHandler(self.console)
+        console_handler = _BarAwareHandler(self.console)
         log_handler = logging.StreamHandler(sys.stderr)  # fd 2: the log file
         for h in (console_handler, log_handler):
             h.setFormatter(logging.Formatter(_FORMAT))
@@ -123,7 +125,8 @@ class QuietConsole:
     def _showwarning(self, message, category, filename, lineno, file=None, line=None):
         text = warnings.formatwarning(message, category, filename, lineno, line)
         if file is None and str(filename).startswith(_PACKAGE_DIR):  # ours: a real warning for the user
-            self.console.write(text)
+            with tqdm.external_write_mode(file=self.console):
+                self.console.write(text)
         (file or sys.stderr).write(text)
 
     def _excepthook(self, etype, value, tb):
@@ -133,3 +136,11 @@ class QuietConsole:
         self.console.write(text)
         self.console.write(f"(third-party output of this process is in {self.log_path})\n")
         self.console.flush()
+
+
+class _BarAwareHandler(logging.StreamHandler):
+    """On a terminal, a log line clears tqdm's bar and the bar is redrawn below it (no torn lines)."""
+
+    def emit(self, record):
+        with tqdm.external_write_mode(file=self.stream):
+            super().emit(record)
