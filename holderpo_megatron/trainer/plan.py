@@ -50,9 +50,10 @@ def arch_for_plan(cfg: RunConfig) -> ModelArch:
         name = hf
     if name in KNOWN_CONFIGS:
         return ModelArch.from_hf_config(KNOWN_CONFIGS[name])
+    where = (f"the Hub id model.hf_path={hf!r} is not in the Hugging Face cache (plan and --dry-run never "
+             "download)" if hub else f"no config.json under model.hf_path={hf!r}")
     raise ConfigError(
-        f"model: no config.json under model.hf_path={hf!r} and model.name={cfg.model.name!r} is not one of "
-        f"{', '.join(sorted(KNOWN_CONFIGS))}"
+        f"model: {where} and model.name={cfg.model.name!r} is not one of {', '.join(sorted(KNOWN_CONFIGS))}"
     )
 
 

@@ -147,3 +147,22 @@ def test_what_counts_as_a_hub_id(tmp_path, monkeypatch):
     assert not is_hub_id("models/mine")  # a local directory wins
     for spec in ("/abs/path", "./org/name", "~/m", "a/b/c", "builtin:smollm2-135m-instruct", "name", "org/na me", ""):
         assert not is_hub_id(spec), spec
+
+
+def test_plan_reads_a_cached_hub_id_and_knows_public_ones_without_a_download(hub_env):
+    env, tmp = hub_env
+    layers = json.loads((tmp / "model" / "config.json").read_text())["num_hidden_layers"]
+    res = _py("""
+        from holderpo_megatron.trainer.config import ConfigError, RunConfig, from_dict
+        from holderpo_megatron.trainer.plan import arch_for_plan
+        for hf, rev in (("tiny-org/tiny-llama", "v1"), ("tiny-org/tiny-llama", None), ("Qwen/Qwen2.5-32B", None),
+                        ("other-org/absent", None)):
+            try:
+                print(arch_for_plan(from_dict(RunConfig, {"model": {"hf_path": hf, "revision": rev}})).num_layers)
+            except ConfigError as e:
+                print(e)
+    """, env)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[:3] == ["3", str(layers), "64"], lines  # v1 has 3 layers; Qwen2.5-32B from the known configs
+    assert lines[3].startswith("model: the Hub id model.hf_path='other-org/absent' is not in the Hugging Face cache")
