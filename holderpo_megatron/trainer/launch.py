@@ -81,7 +81,7 @@ def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, r
             run_log = cfg.run_dir.absolute() / RUN_LOG_NAME
             env[RUN_LOG_ENV] = str(run_log)
             print(f"log: SGLang, Megatron and other third-party output goes to {run_log} "
-                  "(logging.quiet_console=false: to the console)", flush=True)
+                  "(logging.quiet_console=false keeps it on the console)", flush=True)
         rc = _run_dying_with_us(cmd, env)
         if rc != 0 and run_log is not None:
             print(f"holderpo train: the workers ended with exit code {rc}; the last lines of {run_log}:\n"
