@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     print("\nreward curve (mean reward per step, 1 = every sample correct):")
     print(reward_curve(run_dir))
     base = resolve_model_path(cfg.model.hf_path, revision=cfg.model.revision)
-    log = run_dir / RUN_LOG_NAME
+    log = (run_dir / RUN_LOG_NAME).absolute()
     print(f"\nevaluating the model before and after on {args.eval_problems} held-out problems "
           f"(SGLang's output goes to {log})", flush=True)
     with QuietConsole(log):
