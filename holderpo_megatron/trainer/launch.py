@@ -29,7 +29,7 @@ def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, r
     from holderpo_megatron.models.builtin import resolve_model_path
 
     from .data_checks import check_prompt_lengths
-    from .plan import arch_for_plan
+    from .plan import arch_for_plan, check_host_memory
 
     try:
         node = NodeLaunch.resolve(nnodes=cfg.parallel.nnodes, nproc_per_node=cfg.parallel.nproc_per_node,
@@ -39,7 +39,9 @@ def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, r
     # Materialise a builtin model once, here, so the workers do not race to build it.
     if cfg.model.hf_path.startswith("builtin:") and not dry_run:
         resolve_model_path(cfg.model.hf_path)
-    validate_run(cfg, arch_for_plan(cfg))  # every error before any worker starts
+    arch = arch_for_plan(cfg)
+    validate_run(cfg, arch)  # every error before any worker starts
+    check_host_memory(cfg, arch)  # a CPU run that would meet the OOM killer: refused, naming what to lower
     cmd = node.torchrun_command(["--config", config_path, *overrides, *(["checkpoint.resume=true"] if resume else [])])
     where = f"node {node.node_rank} of {node.nnodes}"
     if dry_run:
