@@ -62,7 +62,9 @@ def main() -> int:
     node_peak, node_peak_t, node_peak_parts = 0.0, 0.0, {}
     sys_used0 = psutil.virtual_memory().total - psutil.virtual_memory().available
     sys_used_peak = 0.0
+    series = []  # (seconds, system available GiB, {role: RSS GiB}) every ~2 s: when the engine sized its cache
     t0 = time.time()
+    last_series = -1e9
     while proc.poll() is None:
         try:
             procs = [root] + root.children(recursive=True)
@@ -86,6 +88,10 @@ def main() -> int:
         if total > node_peak:
             node_peak, node_peak_t, node_peak_parts = total, time.time() - t0, parts
         vm = psutil.virtual_memory()
+        if time.time() - last_series >= 2.0:
+            last_series = time.time()
+            series.append((round(last_series - t0, 1), round(vm.available / GIB, 3),
+                           {k: round(v, 3) for k, v in parts.items()}))
         sys_used_peak = max(sys_used_peak, (vm.total - vm.available) / GIB)
         if vm.available / GIB < a.min_available_gib:
             stopped = True
@@ -98,7 +104,7 @@ def main() -> int:
         "node_peak_gib": node_peak, "node_peak_at_s": node_peak_t, "node_peak_parts_gib": node_peak_parts,
         "role_peak_gib": role_peak, "per_pid": per_pid,
         "system_used_before_gib": sys_used0 / GIB, "system_used_peak_gib": sys_used_peak,
-        "stopped_low_memory": stopped,
+        "stopped_low_memory": stopped, "series": series,
     }
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)
