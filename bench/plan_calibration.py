@@ -1,6 +1,6 @@
 """Measure the constants of `holderpo plan`'s CPU host-memory terms (trainer/plan.py) on the real Actor.
 
-    python bench/plan_calibration.py [--tokens 1024] [--seq-len 128]
+    python bench/plan_calibration.py [--tokens 2048] [--seq-len 128]
 
 Each case runs in a fresh subprocess (one rank, gloo, fp32, SmolLM2-135M's shape, random weights):
 
@@ -8,7 +8,7 @@ Each case runs in a fresh subprocess (one rank, gloo, fp32, SmolLM2-135M's shape
   process group and ``initialize_model_parallel``, before any model exists: the plan's rank base.
 * ``layers2`` / ``layers4``: ``MegatronActor.train_step`` on one packed row of ``--tokens`` tokens with 2
   and 4 decoder layers, under ``torch.autograd.graph.saved_tensors_hooks`` counting the bytes of every
-  distinct storage autograd keeps for backward. The difference of the two, divided by 2 layers and the
+  distinct storage autograd keeps for backward (parameters left out: they are the weights term). The difference of the two, divided by 2 layers and the
   tokens, is the activation bytes one decoder layer keeps per token (segment attention: no S x S term);
   the RSS after model + optimizer minus the base, over the parameter count, is bytes per parameter.
 """
@@ -70,10 +70,13 @@ def run_case(case: str, tokens: int, seq_len: int) -> dict:
     actor.train_step(batch(2, 16))  # Adam's state exists after the first step
     with_model = _rss()
     saved: dict[int, int] = {}
+    # linear layers save their weight for backward: parameters are the plan's weights term, not activations
+    weights = {p.untyped_storage().data_ptr() for m in actor.unwrapped() for p in m.parameters()}
 
     def pack(t):
         s = t.untyped_storage()
-        saved[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in weights:
+            saved[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -86,7 +89,7 @@ def run_case(case: str, tokens: int, seq_len: int) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
