@@ -206,9 +206,9 @@ class RankMemoryMonitor:
         import torch.distributed as dist
 
         rec = self.record(step)
-        if dist.is_initialized():
-            box: list = [None] * dist.get_world_size(self.group) if self.rank == 0 else None
-            dist.gather_object(rec, box, dst=0, group=self.group)
+        if dist.is_initialized():  # all_gather: gather_object has no NCCL support; the records are tiny
+            box: list = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(box, rec, group=self.group)
         else:
             box = [rec]
         reset_peak()
