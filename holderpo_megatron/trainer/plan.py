@@ -60,7 +60,7 @@ from holderpo_megatron.parallel.placement import Placement, rank_coords
 from .config import ConfigError, RunConfig, run_placement, validate_run
 
 __all__ = ["MemoryPlan", "plan_run", "arch_for_plan", "format_plan", "HostRankPlan", "HostMemoryPlan", "plan_host",
-           "format_host_plan", "check_host_memory", "is_cpu_run"]
+           "format_host_plan", "check_host_memory", "is_cpu_run", "smallest_fitting_ram_gib"]
 
 GIB = 2**30
 HEADROOM = 0.92  # fraction of the GPU a plan may use (allocator fragmentation, NCCL, CUDA context)
@@ -176,7 +176,9 @@ def plan_main(cfg: RunConfig, ram_gib: float | None = None) -> int:
     if is_cpu_run(cfg):
         hp = plan_host(cfg, arch, ram_gib)
         head = format_plan(cfg, arch, mp, run_placement(cfg)).split("\nper-GPU memory estimate")[0]
-        print(head + "\n" + format_host_plan(hp))
+        least = smallest_fitting_ram_gib(cfg, arch)
+        print(head + "\n" + format_host_plan(hp) + "\n  smallest node RAM this plan accepts: "
+              + (f"{least:.1f} GiB" if least is not None else "none up to 4 TiB"))
         if not hp.fits:
             print("refused: " + host_refusal(cfg, hp))
             return 1
@@ -321,6 +323,18 @@ def plan_host(cfg: RunConfig, arch: ModelArch, ram_gib: float | None = None) -> 
         notes.append("node 0 (rank 0's driver, the engines and workers); other nodes hold their ranks only")
     return HostMemoryPlan(ranks, engines, ENGINE_FIXED_GIB + kv, kv, env_workers, reward_workers, workers,
                           LAUNCHER_GIB, ram_gib, source, mb_tokens, n_mb, notes)
+
+
+def smallest_fitting_ram_gib(cfg: RunConfig, arch: ModelArch) -> float | None:
+    """The least node RAM (GiB, to 0.1) the CPU plan accepts; None above 4 TiB. Not a constant sum: the
+    engine's KV cache grows with the RAM free at its start."""
+    lo, hi = 0.5, 4096.0
+    if not plan_host(cfg, arch, hi).fits:
+        return None
+    while hi - lo > 0.05:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if plan_host(cfg, arch, mid).fits else (mid, hi)
+    return math.ceil(hi * 10) / 10
 
 
 def _host_hint(cfg: RunConfig, hp: HostMemoryPlan) -> str:
