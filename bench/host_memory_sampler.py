@@ -1,14 +1,16 @@
-"""Sample the RSS of a command's whole process tree from outside, to calibrate `holderpo plan`'s CPU terms.
+"""Sample the memory of a command's whole process tree from outside, to calibrate `holderpo plan`'s CPU terms.
 
-    python bench/host_memory_sampler.py --out RSS.json -- holderpo train --config R.yaml
+    python bench/host_memory_sampler.py --out RSS.json [--min-available-gib 1] -- holderpo train --config R.yaml
 
-Every ``--interval`` seconds it reads each descendant's RSS (psutil) and names it: ``rank<R>`` (a torchrun
-worker: RANK in its environment), ``sglang:<name>`` (an SGLang subprocess, by its process title), the
-launcher, or other. It keeps each process's peak, the peak of each role summed over its processes, and the
-node's peak (the sum over the tree at one instant; shared pages count once per process, as the OOM killer
-sees them). The command's exit status is this script's exit status. On a shared machine
-``--min-available-gib`` ends the command's process group (SIGKILL) before the kernel's OOM killer
-picks a victim elsewhere; the output then says ``"stopped_low_memory": true``.
+Every ``--interval`` seconds it reads each descendant's RSS and PSS and names its role (again at every
+sample: SGLang sets its process titles after the fork): ``launcher`` (the command and torchrun's agent),
+``rank<R>`` (a child of the agent; RANK from its environment), ``engine`` (a process titled ``sglang*``),
+``worker`` (any other descendant of a rank: environment and reward workers, helper forks). It keeps
+each process's peak RSS, each role's peak summed RSS, and the node's peak twice: summed RSS (shared
+pages once per process, as each process's OOM score sees them) and summed PSS (shared pages split: what
+the node really holds). The command's exit status is this script's. ``--min-available-gib`` ends the
+command's process group (SIGKILL) when the machine's available memory falls below it, before the
+kernel's OOM killer picks a victim elsewhere on a shared machine (``"stopped_low_memory": true``).
 """
 
 from __future__ import annotations
@@ -26,24 +28,44 @@ import psutil
 GIB = 2**30
 
 
-def _role(p: psutil.Process) -> str:
+def _pss_bytes(pid: int) -> int:
     try:
-        cmd = " ".join(p.cmdline())
-        name = p.name()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return "gone"
-    if "sglang" in name.lower() or "sglang" in cmd.lower().split(" ")[0]:
-        return f"sglang:{name}"
-    try:
-        env = p.environ()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        env = {}
-    if "RANK" in env and "LOCAL_RANK" in env and "torchrun" not in cmd and "torch.distributed.run" not in cmd:
-        # SGLang's scheduler/detokenizer are forked from rank 0 and inherit RANK: their title says sglang
-        return f"rank{env['RANK']}"
-    if "alfworld" in cmd or "multiprocessing" in cmd:
-        return f"worker:{name}"
-    return f"other:{name}"
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return 0
+
+
+def _roles(root: psutil.Process) -> dict[int, tuple[str, psutil.Process]]:
+    out: dict[int, tuple[str, psutil.Process]] = {root.pid: ("launcher", root)}
+
+    def walk(p: psutil.Process, parent_role: str):
+        try:
+            kids = p.children()
+        except psutil.NoSuchProcess:
+            return
+        for k in kids:
+            try:
+                name, cmd = k.name(), " ".join(k.cmdline())
+                if name.startswith("sglang"):
+                    role = "engine"
+                elif parent_role == "launcher" and ("torch.distributed.run" in cmd or name == "pt_elastic"
+                                                    or "torchrun" in cmd):
+                    role = "launcher"
+                elif parent_role == "launcher":
+                    role = f"rank{k.environ().get('RANK', '?')}"
+                else:
+                    role = "engine" if parent_role == "engine" else "worker"
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            out[k.pid] = (role, k)
+            walk(k, role)
+
+    walk(root, "launcher")
+    return out
 
 
 def main() -> int:
@@ -59,34 +81,32 @@ def main() -> int:
     root = psutil.Process(proc.pid)
     per_pid: dict[int, dict] = {}
     role_peak: dict[str, float] = {}
-    node_peak, node_peak_t, node_peak_parts = 0.0, 0.0, {}
-    sys_used0 = psutil.virtual_memory().total - psutil.virtual_memory().available
+    node_rss_peak, node_pss_peak, node_peak_t, node_peak_parts = 0.0, 0.0, 0.0, {}
+    vm0 = psutil.virtual_memory()
+    sys_used0 = (vm0.total - vm0.available) / GIB
     sys_used_peak = 0.0
     series = []  # (seconds, system available GiB, {role: RSS GiB}) every ~2 s: when the engine sized its cache
     t0 = time.time()
     last_series = -1e9
     while proc.poll() is None:
-        try:
-            procs = [root] + root.children(recursive=True)
-        except psutil.NoSuchProcess:
-            break
         parts: dict[str, float] = {}
-        total = 0.0
-        for p in procs:
+        rss_sum = pss_sum = 0.0
+        for pid, (role, p) in _roles(root).items():
             try:
                 rss = p.memory_info().rss / GIB
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            rec = per_pid.get(p.pid)
-            if rec is None:
-                rec = per_pid[p.pid] = {"role": _role(p), "peak_gib": 0.0}
+            pss_sum += _pss_bytes(pid) / GIB
+            rec = per_pid.setdefault(pid, {"role": role, "peak_gib": 0.0})
+            rec["role"] = role  # the latest name wins (SGLang retitles its processes)
             rec["peak_gib"] = max(rec["peak_gib"], rss)
-            parts[rec["role"]] = parts.get(rec["role"], 0.0) + rss
-            total += rss
+            parts[role] = parts.get(role, 0.0) + rss
+            rss_sum += rss
         for r, v in parts.items():
             role_peak[r] = max(role_peak.get(r, 0.0), v)
-        if total > node_peak:
-            node_peak, node_peak_t, node_peak_parts = total, time.time() - t0, parts
+        if rss_sum > node_rss_peak:
+            node_rss_peak, node_peak_t, node_peak_parts = rss_sum, time.time() - t0, parts
+        node_pss_peak = max(node_pss_peak, pss_sum)
         vm = psutil.virtual_memory()
         if time.time() - last_series >= 2.0:
             last_series = time.time()
@@ -101,15 +121,16 @@ def main() -> int:
     rc = proc.wait()
     out = {
         "command": cmd, "rc": rc, "seconds": time.time() - t0,
-        "node_peak_gib": node_peak, "node_peak_at_s": node_peak_t, "node_peak_parts_gib": node_peak_parts,
-        "role_peak_gib": role_peak, "per_pid": per_pid,
-        "system_used_before_gib": sys_used0 / GIB, "system_used_peak_gib": sys_used_peak,
+        "node_rss_peak_gib": node_rss_peak, "node_pss_peak_gib": node_pss_peak, "node_rss_peak_at_s": node_peak_t,
+        "node_rss_peak_parts_gib": node_peak_parts, "role_peak_gib": role_peak, "per_pid": per_pid,
+        "system_used_before_gib": sys_used0, "system_used_peak_gib": sys_used_peak,
         "stopped_low_memory": stopped, "series": series,
     }
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)
-    print(json.dumps({k: out[k] for k in ("rc", "seconds", "node_peak_gib", "node_peak_parts_gib", "role_peak_gib",
-                                          "system_used_peak_gib", "stopped_low_memory")}, indent=1), file=sys.stderr)
+    print(json.dumps({k: out[k] for k in ("rc", "seconds", "node_rss_peak_gib", "node_pss_peak_gib",
+                                          "node_rss_peak_parts_gib", "role_peak_gib", "system_used_peak_gib",
+                                          "stopped_low_memory")}, indent=1), file=sys.stderr)
     return rc
 
 

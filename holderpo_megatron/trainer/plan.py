@@ -195,17 +195,21 @@ def plan_main(cfg: RunConfig, ram_gib: float | None = None) -> int:
 
 
 # ---------------------------------------------------------------- host memory of CPU runs
-# Constants measured as the module docstring says (GiB unless named otherwise).
-RANK_BASE_GIB = 0.42  # plan_calibration: imports + gloo + model-parallel state
-RANK_RUN_EXTRA_GIB = 0.0  # calibrated below from the real run
-DRIVER_GIB = 0.0
-ACT_BYTES_PER_TOKEN_PER_HIDDEN = 99.2  # fp32: 57,132 bytes per token per layer at hidden 576 (2048 tokens)
+# Constants measured as the module docstring says (GiB unless named otherwise), 2026-11-30.
+RANK_BASE_GIB = 0.42  # plan_calibration `base`: imports + gloo + model-parallel state
+# alfworld-tiny-cpu step 2, rank 0: peak 7.67 less base, driver, 1.21 of parameters and 4.91 of
+# activations (its 6153 tokens, both microbatches in flight): allocator slack, the score pass, p2p buffers
+RANK_RUN_EXTRA_GIB = 0.93
+DRIVER_GIB = 0.20  # start-up records (<run_dir>/ranks) of alfworld-tiny-cpu: rank 0 1.33, rank 1 1.13
+ACT_BYTES_PER_TOKEN_PER_HIDDEN = 99.2  # plan_calibration: 57,132 bytes per token per layer at hidden 576
 LOGIT_CHUNK_BYTES = 2 * 64 * 2**20  # H1's chunked output layer: two float32 working buffers
 LOGIT_VECTOR_BYTES = 32  # per token: log-probs, entropy, targets, masks, their grads (float32/int64)
-ENGINE_FIXED_GIB = 0.0
-ENV_WORKER_GIB = 0.0
-REWARD_WORKER_GIB = 0.0
-LAUNCHER_GIB = 0.0
+# alfworld-tiny-cpu (mem_fraction_static 0.1): scheduler + detokenizer peaks 3.69 with ~20.0 free at the
+# engine's start (host_memory_sampler series): 3.69 - 0.1 x 20.0
+ENGINE_FIXED_GIB = 1.70
+ENV_WORKER_GIB = 0.18  # alfworld-tiny-cpu: rank 0's non-SGLang children, 0.36 for 2 env workers
+REWARD_WORKER_GIB = 0.20  # not measured (no CPU recipe verifies math): taken as an env worker's size
+LAUNCHER_GIB = 0.45  # `holderpo train` 0.22 + torchrun's agent 0.22 (host_memory_sampler)
 OS_RESERVE_GIB = 1.0  # kernel, page tables, what else runs: not free when the engine sizes its cache
 HOST_HEADROOM = 0.90
 
@@ -312,7 +316,7 @@ def plan_host(cfg: RunConfig, arch: ModelArch, ram_gib: float | None = None) -> 
     placement = run_placement(cfg)
     engines = sum(1 for e in placement.engines if e.node == 0 and e.url is None)
     # SGLang on CPU: KV = fraction x the RAM free when it starts (ranks hold weights and grads by then)
-    at_start = sum(x.base_gib + x.driver_gib + x.weights_gib + x.grads_gib for x in ranks)
+    at_start = sum(RANK_BASE_GIB + x.driver_gib + x.weights_gib + x.grads_gib for x in ranks)
     free = max(0.0, ram_gib - OS_RESERVE_GIB - at_start - LAUNCHER_GIB)
     kv = (r.mem_fraction_static or 0.3) * free if engines else 0.0
     env_workers = cfg.agent.num_workers if cfg.agent.enabled else 0

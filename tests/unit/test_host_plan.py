@@ -53,7 +53,7 @@ def test_cpu_plan_terms_on_the_tiny_recipe():
     assert hp.ranks[1].logits_gib * GIB == pytest.approx(2 * 64 * 2**20 + 512 * plan_mod.LOGIT_VECTOR_BYTES)
     assert hp.ranks[0].driver_gib == plan_mod.DRIVER_GIB and hp.ranks[1].driver_gib == 0
     # one embedded engine; its KV cache is SGLang's CPU rule: 0.3 x the RAM free when it starts
-    held = sum(r.base_gib + r.driver_gib + r.weights_gib + r.grads_gib for r in hp.ranks)
+    held = sum(plan_mod.RANK_BASE_GIB + r.driver_gib + r.weights_gib + r.grads_gib for r in hp.ranks)
     assert hp.engines == 1
     assert hp.engine_kv_gib == pytest.approx(0.3 * (24.0 - plan_mod.OS_RESERVE_GIB - held - plan_mod.LAUNCHER_GIB))
     assert hp.engine_gib == pytest.approx(plan_mod.ENGINE_FIXED_GIB + hp.engine_kv_gib)
