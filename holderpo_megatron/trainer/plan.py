@@ -21,11 +21,12 @@ RAM (``parallel.host_memory_gb``, else this machine's ``psutil.virtual_memory().
 resident at once (nothing is released between rollout and training on CPU). How each was measured
 (2-core, 24 GB VM, SmolLM2-135M, fp32; ``bench/plan_calibration.py`` and ``bench/host_memory_sampler.py``):
   rank base    a rank's process after importing torch + megatron-core, gloo and the model-parallel
-               state, no model: RANK_BASE_GIB (plan_calibration ``base``), plus in the real run what
-               the rank's RSS at start-up shows beyond it (RANK_RUN_EXTRA_GIB: optimizer set-up, the
-               rollout/weight-sync modules, gloo buffers)
+               state, no model: RANK_BASE_GIB (plan_calibration ``base``), plus RANK_RUN_EXTRA_GIB: what
+               rank 0's measured peak in the alfworld-tiny-cpu run (its per-step record) holds beyond
+               the modelled terms at that step's real token count (allocator slack, the scoring pass,
+               pipeline buffers). Rank 0 because rank 1 still holds today's full logits (below)
   driver       rank 0 only: SGLang's tokenizer manager (embedded engine), the tokenizer, the env/reward
-               clients: DRIVER_GIB, rank 0's measured peak minus rank 1's, less their modelled differences
+               clients: DRIVER_GIB, rank 0's start-up record minus rank 1's
   weights, grads, optimizer   4 + 4 (Megatron's fp32 main_grad) + 8 (Adam m, v; fp32 weights are their
                own master) bytes per parameter of the rank's stage (plan_calibration: 17.5 measured)
   activations  ACT_BYTES_PER_TOKEN_PER_HIDDEN x hidden per token per decoder layer (fp32, segment
@@ -34,8 +35,12 @@ resident at once (nothing is released between rollout and training on CPU). How 
                of a microbatch, the stage's layers, and the microbatches stage s holds in 1F1B
                (min(microbatches, pp - s)); a microbatch is train.token_budget tokens or, if fewer,
                every token of a minibatch (samples x the longest sequence)
-  logits       last stage: the chunked response-only output layer (H1's change): 2 x 64 MiB float32
-               working buffers plus LOGIT_VECTOR_BYTES per token (response-token-sized vectors)
+  logits       last stage: as the chunked, response-only output layer computes them (being built in
+               parallel/logprobs at the time of writing): 2 x 64 MiB float32 working buffers plus
+               LOGIT_VECTOR_BYTES per token (response-token-sized vectors). Until it lands, today's
+               full-logits layer holds more on the last stage (plan_calibration: ~200 KB per token
+               saved outside the decoder layers, plus the transient [tokens, vocab] copies): the
+               alfworld-tiny-cpu run's rank 1 peaked at 6.84 GiB where this plan counts 5.96
   engine       per CPU SGLang engine on the node (scheduler + detokenizer processes): ENGINE_FIXED_GIB
                (weights, CPU kernels, Python) plus its KV cache, which SGLang sizes on CPU as
                mem_fraction_static x the RAM free when it starts (here: RAM less the OS and the ranks'
