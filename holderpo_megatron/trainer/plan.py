@@ -45,8 +45,9 @@ resident at once (nothing is released between rollout and training on CPU). How 
                (weights, CPU kernels, Python) plus its KV cache, which SGLang sizes on CPU as
                mem_fraction_static x the RAM free when it starts (here: RAM less the OS and the ranks'
                weights and grads then resident; an otherwise idle node, i.e. the largest cache)
-  workers      ALFWorld environment workers (agent.num_workers x ENV_WORKER_GIB) and math-verify
-               workers (2 x REWARD_WORKER_GIB, kind math, non-agent runs), each its measured peak RSS
+  workers      ALFWorld environment workers (agent.num_workers x ENV_WORKER_GIB), math-verify workers
+               (2 x REWARD_WORKER_GIB, kind math, non-agent runs) and a small child of each rank
+               (RANK_HELPER_GIB), each its measured peak RSS
   launcher     ``holderpo train`` and torchrun's agent: LAUNCHER_GIB
 A CPU plan fits when the node's sum is at most HOST_HEADROOM of its RAM (page cache, the OS).
 """
@@ -202,17 +203,21 @@ def plan_main(cfg: RunConfig, ram_gib: float | None = None) -> int:
 # ---------------------------------------------------------------- host memory of CPU runs
 # Constants measured as the module docstring says (GiB unless named otherwise), 2026-11-30.
 RANK_BASE_GIB = 0.42  # plan_calibration `base`: imports + gloo + model-parallel state
-# alfworld-tiny-cpu step 2, rank 0: peak 7.67 less base, driver, 1.21 of parameters and 4.91 of
-# activations (its 6153 tokens, both microbatches in flight): allocator slack, the score pass, p2p buffers
-RANK_RUN_EXTRA_GIB = 0.93
+# what a rank's measured peak holds beyond the modelled terms (allocator slack, the scoring pass, pipeline
+# buffers) = RANK_RUN_EXTRA_GIB + RANK_SLACK_PER_ACTIVATION x its activations, fitted to rank 0's peaks:
+# tiny-cpu 3.12 (0.82 of activations: 2 x 512 tokens in flight) and alfworld-tiny-cpu 7.67 (4.91: its
+# 6153 tokens, both microbatches in flight), each less base, driver and 1.21 of parameters
+RANK_RUN_EXTRA_GIB = 0.38
+RANK_SLACK_PER_ACTIVATION = 0.112
 DRIVER_GIB = 0.20  # start-up records (<run_dir>/ranks) of alfworld-tiny-cpu: rank 0 1.33, rank 1 1.13
 ACT_BYTES_PER_TOKEN_PER_HIDDEN = 99.2  # plan_calibration: 57,132 bytes per token per layer at hidden 576
 LOGIT_CHUNK_BYTES = 2 * 64 * 2**20  # H1's chunked output layer: two float32 working buffers
 LOGIT_VECTOR_BYTES = 32  # per token: log-probs, entropy, targets, masks, their grads (float32/int64)
-# alfworld-tiny-cpu (mem_fraction_static 0.1): scheduler + detokenizer peaks 3.69 with ~20.0 free at the
-# engine's start (host_memory_sampler series): 3.69 - 0.1 x 20.0
-ENGINE_FIXED_GIB = 1.70
-ENV_WORKER_GIB = 0.18  # alfworld-tiny-cpu: rank 0's non-SGLang children, 0.36 for 2 env workers
+# scheduler + detokenizer peaks less fraction x the RAM free at the engine's start (host_memory_sampler
+# series): alfworld-tiny-cpu 3.69 - 0.1 x 20.0 = 1.69, tiny-cpu 7.62 - 0.3 x 20.2 = 1.56
+ENGINE_FIXED_GIB = 1.65
+RANK_HELPER_GIB = 0.10  # each rank has a small child process (0.10 GiB peak in both runs)
+ENV_WORKER_GIB = 0.13  # alfworld-tiny-cpu: rank 0's non-SGLang children 0.36 = 2 env workers + its helper
 REWARD_WORKER_GIB = 0.20  # not measured (no CPU recipe verifies math): taken as an env worker's size
 LAUNCHER_GIB = 0.45  # `holderpo train` 0.22 + torchrun's agent 0.22 (host_memory_sampler)
 OS_RESERVE_GIB = 1.0  # kernel, page tables, what else runs: not free when the engine sizes its cache
@@ -236,12 +241,13 @@ class HostRankPlan:
     grads_gib: float
     optimizer_gib: float
     activations_gib: float
+    slack_gib: float  # the allocator's share that grows with activations
     logits_gib: float
 
     @property
     def total_gib(self) -> float:
         return (self.base_gib + self.driver_gib + self.weights_gib + self.grads_gib + self.optimizer_gib
-                + self.activations_gib + self.logits_gib)
+                + self.activations_gib + self.slack_gib + self.logits_gib)
 
 
 @dataclass
@@ -317,7 +323,8 @@ def plan_host(cfg: RunConfig, arch: ModelArch, ram_gib: float | None = None) -> 
         act = in_flight * mb_tokens * layers * ACT_BYTES_PER_TOKEN_PER_HIDDEN * arch.hidden_size / p.tp
         logits = (LOGIT_CHUNK_BYTES + mb_tokens * LOGIT_VECTOR_BYTES) if last else 0.0
         ranks.append(HostRankPlan(rank, stage, RANK_BASE_GIB + RANK_RUN_EXTRA_GIB, DRIVER_GIB if rank == 0 else 0.0,
-                                  4 * params / GIB, 4 * params / GIB, 8 * params / GIB, act / GIB, logits / GIB))
+                                  4 * params / GIB, 4 * params / GIB, 8 * params / GIB, act / GIB,
+                                  RANK_SLACK_PER_ACTIVATION * act / GIB, logits / GIB))
     placement = run_placement(cfg)
     engines = sum(1 for e in placement.engines if e.node == 0 and e.url is None)
     # SGLang on CPU: KV = fraction x the RAM free when it starts (ranks hold weights and grads by then)
@@ -326,7 +333,7 @@ def plan_host(cfg: RunConfig, arch: ModelArch, ram_gib: float | None = None) -> 
     kv = (r.mem_fraction_static or 0.3) * free if engines else 0.0
     env_workers = cfg.agent.num_workers if cfg.agent.enabled else 0
     reward_workers = 2 if (cfg.data.reward == "math" and not cfg.agent.enabled) else 0
-    workers = env_workers * ENV_WORKER_GIB + reward_workers * REWARD_WORKER_GIB
+    workers = env_workers * ENV_WORKER_GIB + reward_workers * REWARD_WORKER_GIB + len(ranks) * RANK_HELPER_GIB
     notes = []
     if p.nnodes > 1:
         notes.append("node 0 (rank 0's driver, the engines and workers); other nodes hold their ranks only")
@@ -382,14 +389,15 @@ def check_host_memory(cfg: RunConfig, arch: ModelArch, ram_gib: float | None = N
 def format_host_plan(hp: HostMemoryPlan) -> str:
     lines = [f"host memory estimate of node 0 (GiB; CPU run: everything resident at once; microbatch "
              f"{hp.microbatch_tokens} tokens, {hp.microbatches} per minibatch):",
-             "  rank stage   base driver weights grads  optim  activ logits   total"]
+             "  rank stage   base driver weights grads  optim  activ  slack logits   total"]
     for x in hp.ranks:
         lines.append(f"  {x.rank:>4} {x.stage:>5} {x.base_gib:>6.2f} {x.driver_gib:>6.2f} {x.weights_gib:>7.2f} "
-                     f"{x.grads_gib:>5.2f} {x.optimizer_gib:>6.2f} {x.activations_gib:>6.2f} {x.logits_gib:>6.2f} "
+                     f"{x.grads_gib:>5.2f} {x.optimizer_gib:>6.2f} {x.activations_gib:>6.2f} {x.slack_gib:>6.2f} "
+                     f"{x.logits_gib:>6.2f} "
                      f"{x.total_gib:>7.2f}")
     lines += [
         f"  ranks {hp.ranks_gib:.2f} + SGLang {hp.engines} x {hp.engine_gib:.2f} (KV cache {hp.engine_kv_gib:.2f}) "
-        f"+ workers {hp.workers_gib:.2f} ({hp.env_workers} env, {hp.reward_workers} reward) "
+        f"+ workers {hp.workers_gib:.2f} ({hp.env_workers} env, {hp.reward_workers} reward, a helper per rank) "
         f"+ launcher {hp.launcher_gib:.2f} = node {hp.node_gib:.2f}",
         f"  node {hp.node_gib:.2f} of {hp.ram_gib:.1f} RAM ({hp.ram_source}; {HOST_HEADROOM:.0%} usable = "
         f"{hp.usable_gib:.1f}): {'fits' if hp.fits else 'DOES NOT FIT'}",

@@ -48,6 +48,8 @@ def test_cpu_plan_terms_on_the_tiny_recipe():
     assert (hp.microbatch_tokens, hp.microbatches) == (512, 4)
     per = 512 * 15 * plan_mod.ACT_BYTES_PER_TOKEN_PER_HIDDEN * 576 / GIB
     assert hp.ranks[0].activations_gib == pytest.approx(2 * per) and hp.ranks[1].activations_gib == pytest.approx(per)
+    for r in hp.ranks:
+        assert r.slack_gib == pytest.approx(plan_mod.RANK_SLACK_PER_ACTIVATION * r.activations_gib)
     # only the last stage computes log-probs: the chunked output layer's buffers + per-token vectors
     assert hp.ranks[0].logits_gib == 0
     assert hp.ranks[1].logits_gib * GIB == pytest.approx(2 * 64 * 2**20 + 512 * plan_mod.LOGIT_VECTOR_BYTES)
@@ -57,8 +59,10 @@ def test_cpu_plan_terms_on_the_tiny_recipe():
     assert hp.engines == 1
     assert hp.engine_kv_gib == pytest.approx(0.3 * (24.0 - plan_mod.OS_RESERVE_GIB - held - plan_mod.LAUNCHER_GIB))
     assert hp.engine_gib == pytest.approx(plan_mod.ENGINE_FIXED_GIB + hp.engine_kv_gib)
-    assert (hp.env_workers, hp.reward_workers, hp.workers_gib) == (0, 0, 0.0)  # exact_int: no verifier
-    assert hp.node_gib == pytest.approx(sum(r.total_gib for r in hp.ranks) + hp.engine_gib + hp.launcher_gib)
+    # exact_int: no verifier; each rank's helper child
+    assert (hp.env_workers, hp.reward_workers, hp.workers_gib) == (0, 0, 2 * plan_mod.RANK_HELPER_GIB)
+    assert hp.node_gib == pytest.approx(sum(r.total_gib for r in hp.ranks) + hp.engine_gib + hp.workers_gib
+                                        + hp.launcher_gib)
     assert hp.fits
 
 
@@ -66,7 +70,7 @@ def test_agent_recipe_counts_env_workers_and_turns():
     cfg = load_run_config("examples/recipes/alfworld-tiny-cpu.yaml")
     hp = plan_host(cfg, arch_for_plan(cfg), ram_gib=64.0)
     assert hp.env_workers == cfg.agent.num_workers and hp.reward_workers == 0
-    assert hp.workers_gib == pytest.approx(cfg.agent.num_workers * plan_mod.ENV_WORKER_GIB)
+    assert hp.workers_gib == pytest.approx(cfg.agent.num_workers * plan_mod.ENV_WORKER_GIB + 2 * plan_mod.RANK_HELPER_GIB)
     # every turn of every play is a training sequence
     seqs = cfg.train.prompts_per_step * cfg.rollout.group_size * cfg.agent.play.max_turns
     tokens = seqs * cfg.max_sequence_length
