@@ -21,10 +21,11 @@ RAM (``parallel.host_memory_gb``, else this machine's ``psutil.virtual_memory().
 resident at once (nothing is released between rollout and training on CPU). How each was measured
 (2-core, 24 GB VM, SmolLM2-135M, fp32; ``bench/plan_calibration.py`` and ``bench/host_memory_sampler.py``):
   rank base    a rank's process after importing torch + megatron-core, gloo and the model-parallel
-               state, no model: RANK_BASE_GIB (plan_calibration ``base``), plus RANK_RUN_EXTRA_GIB: what
-               rank 0's measured peak in the alfworld-tiny-cpu run (its per-step record) holds beyond
-               the modelled terms at that step's real token count (allocator slack, the scoring pass,
-               pipeline buffers). Rank 0 because rank 1 still holds today's full logits (below)
+               state, no model: RANK_BASE_GIB (plan_calibration ``base``), plus RANK_RUN_EXTRA_GIB and
+               ("slack") RANK_SLACK_PER_ACTIVATION x activations: what rank 0's measured peaks in the
+               tiny-cpu and alfworld-tiny-cpu runs (per-step records) hold beyond the modelled terms at
+               those steps' real token counts (allocator slack, the scoring pass, pipeline buffers),
+               fitted on the two. Rank 0 because rank 1 still holds today's full logits (below)
   driver       rank 0 only: SGLang's tokenizer manager (embedded engine), the tokenizer, the env/reward
                clients: DRIVER_GIB, rank 0's start-up record minus rank 1's
   weights, grads, optimizer   4 + 4 (Megatron's fp32 main_grad) + 8 (Adam m, v; fp32 weights are their
@@ -40,7 +41,7 @@ resident at once (nothing is released between rollout and training on CPU). How 
                LOGIT_VECTOR_BYTES per token (response-token-sized vectors). Until it lands, today's
                full-logits layer holds more on the last stage (plan_calibration: ~200 KB per token
                saved outside the decoder layers, plus the transient [tokens, vocab] copies): the
-               alfworld-tiny-cpu run's rank 1 peaked at 6.84 GiB where this plan counts 5.96
+               alfworld-tiny-cpu run's rank 1 peaked at 6.84 GiB where this plan counts 5.77
   engine       per CPU SGLang engine on the node (scheduler + detokenizer processes): ENGINE_FIXED_GIB
                (weights, CPU kernels, Python) plus its KV cache, which SGLang sizes on CPU as
                mem_fraction_static x the RAM free when it starts (here: RAM less the OS and the ranks'
