@@ -68,6 +68,8 @@ class ParallelSection:
     nnodes: int = 1
     nproc_per_node: int = 1
     gpu_memory_gb: float = 80.0  # per GPU, for `holderpo plan`
+    # RAM of one node, for the host-memory plan of CPU runs (trainer/plan.py); None: this machine's
+    host_memory_gb: float | None = None
     # a collective that a dead rank never answers fails after this (every node then ends, naming it)
     collective_timeout_s: int = 1800
     sequence_parallel: bool = False
@@ -81,6 +83,8 @@ class ParallelSection:
               f"parallel: world size nnodes*nproc_per_node = {self.world_size} is not divisible by "
               f"tp*pp*cp = {self.tp}*{self.pp}*{self.cp} = {self.tp * self.pp * self.cp}")
         _need(self.gpu_memory_gb > 0, f"parallel.gpu_memory_gb must be > 0, got {self.gpu_memory_gb}")
+        _need(self.host_memory_gb is None or self.host_memory_gb > 0,
+              f"parallel.host_memory_gb must be null (this machine's RAM) or > 0, got {self.host_memory_gb}")
         _need(self.collective_timeout_s >= 10, f"parallel.collective_timeout_s must be >= 10, got {self.collective_timeout_s}")
         _need(not self.sequence_parallel or self.tp > 1,
               "parallel.sequence_parallel needs tp > 1 (it splits activations over the TP group); got tp=1")

@@ -33,7 +33,7 @@ def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, r
     from holderpo_megatron.models.hub import cached_hub_file, is_hub_id
 
     from .data_checks import check_prompt_lengths
-    from .plan import arch_for_plan
+    from .plan import arch_for_plan, check_host_memory
 
     try:
         node = NodeLaunch.resolve(nnodes=cfg.parallel.nnodes, nproc_per_node=cfg.parallel.nproc_per_node,
@@ -49,7 +49,9 @@ def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, r
             resolve_model_path(m.hf_path, revision=m.revision)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    validate_run(cfg, arch_for_plan(cfg))  # every error before any worker starts
+    arch = arch_for_plan(cfg)
+    validate_run(cfg, arch)  # every error before any worker starts
+    check_host_memory(cfg, arch)  # a CPU run that would meet the OOM killer: refused, naming what to lower
     cmd = node.torchrun_command(["--config", config_path, *overrides, *(["checkpoint.resume=true"] if resume else [])])
     where = f"node {node.node_rank} of {node.nnodes}"
     if dry_run:

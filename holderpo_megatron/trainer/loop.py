@@ -37,6 +37,7 @@ def run_training(cfg: RunConfig) -> None:
     try:
         for step in range(ctx.start_step, cfg.train.steps):
             metrics = one_step(ctx, step)
+            metrics.update(ctx.host_memory.end_step(step + 1))  # every rank's RSS and peak RSS of the step
             ctx.logger.log(step + 1, metrics, tokens=int(metrics.get("tokens", 0)))
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
                 ctx.evaluate(step + 1)

@@ -15,21 +15,59 @@ largest pipeline stage):
              CPU, where engines cannot release) both stay resident and the peak is their sum. Separate
              engines take GPUs of their own: the trainer's peak is training alone.
 The placement of the engines (parallel/placement.py) is printed above the estimate.
+
+CPU runs (model.dtype fp32): host RAM of the node, per process (:func:`plan_host`), against the node's
+RAM (``parallel.host_memory_gb``, else this machine's ``psutil.virtual_memory().total``). Every term is
+resident at once (nothing is released between rollout and training on CPU). How each was measured
+(2-core, 24 GB VM, SmolLM2-135M, fp32; ``bench/plan_calibration.py`` and ``bench/host_memory_sampler.py``):
+  rank base    a rank's process after importing torch + megatron-core, gloo and the model-parallel
+               state, no model: RANK_BASE_GIB (plan_calibration ``base``), plus RANK_RUN_EXTRA_GIB and
+               ("slack") RANK_SLACK_PER_ACTIVATION x activations: what rank 0's measured peaks in the
+               tiny-cpu and alfworld-tiny-cpu runs (per-step records) hold beyond the modelled terms at
+               those steps' real token counts (allocator slack, the scoring pass, pipeline buffers),
+               fitted on the two. Rank 0 because rank 1 still holds today's full logits (below)
+  driver       rank 0 only: SGLang's tokenizer manager (embedded engine), the tokenizer, the env/reward
+               clients: DRIVER_GIB, rank 0's start-up record minus rank 1's
+  weights, grads, optimizer   4 + 4 (Megatron's fp32 main_grad) + 8 (Adam m, v; fp32 weights are their
+               own master) bytes per parameter of the rank's stage (plan_calibration: 17.5 measured)
+  activations  ACT_BYTES_PER_TOKEN_PER_HIDDEN x hidden per token per decoder layer (fp32, segment
+               attention: no S x S term), counted by torch.autograd.graph.saved_tensors_hooks on the
+               real Actor's train_step (plan_calibration: 4 layers minus 2 layers), times the tokens
+               of a microbatch, the stage's layers, and the microbatches stage s holds in 1F1B
+               (min(microbatches, pp - s)); a microbatch is train.token_budget tokens or, if fewer,
+               every token of a minibatch (samples x the longest sequence)
+  logits       last stage: as the chunked, response-only output layer computes them (being built in
+               parallel/logprobs at the time of writing): 2 x 64 MiB float32 working buffers plus
+               LOGIT_VECTOR_BYTES per token (response-token-sized vectors). Until it lands, today's
+               full-logits layer holds more on the last stage (plan_calibration: ~200 KB per token
+               saved outside the decoder layers, plus the transient [tokens, vocab] copies): the
+               alfworld-tiny-cpu run's rank 1 peaked at 6.84 GiB where this plan counts 5.77
+  engine       per CPU SGLang engine on the node (scheduler + detokenizer processes): ENGINE_FIXED_GIB
+               (weights, CPU kernels, Python) plus its KV cache, which SGLang sizes on CPU as
+               mem_fraction_static x the RAM free when it starts (here: RAM less the OS and the ranks'
+               weights and grads then resident; an otherwise idle node, i.e. the largest cache)
+  workers      ALFWorld environment workers (agent.num_workers x ENV_WORKER_GIB), math-verify workers
+               (2 x REWARD_WORKER_GIB, kind math, non-agent runs) and a small child of each rank
+               (RANK_HELPER_GIB), each its measured peak RSS
+  launcher     ``holderpo train`` and torchrun's agent: LAUNCHER_GIB
+A CPU plan fits when the node's sum is at most HOST_HEADROOM of its RAM (page cache, the OS).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from holderpo_megatron.models import ModelArch
 from holderpo_megatron.models.known import KNOWN_CONFIGS
-from holderpo_megatron.parallel.placement import Placement
+from holderpo_megatron.parallel.placement import Placement, rank_coords
 
 from .config import ConfigError, RunConfig, run_placement, validate_run
 
-__all__ = ["MemoryPlan", "plan_run", "arch_for_plan", "format_plan"]
+__all__ = ["MemoryPlan", "plan_run", "arch_for_plan", "format_plan", "HostRankPlan", "HostMemoryPlan", "plan_host",
+           "format_host_plan", "check_host_memory", "is_cpu_run", "smallest_fitting_ram_gib"]
 
 GIB = 2**30
 HEADROOM = 0.92  # fraction of the GPU a plan may use (allocator fragmentation, NCCL, CUDA context)
@@ -145,10 +183,22 @@ def format_plan(cfg: RunConfig, arch: ModelArch, mp: MemoryPlan, placement: Plac
     return "\n".join(lines)
 
 
-def plan_main(cfg: RunConfig) -> int:
+def plan_main(cfg: RunConfig, ram_gib: float | None = None) -> int:
+    """Print the plan; 1 (refused) when it does not fit. CPU runs: host RAM of the node (``ram_gib``:
+    the node's RAM, default ``parallel.host_memory_gb`` or this machine's); GPU runs: per GPU."""
     arch = arch_for_plan(cfg)
     validate_run(cfg, arch, check_paths=False)
-    mp = plan_run(cfg, arch, on_gpu=cfg.model.dtype != "fp32")
+    mp = plan_run(cfg, arch, on_gpu=not is_cpu_run(cfg))
+    if is_cpu_run(cfg):
+        hp = plan_host(cfg, arch, ram_gib)
+        head = format_plan(cfg, arch, mp, run_placement(cfg)).split("\nper-GPU memory estimate")[0]
+        least = smallest_fitting_ram_gib(cfg, arch)
+        print(head + "\n" + format_host_plan(hp) + "\n  smallest node RAM this plan accepts: "
+              + (f"{least:.1f} GiB" if least is not None else "none up to 4 TiB"))
+        if not hp.fits:
+            print("refused: " + host_refusal(cfg, hp))
+            return 1
+        return 0
     print(format_plan(cfg, arch, mp, run_placement(cfg)))
     if not mp.fits:
         hint = "raise tp/pp, lower train.token_budget or rollout.mem_fraction_static"
@@ -158,3 +208,209 @@ def plan_main(cfg: RunConfig) -> int:
               + hint)
         return 1
     return 0
+
+
+# ---------------------------------------------------------------- host memory of CPU runs
+# Constants measured as the module docstring says (GiB unless named otherwise), 2026-11-30.
+RANK_BASE_GIB = 0.42  # plan_calibration `base`: imports + gloo + model-parallel state
+# what a rank's measured peak holds beyond the modelled terms (allocator slack, the scoring pass, pipeline
+# buffers) = RANK_RUN_EXTRA_GIB + RANK_SLACK_PER_ACTIVATION x its activations, fitted to rank 0's peaks:
+# tiny-cpu 3.12 (0.82 of activations: 2 x 512 tokens in flight) and alfworld-tiny-cpu 7.67 (4.91: its
+# 6153 tokens, both microbatches in flight), each less base, driver and 1.21 of parameters
+RANK_RUN_EXTRA_GIB = 0.38
+RANK_SLACK_PER_ACTIVATION = 0.112
+DRIVER_GIB = 0.20  # start-up records (<run_dir>/ranks) of alfworld-tiny-cpu: rank 0 1.33, rank 1 1.13
+ACT_BYTES_PER_TOKEN_PER_HIDDEN = 99.2  # plan_calibration: 57,132 bytes per token per layer at hidden 576
+LOGIT_CHUNK_BYTES = 2 * 64 * 2**20  # H1's chunked output layer: two float32 working buffers
+LOGIT_VECTOR_BYTES = 32  # per token: log-probs, entropy, targets, masks, their grads (float32/int64)
+# scheduler + detokenizer peaks less fraction x the RAM free at the engine's start (host_memory_sampler
+# series): alfworld-tiny-cpu 3.69 - 0.1 x 20.0 = 1.69, tiny-cpu 7.62 - 0.3 x 20.2 = 1.56
+ENGINE_FIXED_GIB = 1.65
+RANK_HELPER_GIB = 0.10  # each rank has a small child process (0.10 GiB peak in both runs)
+ENV_WORKER_GIB = 0.13  # alfworld-tiny-cpu: rank 0's non-SGLang children 0.36 = 2 env workers + its helper
+REWARD_WORKER_GIB = 0.20  # not measured (no CPU recipe verifies math): taken as an env worker's size
+LAUNCHER_GIB = 0.45  # `holderpo train` 0.22 + torchrun's agent 0.22 (host_memory_sampler)
+OS_RESERVE_GIB = 1.0  # kernel, page tables, what else runs: not free when the engine sizes its cache
+HOST_HEADROOM = 0.90
+
+
+def is_cpu_run(cfg: RunConfig) -> bool:
+    """A CPU recipe: fp32 weights (the Actor and SGLang run on CPU in fp32; GPU recipes use bf16/auto)."""
+    return cfg.model.dtype == "fp32"
+
+
+@dataclass
+class HostRankPlan:
+    """One rank's planned RSS (GiB) by term."""
+
+    rank: int
+    stage: int
+    base_gib: float
+    driver_gib: float
+    weights_gib: float
+    grads_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    slack_gib: float  # the allocator's share that grows with activations
+    logits_gib: float
+
+    @property
+    def total_gib(self) -> float:
+        return (self.base_gib + self.driver_gib + self.weights_gib + self.grads_gib + self.optimizer_gib
+                + self.activations_gib + self.slack_gib + self.logits_gib)
+
+
+@dataclass
+class HostMemoryPlan:
+    """Node 0's planned host memory (GiB): its ranks, engines, worker processes and the launcher."""
+
+    ranks: list[HostRankPlan]
+    engines: int
+    engine_gib: float  # each
+    engine_kv_gib: float  # of which the KV cache
+    env_workers: int
+    reward_workers: int
+    workers_gib: float  # all of them
+    launcher_gib: float
+    ram_gib: float
+    ram_source: str  # "parallel.host_memory_gb" or "this machine"
+    microbatch_tokens: int
+    microbatches: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ranks_gib(self) -> float:
+        return sum(r.total_gib for r in self.ranks)
+
+    @property
+    def node_gib(self) -> float:
+        return self.ranks_gib + self.engines * self.engine_gib + self.workers_gib + self.launcher_gib
+
+    @property
+    def usable_gib(self) -> float:
+        return HOST_HEADROOM * self.ram_gib
+
+    @property
+    def fits(self) -> bool:
+        return self.node_gib <= self.usable_gib
+
+
+def _machine_ram_gib() -> float:
+    import psutil
+
+    return psutil.virtual_memory().total / GIB
+
+
+def _samples_per_minibatch(cfg: RunConfig) -> int:
+    """Training sequences one DP rank takes into one optimizer step (an agent turn is one sequence)."""
+    turns = cfg.agent.play.max_turns if cfg.agent.enabled else 1
+    per_step = cfg.train.prompts_per_step * cfg.rollout.group_size * turns
+    return math.ceil(per_step / (cfg.parallel.dp * cfg.train.minibatches_per_step))
+
+
+def plan_host(cfg: RunConfig, arch: ModelArch, ram_gib: float | None = None) -> HostMemoryPlan:
+    """Host RAM of node 0 of a CPU run. ``ram_gib``: the node's RAM (default: ``parallel.host_memory_gb``,
+    else this machine's)."""
+    p, r = cfg.parallel, cfg.rollout
+    if ram_gib is not None:
+        source = "given"
+    elif p.host_memory_gb is not None:
+        ram_gib, source = p.host_memory_gb, "parallel.host_memory_gb"
+    else:
+        ram_gib, source = _machine_ram_gib(), "this machine"
+    layer, emb, _ = _params(arch)
+    minibatch_tokens = _samples_per_minibatch(cfg) * cfg.max_sequence_length // p.cp
+    mb_tokens = min(cfg.train.token_budget // p.cp, minibatch_tokens)
+    n_mb = max(1, math.ceil(minibatch_tokens / max(1, cfg.train.token_budget // p.cp)))
+    layers = arch.num_layers / p.pp
+    ranks = []
+    for rank in range(p.nproc_per_node):  # node 0's ranks
+        stage = rank_coords(rank, tp=p.tp, cp=p.cp, dp=p.dp, pp=p.pp).pp
+        first, last = stage == 0, stage == p.pp - 1
+        ends = (emb if first else 0) + (emb if last and (not arch.tie_word_embeddings or not first) else 0)
+        params = (layers * layer + ends) / p.tp
+        in_flight = min(n_mb, p.pp - stage)
+        act = in_flight * mb_tokens * layers * ACT_BYTES_PER_TOKEN_PER_HIDDEN * arch.hidden_size / p.tp
+        logits = (LOGIT_CHUNK_BYTES + mb_tokens * LOGIT_VECTOR_BYTES) if last else 0.0
+        ranks.append(HostRankPlan(rank, stage, RANK_BASE_GIB + RANK_RUN_EXTRA_GIB, DRIVER_GIB if rank == 0 else 0.0,
+                                  4 * params / GIB, 4 * params / GIB, 8 * params / GIB, act / GIB,
+                                  RANK_SLACK_PER_ACTIVATION * act / GIB, logits / GIB))
+    placement = run_placement(cfg)
+    engines = sum(1 for e in placement.engines if e.node == 0 and e.url is None)
+    # SGLang on CPU: KV = fraction x the RAM free when it starts (ranks hold weights and grads by then)
+    at_start = sum(RANK_BASE_GIB + x.driver_gib + x.weights_gib + x.grads_gib for x in ranks)
+    free = max(0.0, ram_gib - OS_RESERVE_GIB - at_start - LAUNCHER_GIB)
+    kv = (r.mem_fraction_static or 0.3) * free if engines else 0.0
+    env_workers = cfg.agent.num_workers if cfg.agent.enabled else 0
+    reward_workers = 2 if (cfg.data.reward == "math" and not cfg.agent.enabled) else 0
+    workers = env_workers * ENV_WORKER_GIB + reward_workers * REWARD_WORKER_GIB + len(ranks) * RANK_HELPER_GIB
+    notes = []
+    if p.nnodes > 1:
+        notes.append("node 0 (rank 0's driver, the engines and workers); other nodes hold their ranks only")
+    return HostMemoryPlan(ranks, engines, ENGINE_FIXED_GIB + kv, kv, env_workers, reward_workers, workers,
+                          LAUNCHER_GIB, ram_gib, source, mb_tokens, n_mb, notes)
+
+
+def smallest_fitting_ram_gib(cfg: RunConfig, arch: ModelArch) -> float | None:
+    """The least node RAM (GiB, to 0.1) the CPU plan accepts; None above 4 TiB. Not a constant sum: the
+    engine's KV cache grows with the RAM free at its start."""
+    lo, hi = 0.5, 4096.0
+    if not plan_host(cfg, arch, hi).fits:
+        return None
+    while hi - lo > 0.05:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if plan_host(cfg, arch, mid).fits else (mid, hi)
+    return math.ceil(hi * 10) / 10
+
+
+def _host_hint(cfg: RunConfig, hp: HostMemoryPlan) -> str:
+    """What to lower, biggest term first."""
+    act = max(x.activations_gib for x in hp.ranks)
+    terms = [(act * len(hp.ranks), f"train.token_budget (now {cfg.train.token_budget})"),
+             (hp.engines * hp.engine_kv_gib,
+              f"rollout.mem_fraction_static (now {cfg.rollout.mem_fraction_static or 0.3}: SGLang's CPU KV cache)"),
+             (hp.workers_gib, f"agent.num_workers (now {cfg.agent.num_workers})" if hp.env_workers else "the workers"),
+             (sum(x.weights_gib + x.grads_gib + x.optimizer_gib for x in hp.ranks),
+              f"the model's size per rank: raise parallel.pp (now {cfg.parallel.pp})")]
+    terms.sort(key=lambda t: -t[0])
+    return "lower " + ", or ".join(t[1] for t in terms[:2])
+
+
+def host_refusal(cfg: RunConfig, hp: HostMemoryPlan) -> str:
+    """The one-line refusal of a CPU run whose node does not fit ('' when it fits)."""
+    if hp.fits:
+        return ""
+    per_rank = "+".join(f"{x.total_gib:.1f}" for x in hp.ranks)
+    return (f"host memory: node 0 needs an estimated {hp.node_gib:.1f} GiB (ranks {per_rank}, "
+            f"{hp.engines} SGLang engine(s) {hp.engines * hp.engine_gib:.1f}, workers {hp.workers_gib:.1f}, "
+            f"launcher {hp.launcher_gib:.1f}) but {HOST_HEADROOM:.0%} of its {hp.ram_gib:.1f} GiB RAM "
+            f"({hp.ram_source}) is {hp.usable_gib:.1f} GiB: {_host_hint(cfg, hp)}")
+
+
+def check_host_memory(cfg: RunConfig, arch: ModelArch, ram_gib: float | None = None) -> None:
+    """Refuse (ConfigError, one line) a CPU run whose node 0 cannot hold it; GPU runs pass."""
+    if not is_cpu_run(cfg):
+        return
+    why = host_refusal(cfg, plan_host(cfg, arch, ram_gib))
+    if why:
+        raise ConfigError(why)
+
+
+def format_host_plan(hp: HostMemoryPlan) -> str:
+    lines = [f"host memory estimate of node 0 (GiB; CPU run: everything resident at once; microbatch "
+             f"{hp.microbatch_tokens} tokens, {hp.microbatches} per minibatch):",
+             "  rank stage   base driver weights grads  optim  activ  slack logits   total"]
+    for x in hp.ranks:
+        lines.append(f"  {x.rank:>4} {x.stage:>5} {x.base_gib:>6.2f} {x.driver_gib:>6.2f} {x.weights_gib:>7.2f} "
+                     f"{x.grads_gib:>5.2f} {x.optimizer_gib:>6.2f} {x.activations_gib:>6.2f} {x.slack_gib:>6.2f} "
+                     f"{x.logits_gib:>6.2f} "
+                     f"{x.total_gib:>7.2f}")
+    lines += [
+        f"  ranks {hp.ranks_gib:.2f} + SGLang {hp.engines} x {hp.engine_gib:.2f} (KV cache {hp.engine_kv_gib:.2f}) "
+        f"+ workers {hp.workers_gib:.2f} ({hp.env_workers} env, {hp.reward_workers} reward, a helper per rank) "
+        f"+ launcher {hp.launcher_gib:.2f} = node {hp.node_gib:.2f}",
+        f"  node {hp.node_gib:.2f} of {hp.ram_gib:.1f} RAM ({hp.ram_source}; {HOST_HEADROOM:.0%} usable = "
+        f"{hp.usable_gib:.1f}): {'fits' if hp.fits else 'DOES NOT FIT'}",
+    ]
+    lines += [f"  note: {n}" for n in hp.notes]
+    return "\n".join(lines)

@@ -18,6 +18,7 @@ from holderpo_megatron.data.templates import get_prompt_template, prompt_token_i
 from holderpo_megatron.models import ModelArch
 from holderpo_megatron.models.builtin import resolve_model_path
 from holderpo_megatron.observability import MetricsLogger
+from holderpo_megatron.observability.host_memory import RankMemoryMonitor
 from holderpo_megatron.parallel.layout import ParallelLayout, init_distributed, initialize_model_parallel
 from holderpo_megatron.rewards.math import RewardConfig, build_reward
 
@@ -237,7 +238,12 @@ def setup_training(cfg: RunConfig) -> TrainContext:
     init_distributed()
     # rank 0 holds the run directory's lock (or checks that its launcher does) before it touches it
     run_lock = hold_run_lock(cfg.run_dir) if dist.get_rank() == 0 else None
+    # every rank's RSS record, for a launcher that outlives a rank the OOM killer ends (step 0: starting)
+    host_memory = RankMemoryMonitor(cfg.run_dir, dist.get_rank())
+    host_memory.record(0)
     ctx = TrainContext(cfg)
+    ctx.host_memory = host_memory
+    host_memory.record(ctx.start_step)  # model, optimizer and engines in place
     ctx.run_lock = run_lock  # released when the process ends
     if ctx.rank == 0:
         (cfg.run_dir).mkdir(parents=True, exist_ok=True)

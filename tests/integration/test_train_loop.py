@@ -24,6 +24,24 @@ FIELDS = ["reward_mean", "accuracy", "response_length_mean", "p", "rho_mean", "r
           "time/train", "time/sync"]
 
 
+def _check_host_memory(run_dir: Path, records: list[dict]) -> None:
+    """Every step carries each rank's RSS and peak RSS (gathered to rank 0) and the embedded engine's RSS;
+    each rank's record in run_dir/ranks/ is its last step's, the one the metrics carry."""
+    from holderpo_megatron.observability.host_memory import read_rank_records
+
+    for r in records:
+        for rank in (0, 1):
+            assert 0.05 < r[f"host/rss_gib/rank{rank}"] <= r[f"host/rss_peak_gib/rank{rank}"] < 64, r
+        assert r["host/rss_peak_gib/max"] == max(r["host/rss_peak_gib/rank0"], r["host/rss_peak_gib/rank1"])
+        assert r["host/engine_rss_gib"] > 0.1, r  # SGLang's scheduler: a child process of rank 0
+    ranks = read_rank_records(run_dir)
+    assert sorted(ranks) == [0, 1] and ranks[0].pid != ranks[1].pid
+    last = records[-1]
+    for rank, rec in ranks.items():
+        assert rec.step == last["step"]
+        assert rec.peak_rss_gib == last[f"host/rss_peak_gib/rank{rank}"] and rec.rss_gib == last[f"host/rss_gib/rank{rank}"]
+
+
 def _recipe(tmp: Path, model: Path, steps: int, out: Path) -> Path:
     path = tmp / "recipe.yaml"
     path.write_text(f"""
@@ -71,6 +89,7 @@ def test_three_steps_metrics_weights_and_drift(tiny_model, tmp_path):
         # the engine samples with the weights Megatron re-scores: fp32 on both sides
         assert r["logprob_drift_max"] < 5e-3, r
     assert records[0]["p"] == 2.0 and records[-1]["p"] < records[0]["p"]
+    _check_host_memory(out / "loop", records)
     from safetensors.torch import load_file
 
     before = load_file(str(tiny_model / "model.safetensors"))
