@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -125,6 +126,8 @@ def _prompt_samples(ctx: TrainContext, items: list, step: int) -> StepSamples:
         "tokens": float(sum(len(s.prompt_ids) + len(s.output_ids) for s in samples)),
         "reward_timeouts": float(scored.stats.get("timeout", 0)),
         "reward_errors": float(scored.stats.get("error", 0)),
+        # what each response came to (correct/wrong/..., or a custom reward's labels), as fractions
+        **{f"reward_label/{label}": n / len(samples) for label, n in sorted(Counter(scored.outcomes).items())},
         "stale_samples": float(sum(s.is_stale(ctx.weight_version) for s in samples)),
         **engine_metrics(samples, ctx.engine.engine_names),
     }
