@@ -9,7 +9,7 @@ reward must extract what the prompt asked for).
   * ``r1``: a raw completion prompt (no chat template) asking for ``<think>`` reasoning and an
     ``<answer>`` block, ending in ``Assistant: <think>``; answers from ``<answer>...</answer>``.
   * ``plain``: a raw ``Question: ...\\nAnswer:`` prompt; the last number of the response is the answer.
-  * ``chat``: the problem as the one user message, as it is (a task of your own).
+  * ``instruction``: the problem as the one user message, as it is (a task of your own).
 
 Chat templates render through the model's tokenizer when one is given
 (``apply_chat_template=lambda msgs: tok.apply_chat_template(msgs, tokenize=False,
@@ -130,7 +130,7 @@ register_prompt_template(PromptTemplate(
 
 # your own task: the prompt field as the one user message, nothing added (the rows say what to do)
 register_prompt_template(PromptTemplate(
-    name="chat",
+    name="instruction",
     user_format="{problem}",
     answer_template="plain",
 ))

@@ -100,12 +100,13 @@ def test_a_module_that_raises_on_import_is_named(tmp_path):
         resolve_reward(f"{bad}:score")
 
 
-def test_register_reward_adds_a_name_the_config_accepts():
+def test_register_reward_adds_a_name_the_config_accepts(monkeypatch):
+    from holderpo_megatron.rewards import registry
     from tests.unit import reward_fns
 
+    monkeypatch.setattr(registry, "_REWARDS", dict(registry._REWARDS))  # registered for this test only
     name = "test_length_score"
-    if name not in reward_names():
-        register_reward(name)(reward_fns.length_score)
+    register_reward(name)(reward_fns.length_score)
     assert name in reward_names() and not resolve_reward(name).needs_answers
     with pytest.raises(ValueError, match="already registered"):
         register_reward(name)(reward_fns.length_score)
