@@ -134,3 +134,19 @@ def test_reward_score_checks_its_fields():
         RewardScore(float("nan"))
     with pytest.raises(ValueError, match="label must be"):
         RewardScore(1.0, "has space")
+
+
+def test_the_example_recipe_validates_and_bad_data_keys_are_named(monkeypatch):
+    from holderpo_megatron.trainer.config import ConfigError, load_run_config
+
+    monkeypatch.chdir(ROOT)
+    recipe = "examples/custom_task/recipe.yaml"
+    cfg = load_run_config(recipe)
+    assert cfg.data.row_fields.prompt == "instruction" and cfg.data.row_fields.answer == "keyword"
+    assert load_run_config(recipe, ["data.answer_key=null"]).data.row_fields.answer is None
+    with pytest.raises(ConfigError, match=r"data.answer_key is null .* data.reward 'exact_int' grades against answers"):
+        load_run_config(recipe, ["data.answer_key=null", "data.reward=exact_int"])
+    with pytest.raises(ConfigError, match=r"data.prompt_key/answer_key/split: RowFields.prompt must be a non-empty"):
+        load_run_config(recipe, ["data.prompt_key=''"])
+    with pytest.raises(ConfigError, match=r"data.reward: reward '.*keyword_reward.py:nope'"):
+        load_run_config(recipe, ["data.reward=examples/custom_task/keyword_reward.py:nope"])
