@@ -1,8 +1,13 @@
-"""Math problem sets: the shared JSONL files, a generated arithmetic set, and a resumable iterator.
+"""Prompt sets: the shared math JSONL files, your own files, a generated arithmetic set, and a resumable iterator.
 
 Shared data lives outside the repo (never copied in): ``$HOLDERPO_DATA`` or ``<repo>/../shared/data``,
 with one folder per set under ``math/`` holding ``data.jsonl`` (fields: ``problem``, ``answer``,
 optionally ``answers``: every acceptable form, any match counts).
+
+Your own set is a ``.jsonl`` or ``.parquet`` file, a folder saved by ``datasets``
+(``Dataset.save_to_disk``), or a folder of data files ``datasets.load_dataset`` reads; ``RowFields``
+names the prompt field (text, or chat ``messages``) and the answer field. Each item keeps its whole
+row for a custom reward.
 """
 
 from __future__ import annotations
@@ -12,10 +17,10 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 __all__ = [
-    "MathItem", "MathDataset", "data_root", "math_data_dir", "resolve_math_path", "load_math_dataset",
+    "MathItem", "MathDataset", "RowFields", "data_root", "math_data_dir", "resolve_math_path", "load_math_dataset",
     "generate_arithmetic_problems", "BatchIterator", "PAPER_EVAL_SUITE",
 ]
 
@@ -25,16 +30,51 @@ PAPER_EVAL_SUITE = ("aime24", "aime25", "amc", "math500", "minerva", "olympiadbe
 
 @dataclass(frozen=True)
 class MathItem:
-    """One problem. ``answers``: every acceptable gold answer, the canonical ``answer`` first."""
+    """One prompt of a set. ``answers``: every acceptable gold answer, the canonical ``answer`` first
+    (empty when the set has no answer field). ``messages``: a chat-format row's prompt as (role,
+    content) pairs, else empty; ``problem`` is then its last user message. ``row``: the source row,
+    every field as read (what a custom reward looks at)."""
 
     problem: str
     answers: tuple[str, ...]
     source: str = ""
     index: int = 0  # row in the source file (0-based, counting skipped rows), or generator index
+    messages: tuple[tuple[str, str], ...] = ()
+    row: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def answer(self) -> str:
         return self.answers[0]
+
+    @property
+    def prompt(self) -> str | list[dict[str, str]]:
+        """What the prompt template renders: the problem text, or a chat row's own messages."""
+        if self.messages:
+            return [{"role": role, "content": content} for role, content in self.messages]
+        return self.problem
+
+
+@dataclass(frozen=True)
+class RowFields:
+    """Which fields of a row are the prompt and the answer.
+
+    prompt: a text field, or a list of chat messages (``{"role": ..., "content": ...}``, as in
+      ``messages``), which is then the prompt as is (the prompt template does not wrap it).
+    answer: the gold answer (a value, or a list of acceptable ones; a row's ``answers`` list
+      joins them), or None: the rows have no answer (a custom reward reads what it needs from the row).
+    split: the split to read from a saved ``DatasetDict`` or a folder of data files.
+    """
+
+    prompt: str = "problem"
+    answer: str | None = "answer"
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        for k in ("prompt", "split"):
+            if not isinstance(getattr(self, k), str) or not getattr(self, k):
+                raise ValueError(f"RowFields.{k} must be a non-empty string, got {getattr(self, k)!r}")
+        if self.answer is not None and (not isinstance(self.answer, str) or not self.answer):
+            raise ValueError(f"RowFields.answer must be a non-empty string or None, got {self.answer!r}")
 
 
 @dataclass
@@ -48,11 +88,12 @@ class MathDataset:
     skipped_no_answer: int = 0
     skipped_rows: list[int] = field(default_factory=list)
     fields: tuple[str, ...] = ()  # the keys of the first row (to say what a row without an answer holds)
+    answer_key: str = "answer"
 
     def describe_empty(self) -> str:
         """Why a set has no items, in words (for an error message)."""
         if self.skipped_no_answer:
-            return (f"all {self.skipped_no_answer} rows lack an 'answer' or 'answers' field with a value "
+            return (f"all {self.skipped_no_answer} rows lack an {self.answer_key!r} or 'answers' field with a value "
                     f"(a row's fields: {', '.join(self.fields) or 'none'})")
         return "the file has no rows"
 
@@ -78,13 +119,26 @@ def math_data_dir(root: str | os.PathLike | None = None) -> Path:
     return Path(root if root is not None else data_root()) / "math"
 
 
+FILE_SUFFIXES = (".jsonl", ".parquet")
+# a folder that datasets.load_dataset reads: data files of these kinds
+_DATA_FILE_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".arrow")
+
+
+def _is_datasets_folder(p: Path) -> bool:
+    """Saved by ``save_to_disk`` (a Dataset or a DatasetDict), or holding data files."""
+    if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
+        return True
+    return any(f.suffix in _DATA_FILE_SUFFIXES for f in p.rglob("*") if f.is_file())
+
+
 def resolve_math_path(name_or_path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
-    """A set name (``"math500"`` -> ``<root>/math/math500/data.jsonl``), a folder, or a .jsonl file.
+    """A set name (``"math500"`` -> ``<root>/math/math500/data.jsonl``), a folder with ``data.jsonl``,
+    a .jsonl or .parquet file, or a ``datasets`` folder (saved, or of data files).
 
     A bare name that is both a shared set and a folder in the working directory is refused
     (ValueError): write ``./math500`` for the folder."""
     p = Path(name_or_path)
-    if p.suffix == ".jsonl" and p.is_file():
+    if p.suffix in FILE_SUFFIXES and p.is_file():
         return p
     candidate = math_data_dir(root) / str(name_or_path) / "data.jsonl"
     bare = isinstance(name_or_path, str) and os.sep not in name_or_path and not name_or_path.startswith(".")
@@ -97,10 +151,13 @@ def resolve_math_path(name_or_path: str | os.PathLike, root: str | os.PathLike |
     if candidate.is_file():
         return candidate
     if p.is_dir():
-        raise FileNotFoundError(f"math set folder {str(p)!r} has no data.jsonl")
+        if _is_datasets_folder(p):
+            return p
+        raise FileNotFoundError(f"math set folder {str(p)!r} has no data.jsonl, no dataset saved by "
+                                f"datasets, and no data files ({', '.join(_DATA_FILE_SUFFIXES)})")
     raise FileNotFoundError(
-        f"no math set {str(name_or_path)!r}: not a .jsonl file or folder, and {candidate} does not exist "
-        f"(set HOLDERPO_DATA to the shared data folder)")
+        f"no math set {str(name_or_path)!r}: not a .jsonl or .parquet file or a folder, and {candidate} does "
+        f"not exist (set HOLDERPO_DATA to the shared data folder)")
 
 
 def _answer_text(value) -> str | None:
@@ -115,67 +172,110 @@ def _answer_text(value) -> str | None:
     return text or None
 
 
-def _gold_answers(row: dict) -> list[str]:
+def _gold_answers(row: dict, key: str = "answer") -> list[str]:
+    """The row's ``key`` (a value or a list of them), then its ``answers`` list; texts, no repeats."""
     golds: list[str] = []
-    first = _answer_text(row.get("answer"))
-    if first is not None:
-        golds.append(first)
-    extra = row.get("answers")
-    if isinstance(extra, (list, tuple)):
-        for a in extra:
+    for field_name in (key, "answers") if key != "answers" else (key,):
+        value = row.get(field_name)
+        for a in value if isinstance(value, (list, tuple)) else (value,):
             t = _answer_text(a)
             if t is not None and t not in golds:
                 golds.append(t)
-    elif extra is not None:
-        t = _answer_text(extra)
-        if t is not None and t not in golds:
-            golds.append(t)
     return golds
 
 
-def load_math_dataset(name_or_path: str | os.PathLike, root: str | os.PathLike | None = None,
-                      limit: int | None = None) -> MathDataset:
-    """Load a JSONL math set; rows whose answers are all null or blank are skipped and counted.
+def _chat_messages(value, where: str, key: str) -> tuple[tuple[str, str], ...]:
+    """A chat-format prompt as (role, content) pairs; ValueError naming the row when malformed."""
+    pairs = []
+    for m in value:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"{where}: {key!r} holds a list, so each entry must be a chat message "
+                             f"{{'role': str, 'content': str}}, got {m!r:.120}")
+        pairs.append((m["role"], m["content"]))
+    if not any(role == "user" for role, _ in pairs):
+        raise ValueError(f"{where}: the chat messages in {key!r} have no 'user' message")
+    return tuple(pairs)
 
-    ``limit``: keep the first N usable items (file order). A row that is not JSON or lacks a
-    ``problem`` string is an error naming the file and line.
-    """
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 or None, got {limit}")
-    path = resolve_math_path(name_or_path, root)
-    name = path.parent.name if path.name == "data.jsonl" else path.stem
-    items: list[MathItem] = []
-    skipped: list[int] = []
-    fields: tuple[str, ...] = ()
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """(``file:line``, row) of a JSONL file. Read here rather than by ``datasets``: its JSON reader
+    types each column once (a set whose answers mix numbers and text fails to load), and a bad row
+    should be named by its line."""
     try:
         lines = path.read_bytes().decode("utf-8").split("\n")  # not splitlines: JSON strings may hold U+2028
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
-    row_idx = -1
     for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        row_idx += 1
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{line_no}: not valid JSON ({exc})") from None
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{line_no}: a row must be a JSON object, got {type(row).__name__}")
+        yield f"{path}:{line_no}", row
+
+
+def _datasets_rows(path: Path, split: str) -> Iterator[tuple[str, dict]]:
+    """(``path row i``, row) of a Parquet file or a ``datasets`` folder, read by ``datasets``."""
+    import datasets
+
+    datasets.disable_progress_bars()  # one status line per file read would bury the run's own log
+    if path.is_file():
+        ds = datasets.Dataset.from_parquet(str(path))
+    elif (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        ds = datasets.load_from_disk(str(path))
+    else:
+        try:
+            ds = datasets.load_dataset(str(path), split=split)
+        except ValueError as e:
+            raise ValueError(f"{path}: datasets cannot read split {split!r} here: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"{path}: no split {split!r}; its splits: {sorted(ds)} (set the split to one of them)")
+        ds = ds[split]
+    for i, row in enumerate(ds):
+        yield f"{path} row {i}", row
+
+
+def load_math_dataset(name_or_path: str | os.PathLike, root: str | os.PathLike | None = None,
+                      limit: int | None = None, fields: RowFields = RowFields()) -> MathDataset:
+    """Load a set (``resolve_math_path``); rows whose answers are all null or blank are skipped
+    and counted (none when ``fields.answer`` is None).
+
+    ``limit``: keep the first N usable items (file order). A row that is not JSON or lacks a
+    prompt (``fields.prompt``: a string, or chat messages) is an error naming the file and row.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    path = resolve_math_path(name_or_path, root)
+    name = path.parent.name if path.name == "data.jsonl" else (path.name if path.is_dir() else path.stem)
+    rows = _jsonl_rows(path) if path.suffix == ".jsonl" else _datasets_rows(path, fields.split)
+    items: list[MathItem] = []
+    skipped: list[int] = []
+    first_fields: tuple[str, ...] = ()
+    key = fields.prompt
+    for row_idx, (where, row) in enumerate(rows):
         if row_idx == 0:
-            fields = tuple(row)
-        problem = row.get("problem")
-        if not isinstance(problem, str) or not problem.strip():
-            raise ValueError(f"{path}:{line_no}: row has no 'problem' string (keys: {sorted(row)})")
-        golds = _gold_answers(row)
-        if not golds:
+            first_fields = tuple(row)
+        value = row.get(key)
+        messages: tuple[tuple[str, str], ...] = ()
+        if isinstance(value, (list, tuple)):
+            messages = _chat_messages(value, where, key)
+            value = [content for role, content in messages if role == "user"][-1]
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{where}: row has no {key!r} string or chat messages (keys: {sorted(row)})")
+        golds = _gold_answers(row, fields.answer) if fields.answer is not None else []
+        if fields.answer is not None and not golds:
             skipped.append(row_idx)
             continue
-        items.append(MathItem(problem=problem, answers=tuple(golds), source=name, index=row_idx))
+        items.append(MathItem(problem=value, answers=tuple(golds), source=name, index=row_idx, messages=messages,
+                              row=row))
         if limit is not None and len(items) >= limit:
             break
     return MathDataset(name=name, items=items, path=str(path), skipped_no_answer=len(skipped), skipped_rows=skipped,
-                       fields=fields)
+                       fields=first_fields, answer_key=fields.answer or "")
 
 
 # --- generated arithmetic word problems (the embedded CPU demo) -------------------------------
@@ -208,7 +308,8 @@ def _arithmetic_item(seed: int, index: int, max_operand: int = 99, direct: bool 
         a, b = b, a  # no negative counts of objects
     answer = a + b if op == "+" else a - b
     problem = phrasing.format(n=rng.choice(_NAMES), o=rng.choice(_OBJECTS), a=a, b=b)
-    return MathItem(problem=problem, answers=(str(answer),), source="arithmetic", index=index)
+    return MathItem(problem=problem, answers=(str(answer),), source="arithmetic", index=index,
+                    row={"problem": problem, "answer": answer, "a": a, "b": b, "op": op})
 
 
 def generate_arithmetic_problems(n: int, seed: int = 0, max_operand: int = 99, direct: bool = False) -> MathDataset:

@@ -9,6 +9,7 @@ reward must extract what the prompt asked for).
   * ``r1``: a raw completion prompt (no chat template) asking for ``<think>`` reasoning and an
     ``<answer>`` block, ending in ``Assistant: <think>``; answers from ``<answer>...</answer>``.
   * ``plain``: a raw ``Question: ...\\nAnswer:`` prompt; the last number of the response is the answer.
+  * ``instruction``: the problem as the one user message, as it is (a task of your own).
 
 Chat templates render through the model's tokenizer when one is given
 (``apply_chat_template=lambda msgs: tok.apply_chat_template(msgs, tokenize=False,
@@ -61,21 +62,29 @@ class PromptTemplate:
         return (apply_chat_template or render_chatml)(self.messages(problem))
 
 
-def prompt_token_ids(template: PromptTemplate, tokenizer, problem: str) -> list[int]:
+def prompt_token_ids(template: PromptTemplate, tokenizer, problem: str | list[dict]) -> list[int]:
     """The token ids the rollout engine is given for ``problem``: a chat template through the
-    tokenizer's own chat template (no special tokens added on top), a raw one with them."""
+    tokenizer's own chat template (no special tokens added on top), a raw one with them. A list of
+    chat messages (a chat-format row) is the prompt as is, through the tokenizer's chat template."""
     return prompt_token_lengths(template, tokenizer, [problem], ids=True)[0]
 
 
-def prompt_token_lengths(template: PromptTemplate, tokenizer, problems: list[str], ids: bool = False) -> list:
+def prompt_token_lengths(template: PromptTemplate, tokenizer, problems: list[str | list[dict]],
+                         ids: bool = False) -> list:
     """Token counts (or ids, ``ids=True``) of many prompts, tokenized as :func:`prompt_token_ids`
     does, in one batch call."""
-    if template.chat:
-        texts = [tokenizer.apply_chat_template(template.messages(p), add_generation_prompt=True, tokenize=False)
-                 for p in problems]
-        enc = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    else:
-        enc = tokenizer([template.render(p) for p in problems])["input_ids"] if problems else []
+    chat_texts, raw_texts, is_chat = [], [], []
+    for p in problems:
+        if isinstance(p, str) and not template.chat:
+            raw_texts.append(template.render(p))
+            is_chat.append(False)
+        else:
+            messages = template.messages(p) if isinstance(p, str) else p
+            chat_texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+            is_chat.append(True)
+    chat = iter(tokenizer(chat_texts, add_special_tokens=False)["input_ids"] if chat_texts else [])
+    raw = iter(tokenizer(raw_texts)["input_ids"] if raw_texts else [])
+    enc = [next(chat) if c else next(raw) for c in is_chat]
     return [list(e) for e in enc] if ids else [len(e) for e in enc]
 
 
@@ -119,6 +128,12 @@ register_prompt_template(PromptTemplate(
     chat=False,
 ))
 
+# your own task: the prompt field as the one user message, nothing added (the rows say what to do)
+register_prompt_template(PromptTemplate(
+    name="instruction",
+    user_format="{problem}",
+    answer_template="plain",
+))
 register_prompt_template(PromptTemplate(
     name="arithmetic",
     user_format="{problem}\nAnswer with just the number.",

@@ -26,22 +26,20 @@ answers hang.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 from holderpo_megatron.rewards.extract import ANSWER_TEMPLATES, extract_answer, extract_last_integer
 from holderpo_megatron.rewards.pool import TimeoutPool
 from holderpo_megatron.rewards.verifier import math_verify_any, warm_up_math_verify, same_answer_text
 
-__all__ = ["RewardConfig", "RewardResult", "MathReward", "ExactIntReward", "Reward", "build_reward",
-           "REWARD_KINDS", "OUTCOMES"]
+__all__ = ["RewardConfig", "RewardResult", "MathReward", "ExactIntReward", "Reward", "REWARD_KINDS", "OUTCOMES"]
 
 log = logging.getLogger(__name__)
 
-REWARD_KINDS = ("math", "exact_int")
+REWARD_KINDS = ("math", "exact_int")  # the built-ins; rewards/registry.py holds every name
 OUTCOMES = ("correct", "wrong", "no_answer", "truncated", "too_long", "timeout", "error")
 
 
@@ -49,7 +47,8 @@ OUTCOMES = ("correct", "wrong", "no_answer", "truncated", "too_long", "timeout",
 class RewardConfig:
     """Typed reward settings (validated on construction).
 
-    kind: "math" (template extraction + math-verify) or "exact_int" (the arithmetic demo).
+    kind: a registered reward ("math": template extraction + math-verify; "exact_int": the
+      arithmetic demo) or an import path of your own function (rewards/custom.py).
     template: answer format for kind="math": qwen_math | r1 | plain.
     timeout_s: wall-clock seconds per item for math-verify (all its gold answers together).
     workers: verifier processes.
@@ -68,8 +67,9 @@ class RewardConfig:
     batch_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in REWARD_KINDS:
-            raise ValueError(f"unknown reward kind {self.kind!r}; allowed: {list(REWARD_KINDS)}")
+        from holderpo_megatron.rewards.registry import resolve_reward  # (the registry builds from this config)
+
+        resolve_reward(self.kind)  # a ValueError naming the kind and what is allowed
         if self.template not in ANSWER_TEMPLATES:
             raise ValueError(f"unknown answer template {self.template!r}; allowed: {sorted(ANSWER_TEMPLATES)}")
         if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
@@ -109,8 +109,11 @@ class RewardResult:
 
 
 class Reward(Protocol):
-    def score(self, responses: list[str], answers: list[list[str]],
-              finish_reasons: list[str] | None = None) -> RewardResult: ...
+    """What the loop holds: ``score_items(responses, items, finish_reasons)``, ``items[i]`` the data
+    row response i answers (``.answers``: its gold answers; ``.row``: every field)."""
+
+    def score_items(self, responses: list[str], items: Sequence,
+                    finish_reasons: list[str] | None = None) -> RewardResult: ...
 
     def close(self) -> None: ...
 
@@ -128,6 +131,16 @@ def _check_inputs(responses, answers, finish_reasons) -> list[str]:
     return list(finish_reasons)
 
 
+class _GoldAnswerReward:
+    """A reward graded against the items' gold answers only."""
+
+    needs_answers = True
+
+    def score_items(self, responses: list[str], items: Sequence,
+                    finish_reasons: list[str] | None = None) -> RewardResult:
+        return self.score(responses, [list(it.answers) for it in items], finish_reasons)
+
+
 def _summarise(rewards, outcomes, t0, **extra) -> dict:
     counts = Counter(outcomes)
     stats = {k: counts.get(k, 0) for k in OUTCOMES}
@@ -137,7 +150,7 @@ def _summarise(rewards, outcomes, t0, **extra) -> dict:
     return stats
 
 
-class MathReward:
+class MathReward(_GoldAnswerReward):
     """Math answer reward. ``MathReward(template="qwen_math", timeout_s=5.0, workers=2, truncated_reward=0.0)``.
 
     ``verify_fn(pred, golds) -> bool`` replaces math-verify (tests inject a hanging one); it must be
@@ -198,7 +211,7 @@ class MathReward:
         if to_verify:
             pool = self.pool
             calls = [(extracted[i], [str(g) for g in answers[i]]) for i in to_verify]
-            for i, res in zip(to_verify, self._verify(pool, calls, t0)):
+            for i, res in zip(to_verify, pool.map_within_budget(calls, cfg.batch_timeout_s, t0)):
                 if res is None:  # the batch's time budget ran out before this answer was verified
                     outcomes[i] = "timeout"
                     over_budget += 1
@@ -217,22 +230,6 @@ class MathReward:
                            worker_restarts=restarts, error_examples=errors, over_budget=over_budget)
         return RewardResult(rewards, outcomes, extracted, stats)
 
-    def _verify(self, pool: TimeoutPool, calls: list[tuple], t0: float) -> list:
-        """Outcomes of ``calls`` in order; None for those the batch budget left unverified. Waves
-        of ``workers * floor(budget left / timeout_s)`` calls (at least ``workers``): a wave ends
-        within the budget left, or one ``timeout_s`` past it when less than that is left."""
-        budget = self.config.batch_timeout_s
-        if budget is None:
-            return pool.map(calls)
-        out: list = []
-        while len(out) < len(calls):
-            left = budget - (time.monotonic() - t0)
-            if left <= 0:
-                break
-            wave = self.config.workers * max(1, math.floor(left / self.config.timeout_s))
-            out.extend(pool.map(calls[len(out):len(out) + wave]))
-        return out + [None] * (len(calls) - len(out))
-
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
@@ -245,7 +242,7 @@ class MathReward:
         self.close()
 
 
-class ExactIntReward:
+class ExactIntReward(_GoldAnswerReward):
     """Arithmetic-demo reward: 1.0 when the last integer of the response equals the (integer) answer.
 
     Pure Python in the calling process: nothing to hang on. ``answers[i]`` lists acceptable
@@ -289,9 +286,3 @@ class ExactIntReward:
     def close(self) -> None:
         pass
 
-
-def build_reward(config: RewardConfig) -> Reward:
-    """The reward ``config.kind`` names: MathReward or ExactIntReward."""
-    if config.kind == "math":
-        return MathReward(config)
-    return ExactIntReward(config)

@@ -16,6 +16,8 @@ Not thread-safe: one ``map`` at a time.
 from __future__ import annotations
 
 import logging
+import math
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -100,6 +102,23 @@ class TimeoutPool:
                 if w.busy:
                     self._pool.discard(w)
             raise
+
+    def map_within_budget(self, calls: Sequence[tuple], budget_s: float | None,
+                          started: float) -> list[CallOutcome | None]:
+        """``map`` bounded by a batch budget: ``budget_s`` seconds from ``started`` (a
+        ``time.monotonic()``; None: no budget). Calls go out in waves of ``workers * floor(budget
+        left / timeout_s)`` (at least ``workers``), so a wave ends within the budget left, or one
+        ``timeout_s`` past it when less than that is left; calls the budget did not reach are None."""
+        if budget_s is None:
+            return list(self.map(calls))
+        out: list[CallOutcome | None] = []
+        while len(out) < len(calls):
+            left = budget_s - (time.monotonic() - started)
+            if left <= 0:
+                break
+            wave = self.n_workers * max(1, math.floor(left / self.timeout_s))
+            out.extend(self.map(calls[len(out):len(out) + wave]))
+        return out + [None] * (len(calls) - len(out))
 
     def _run(self, calls: Sequence[tuple]) -> list[CallOutcome]:
         results: list[CallOutcome | None] = [None] * len(calls)

@@ -23,8 +23,10 @@ from typing import Any, Literal
 from holderpo_megatron.algorithms import LossOptions, PSchedule, make_loss_options, policy_loss_names, policy_loss_options
 from holderpo_megatron.observability import ObservabilityConfig
 from holderpo_megatron.rollout.agent import AgentConfig
+from holderpo_megatron.data.datasets import RowFields
 from holderpo_megatron.data.templates import PROMPT_TEMPLATES
 from holderpo_megatron.rewards.extract import ANSWER_TEMPLATES
+from holderpo_megatron.rewards.registry import resolve_reward
 
 from .actor import ActorSettings, OptimizerSettings, Regularizers
 from .config_loader import ConfigError, apply_overrides, from_dict, load_yaml_with_defaults
@@ -218,12 +220,20 @@ class TrainSection:
 
 @dataclass
 class DataSection:
-    train: str = "math_lvl3to5_8k"  # a set under data_dir/math, a .jsonl path, or "arithmetic"
+    # a set under data_dir/math, a .jsonl or .parquet file, a `datasets` folder, or "arithmetic"
+    train: str = "math_lvl3to5_8k"
     data_dir: str | None = None  # default: $HOLDERPO_DATA or <repo>/../shared/data
+    prompt_key: str = "problem"  # the prompt's field: text, or chat messages (used as the prompt as is)
+    answer_key: str | None = "answer"  # the gold answer's field; null: the rows have none (custom rewards)
+    split: str = "train"  # the split of a saved DatasetDict or a folder of data files
     prompt_template: str = "qwen_math"
-    reward: Literal["math", "exact_int"] = "math"
+    # a registered reward (math, exact_int, ...) or your function: my_pkg.my_module:score or
+    # path/to/file.py:score (rewards/custom.py: its signature; run in reward_workers processes)
+    reward: str = "math"
     answer_template: str = "qwen_math"
-    reward_timeout_s: float = 5.0
+    reward_timeout_s: float = 5.0  # per response (math-verify, or your function)
+    reward_workers: int = 2
+    row_fields: RowFields = field(init=False, repr=False)  # prompt_key, answer_key, split, validated
     # wall-clock seconds for scoring one step's responses; when spent, the answers not yet verified
     # score as timeouts (counted in reward_timeouts, logged). null: no budget.
     reward_batch_timeout_s: float | None = 300.0
@@ -245,6 +255,18 @@ class DataSection:
         _need(self.answer_template in ANSWER_TEMPLATES,
               f"data.answer_template {self.answer_template!r} is not one of {sorted(ANSWER_TEMPLATES)}")
         _need(self.arithmetic_max_operand >= 1, f"data.arithmetic_max_operand must be >= 1, got {self.arithmetic_max_operand}")
+        _need(self.reward_workers >= 1, f"data.reward_workers must be >= 1, got {self.reward_workers}")
+        try:
+            self.row_fields = RowFields(prompt=self.prompt_key, answer=self.answer_key, split=self.split)
+        except ValueError as e:
+            raise ConfigError(f"data.prompt_key/answer_key/split: {e}") from None
+        try:
+            spec = resolve_reward(self.reward)  # imports a custom reward now: a bad path fails before launch
+        except ValueError as e:
+            raise ConfigError(f"data.reward: {e}") from None
+        _need(self.answer_key is not None or not spec.needs_answers,
+              f"data.answer_key is null (rows without answers), but data.reward {self.reward!r} grades against "
+              f"answers; name the answer field, or use a reward of your own")
 
     def resolved_data_dir(self) -> Path:
         if self.data_dir:
@@ -508,10 +530,10 @@ def _check_data_sets(cfg: RunConfig) -> None:
     d = cfg.data
     if d.train != "arithmetic":
         try:
-            ds = load_math_dataset(d.train, root=d.resolved_data_dir())
-        except FileNotFoundError:
-            raise ConfigError(f"data.train {d.train!r} is neither a .jsonl file nor a set under "
-                              f"{math_data_dir(d.resolved_data_dir())}") from None
+            ds = load_math_dataset(d.train, root=d.resolved_data_dir(), fields=d.row_fields)
+        except FileNotFoundError as e:
+            raise ConfigError(f"data.train {d.train!r} is neither a .jsonl or .parquet file, a datasets folder, nor "
+                              f"a set under {math_data_dir(d.resolved_data_dir())} ({e})") from None
         except ValueError as e:
             raise ConfigError(f"data.train {d.train!r}: {e}") from None
         if not ds.items:

@@ -38,7 +38,7 @@ def train_prompt_items(cfg: RunConfig, hf_dir: str | os.PathLike, *, tokenizer=N
     if d.train == "arithmetic":
         return generate_arithmetic_problems(50_000, seed=cfg.train.seed, max_operand=d.arithmetic_max_operand,
                                             direct=d.arithmetic_direct).items
-    ds = load_math_dataset(d.train, root=d.resolved_data_dir())
+    ds = load_math_dataset(d.train, root=d.resolved_data_dir(), fields=d.row_fields)
     if announce and ds.skipped_no_answer:
         log.warning("data.train %s: %d of %d rows skipped (no usable answer): rows %s%s", ds.path,
                     ds.skipped_no_answer, ds.skipped_no_answer + len(ds.items), ds.skipped_rows[:10],
@@ -46,7 +46,7 @@ def train_prompt_items(cfg: RunConfig, hf_dir: str | os.PathLike, *, tokenizer=N
     if not ds.items:
         raise ConfigError(f"data.train {d.train!r} ({ds.path}) has no usable items: {ds.describe_empty()}")
     tok = tokenizer if tokenizer is not None else _tokenizer(hf_dir)
-    lengths = prompt_token_lengths(get_prompt_template(d.prompt_template), tok, [it.problem for it in ds.items])
+    lengths = prompt_token_lengths(get_prompt_template(d.prompt_template), tok, [it.prompt for it in ds.items])
     limit = cfg.rollout.max_prompt_tokens
     kept = [it for it, n in zip(ds.items, lengths) if n <= limit]
     dropped = len(ds.items) - len(kept)

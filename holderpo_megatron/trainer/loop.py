@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -100,15 +101,14 @@ def rollout_phase(ctx: TrainContext, step: int) -> StepSamples:
 def _prompt_samples(ctx: TrainContext, items: list, step: int) -> StepSamples:
     """Rank 0, single-turn prompts: generate a group per prompt, score, advantages."""
     cfg = ctx.cfg
-    prompts = [ctx.prompt_ids(item.problem) for item in items]
+    prompts = [ctx.prompt_ids(item.prompt) for item in items]
     params = SamplingParams(n=cfg.rollout.group_size, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                             max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.train.seed * 100_003 + step)
     groups = ctx.engine.generate(prompts, params)
     samples = [s for g in groups for s in g]
     texts = [ctx.tokenizer.decode(s.output_ids, skip_special_tokens=True) for s in samples]
-    answers = [list(items[s.prompt_index].answers) for s in samples]
-    scored = ctx.reward.score(texts, answers, [s.finish_reason for s in samples])
+    scored = ctx.reward.score_items(texts, [items[s.prompt_index] for s in samples], [s.finish_reason for s in samples])
     rewards = torch.tensor(scored.rewards, dtype=torch.float32)
     adv = group_advantages(rewards, cfg.rollout.group_size, cfg.algorithm.advantage)
     keep = list(range(len(samples)))
@@ -126,6 +126,9 @@ def _prompt_samples(ctx: TrainContext, items: list, step: int) -> StepSamples:
         "kept_samples": float(len(keep)),
         "tokens": float(sum(len(s.prompt_ids) + len(s.output_ids) for s in samples)),
         "reward_timeouts": float(scored.stats.get("timeout", 0)),
+        "reward_errors": float(scored.stats.get("error", 0)),
+        # what each response came to (correct/wrong/..., or a custom reward's labels), as fractions
+        **{f"reward_label/{label}": n / len(samples) for label, n in sorted(Counter(scored.outcomes).items())},
         "stale_samples": float(sum(s.is_stale(ctx.weight_version) for s in samples)),
         **engine_metrics(samples, ctx.engine.engine_names),
     }

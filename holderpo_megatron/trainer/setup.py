@@ -20,7 +20,7 @@ from holderpo_megatron.models.builtin import resolve_model_path
 from holderpo_megatron.observability import MetricsLogger
 from holderpo_megatron.observability.host_memory import RankMemoryMonitor
 from holderpo_megatron.parallel.layout import ParallelLayout, init_distributed, initialize_model_parallel
-from holderpo_megatron.rewards.math import RewardConfig, build_reward
+from holderpo_megatron.rewards import RewardConfig, build_reward
 
 from .actor import MegatronActor
 from .config import RunConfig, engine_config, run_placement, validate_run
@@ -117,7 +117,7 @@ class TrainContext:
 
             self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
             self.reward = build_reward(RewardConfig(
-                kind=cfg.data.reward, template=cfg.data.answer_template,
+                kind=cfg.data.reward, template=cfg.data.answer_template, workers=cfg.data.reward_workers,
                 timeout_s=cfg.data.reward_timeout_s, truncated_reward=cfg.algorithm.truncated_reward,
                 batch_timeout_s=cfg.data.reward_batch_timeout_s))
             if cfg.agent.enabled:
@@ -133,8 +133,9 @@ class TrainContext:
             self.fleet.feed, self.actor, release=self.placement.placement == "colocated" and r.release_memory_during_train,
             offload=cfg.train.offload_during_rollout, run_dir=cfg.run_dir if self.rank == 0 else None)
 
-    def prompt_ids(self, problem: str) -> list[int]:
-        return prompt_token_ids(self.template, self.tokenizer, problem)
+    def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
+        """``prompt``: an item's ``prompt`` (its problem text, or its own chat messages)."""
+        return prompt_token_ids(self.template, self.tokenizer, prompt)
 
     # ------------------------------------------------------------------ weights, eval, checkpoints
     def sync_weights(self, version: int) -> dict[str, float]:

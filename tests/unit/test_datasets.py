@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from holderpo_megatron.data.datasets import (PAPER_EVAL_SUITE, BatchIterator, data_root, generate_arithmetic_problems,
-                                             load_math_dataset, math_data_dir)
+from holderpo_megatron.data.datasets import (PAPER_EVAL_SUITE, BatchIterator, RowFields, data_root,
+                                             generate_arithmetic_problems, load_math_dataset, math_data_dir)
 from holderpo_megatron.data.templates import PROMPT_TEMPLATES, PromptTemplate, get_prompt_template, render_chatml
 
 # Row counts from shared/data/README.md; (rows, rows with a null answer). The MATH train sets also
@@ -85,6 +85,91 @@ def test_loader_on_local_files(tmp_path):
         load_math_dataset("no_such_set", root=tmp_path)
     with pytest.raises(ValueError, match="limit"):
         load_math_dataset(p, limit=0)
+
+
+# --- your own sets: other formats and field names ---
+
+# One set written four ways: the house JSONL (problem/answer), and with its own field names
+# (question/solution) as JSONL, Parquet, a folder saved by datasets, a split of a saved DatasetDict,
+# and a folder of Parquet files (datasets.load_dataset). Row 1 has no answer (skipped and counted),
+# row 2 two acceptable answers, and every row an integer field that must reach the item's row.
+ROWS = [{"question": "1+1?", "solution": "2", "answers": ["2", "two"], "level": 1},
+        {"question": "x?", "solution": None, "answers": None, "level": 2},
+        {"question": "2+3?", "solution": "5", "answers": ["5", "5.0", "five"], "level": 3},
+        {"question": "9-4?", "solution": "5", "answers": None, "level": 4}]
+
+
+def _write_everywhere(tmp_path):
+    import datasets
+
+    datasets.disable_progress_bars()
+    house = tmp_path / "house.jsonl"
+    house.write_text("".join(json.dumps({"problem": r["question"], "answer": r["solution"], "answers": r["answers"],
+                                         "level": r["level"]}) + "\n" for r in ROWS))
+    own = tmp_path / "own.jsonl"
+    own.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    ds = datasets.Dataset.from_list(ROWS)
+    ds.to_parquet(str(tmp_path / "own.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds.select([0]), "test": ds}).save_to_disk(str(tmp_path / "saved_dict"))
+    (tmp_path / "files").mkdir()
+    ds.to_parquet(str(tmp_path / "files" / "part-0.parquet"))
+    return house
+
+
+def test_parquet_datasets_folders_and_renamed_jsonl_load_to_the_same_items(tmp_path):
+    house = load_math_dataset(_write_everywhere(tmp_path))
+    assert [(it.problem, it.answers) for it in house] == [("1+1?", ("2", "two")), ("2+3?", ("5", "5.0", "five")),
+                                                          ("9-4?", ("5",))]
+    assert house.skipped_rows == [1]
+    own = RowFields(prompt="question", answer="solution")
+    test_split = RowFields(prompt="question", answer="solution", split="test")
+    for where, fields in [("own.jsonl", own), ("own.parquet", own), ("saved", own), ("saved_dict", test_split),
+                          ("files", own)]:
+        ds = load_math_dataset(tmp_path / where, fields=fields)
+        same = [(it.problem, it.answers, it.index, it.messages) for it in ds]
+        assert same == [(it.problem, it.answers, it.index, it.messages) for it in house], where
+        assert ds.skipped_rows == [1] and ds.answer_key == "solution", where
+        assert [it.row["level"] for it in ds] == [1, 3, 4], where  # the whole row travels with the item
+        assert [it.row["question"] for it in ds] == ["1+1?", "2+3?", "9-4?"], where
+    assert [it.problem for it in load_math_dataset(tmp_path / "saved_dict", fields=own)] == ["1+1?"]
+    with pytest.raises(ValueError, match=r"no split 'valid'; its splits: \['test', 'train'\]"):
+        load_math_dataset(tmp_path / "saved_dict", fields=RowFields(prompt="question", split="valid"))
+    with pytest.raises(ValueError, match=r"own.parquet row 0: row has no 'problem' string"):
+        load_math_dataset(tmp_path / "own.parquet")  # default fields on a set that names them otherwise
+    # no answer field: every row kept, none skipped (a custom reward reads the row)
+    free = load_math_dataset(tmp_path / "own.parquet", fields=RowFields(prompt="question", answer=None))
+    assert len(free) == 4 and free.skipped_no_answer == 0 and all(it.answers == () for it in free)
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(FileNotFoundError, match="no data.jsonl, no dataset saved by datasets, and no data files"):
+        load_math_dataset(tmp_path / "empty_dir")
+
+
+def test_chat_message_rows_are_the_prompt_as_is(tmp_path):
+    from transformers import AutoTokenizer
+
+    from holderpo_megatron.data.templates import prompt_token_lengths
+    from tests.integration.tiny_llama import save_tiny_llama
+
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "w3 w4"}],
+             "answer": 3},
+            {"messages": [{"role": "user", "content": "w5"}], "answer": "4"}]
+    p = tmp_path / "chat.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_math_dataset(p, fields=RowFields(prompt="messages"))
+    assert [it.problem for it in ds] == ["w3 w4", "w5"] and [it.answers for it in ds] == [("3",), ("4",)]
+    assert ds[0].prompt == rows[0]["messages"] and ds[0].messages[0] == ("system", "Be brief.")
+    tok = AutoTokenizer.from_pretrained(save_tiny_llama(tmp_path / "tiny"))
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}assistant:"
+    # a chat row is the prompt as is, under every template; a text row gets the template's wrapping
+    for name in ("plain", "qwen_math"):
+        ids = prompt_token_lengths(get_prompt_template(name), tok, [ds[0].prompt, "w9"], ids=True)
+        assert ids[0] == tok("system: Be brief. user: w3 w4 assistant:", add_special_tokens=False)["input_ids"]
+    plain = get_prompt_template("plain")
+    assert prompt_token_lengths(plain, tok, [ds[1].prompt, "w9"], ids=True)[1] == tok(plain.render("w9"))["input_ids"]
+    p.write_text(json.dumps({"messages": [{"role": "user", "text": "hi"}], "answer": "1"}) + "\n")
+    with pytest.raises(ValueError, match=r"chat.jsonl:1: 'messages' holds a list, so each entry must be a chat message"):
+        load_math_dataset(p, fields=RowFields(prompt="messages"))
 
 
 def test_data_root_env_override(monkeypatch, tmp_path):

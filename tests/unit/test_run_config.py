@@ -81,7 +81,7 @@ BAD = [
     ({"checkpoint": {"keep_last": 0}}, "checkpoint.keep_last must be >= 1"),
     ({"logging": {"tensorboard": "yes"}}, "logging.tensorboard: expected true/false"),
     ({"logging": {"log_every": 0}}, "logging.log_every must be an int >= 1"),
-    ({"data": {"reward": "bleu"}}, "data.reward: 'bleu' is not allowed"),
+    ({"data": {"reward": "bleu"}}, r"data.reward: unknown reward 'bleu'; allowed: \['exact_int', 'math'.*\] or an import path"),
     ({"agent": {"env": "minecraft"}}, "agent.env 'minecraft' is not one of"),
     ({"agent": {"env": "alfworld", "train_split": "test"}}, "agent.train_split 'test' is not one of"),
     ({"agent": {"eval_splits": ["valid_seen", "seen"]}}, "agent.eval_splits entry 'seen' is not one of"),
