@@ -6,7 +6,8 @@ Before any process starts: the recipe is validated (:func:`validate_run`, the da
 prompt lengths), the run directory's lock is taken on node 0 (held by this process for the whole
 run; a second run on the directory is refused), and a resume is checked (an ambiguous checkpoint root
 is refused; a run that is already complete says so and starts nothing). torchrun is started so
-that it dies with this process, and its workers die with it (:mod:`.run_guard`).
+that it dies with this process, and its workers die with it (:mod:`.run_guard`). A worker killed by
+a signal is explained after torchrun's traceback (:mod:`.worker_deaths`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, validate_run
@@ -29,6 +31,7 @@ def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, r
     from holderpo_megatron.models.builtin import resolve_model_path
 
     from .data_checks import check_prompt_lengths
+    from .faults import rank_to_kill
     from .plan import arch_for_plan
 
     try:
@@ -40,6 +43,10 @@ def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, r
     if cfg.model.hf_path.startswith("builtin:") and not dry_run:
         resolve_model_path(cfg.model.hf_path)
     validate_run(cfg, arch_for_plan(cfg))  # every error before any worker starts
+    try:
+        rank_to_kill()  # a malformed fault-injection variable, before any worker starts
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     cmd = node.torchrun_command(["--config", config_path, *overrides, *(["checkpoint.resume=true"] if resume else [])])
     where = f"node {node.node_rank} of {node.nnodes}"
     if dry_run:
@@ -63,7 +70,24 @@ def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, r
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // cfg.parallel.nproc_per_node)))
         if node.node_rank == 0:
             env[LOCK_OWNER_ENV] = str(os.getpid())
-        return _run_dying_with_us(cmd, env)
+        return _run_torchrun_explaining_deaths(cmd, env, cfg)
+
+
+def _run_torchrun_explaining_deaths(cmd: list[str], env: dict, cfg: RunConfig) -> int:
+    """Run torchrun (``cmd``) through :mod:`.worker_deaths`: its output as is, then, when a worker
+    died of a signal (a SIGKILL is most often the OOM killer), which rank, its memory, what to lower."""
+    from .worker_deaths import explain, read_report
+
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"], cmd
+    with tempfile.TemporaryDirectory(prefix="holderpo-torchrun-") as tmp:
+        report = Path(tmp) / "failures.json"
+        code = _run_dying_with_us([sys.executable, "-m", "holderpo_megatron.trainer.worker_deaths", str(report),
+                                   *cmd[3:]], env)
+        if code != 0:
+            why = explain(read_report(report), cfg.run_dir, cfg)
+            if why:
+                print(why, file=sys.stderr, flush=True)
+    return code
 
 
 def _resume_check(cfg: RunConfig) -> int | None:
