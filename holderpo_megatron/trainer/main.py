@@ -6,16 +6,24 @@ import argparse
 import logging
 import sys
 
+if __name__ == "__mp_main__":
+    # this module re-imported by a multiprocessing child (spawn) of a worker: Megatron's checkpoint
+    # writer's Manager, SGLang's scheduler. Die with the worker, before the child does anything else.
+    from holderpo_megatron.trainer.run_guard import die_with_multiprocessing_parent
+
+    die_with_multiprocessing_parent()
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="HölderPO training worker (run under torchrun)")
     ap.add_argument("--config", required=True)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    from .run_guard import die_with_parent
+    from .run_guard import die_with_parent, mark_multiprocessing_parent
 
     # torchrun starts workers in sessions of their own: a killed launcher's process group misses them
     die_with_parent()
+    mark_multiprocessing_parent()  # and the multiprocessing children libraries start die with this worker
     # our own INFO lines (the transport chosen and why, the fleet's engines, resumes) reach the log
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     for name in ("holderpo", "holderpo_megatron"):
