@@ -48,9 +48,19 @@ def become_subreaper() -> bool:
 
 
 def own_helpers() -> set[int]:
-    """Helpers of this process that end when it ends (they read EOF on a pipe it holds):
-    multiprocessing's resource tracker and forkserver, started lazily by the first user."""
+    """Helpers of this process that end when it ends (they read EOF on a pipe or socket it holds):
+    multiprocessing's resource tracker and forkserver, started lazily by the first user, and
+    torch's shared-memory manager (``torch_shm_manager``, started by the first CPU tensor shared
+    with the ``file_system`` strategy). The same helpers of a dead descendant end on their own."""
+    import psutil
+
     pids = set()
+    for c in psutil.Process().children():
+        try:
+            if c.name() == "torch_shm_manager":
+                pids.add(c.pid)
+        except psutil.Error:
+            pass
     try:
         from multiprocessing import resource_tracker
 
