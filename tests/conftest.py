@@ -40,7 +40,7 @@ def pytest_sessionfinish(session, exitstatus):
              "after the last test (now killed):", *(f"  {x}" for x in leftovers)]
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
-        reporter.ensure_newline()
+        reporter.write("\n")  # after the progress line
         reporter.write_sep("=", "processes left behind", red=True, bold=True)
         for line in lines:
             reporter.write_line(line, red=True)
