@@ -2,11 +2,11 @@
 takes everything it started with it (issue 15).
 
 Two CPU ranks (DP 2) of the tiny Llama, the embedded engine on rank 0, a checkpoint after step 1
-(so each rank holds Megatron's checkpoint-writer Manager process); rank 1 SIGKILLs itself in step
-2 (``HOLDERPO_KILL_RANK_IN_STEP``). `holderpo train` must keep torchrun's traceback, then name rank
-1, its pid and SIGKILL's usual cause, the out-of-memory killer; and 30 s later no process of the
-run may be alive: before the fix the ranks' Manager processes and their resource tracker stayed
-forever under PID 1.
+(so a writing rank holds Megatron's checkpoint-writer Manager process); one rank SIGKILLs itself in step 2
+(``HOLDERPO_KILL_RANK_IN_STEP``). `holderpo train` must keep torchrun's traceback, then name the
+rank, its pid and SIGKILL's usual cause, the out-of-memory killer; and 30 s later no process of the
+run may be alive: before the fix a SIGKILLed rank 0 left its Manager process and its resource
+tracker running forever under PID 1.
 """
 
 import os
@@ -49,12 +49,13 @@ logging: {{tensorboard: false, progress: false}}
     return path
 
 
-def test_a_rank_sigkilled_mid_step_is_named_as_a_likely_oom_and_leaves_nothing_behind(tiny_model, tmp_path):
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_sigkilled_mid_step_is_named_as_a_likely_oom_and_leaves_nothing_behind(tiny_model, tmp_path, rank):
     import psutil
 
     recipe = _recipe(tmp_path, tiny_model)
     tag = uuid.uuid4().hex
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HOLDERPO_KILL_RANK_IN_STEP="1:2", **{TAG: tag})
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HOLDERPO_KILL_RANK_IN_STEP=f"{rank}:2", **{TAG: tag})
     log_path = tmp_path / "train.log"
     seen: dict[int, psutil.Process] = {}  # every descendant of the launcher seen while it ran
     titles: dict[int, str] = {}  # their command lines when last seen alive
@@ -88,13 +89,13 @@ def test_a_rank_sigkilled_mid_step_is_named_as_a_likely_oom_and_leaves_nothing_b
 
     assert proc.returncode != 0, text[-5000:]
     assert "Signal 9 (SIGKILL) received by PID" in text, text[-5000:]  # torchrun's traceback is kept
-    m = re.search(r"holderpo train: rank 1 \(local rank 1, pid (\d+) on host \S+\) was killed by signal 9 \(SIGKILL\)",
-                  text)
+    m = re.search(rf"holderpo train: rank {rank} \(local rank {rank}, pid (\d+) on host \S+\) was killed by signal 9 "
+                  r"\(SIGKILL\)", text)
     assert m, text[-5000:]
     assert f"Signal 9 (SIGKILL) received by PID {m.group(1)}" in text  # the same process torchrun names
     assert text.index("received by PID") < m.start()  # the explanation comes after the traceback
     assert "out-of-memory (OOM) killer" in text
-    assert re.search(r"Rank 1: (last recorded RSS [\d.]+ GiB, peak [\d.]+ GiB|no RSS recorded)", text), text[-3000:]
+    assert re.search(rf"Rank {rank}: (last recorded RSS [\d.]+ GiB, peak [\d.]+ GiB|no RSS recorded)", text), text[-3000:]
     assert "GiB RAM" in text and "train.token_budget (now 256)" in text
     # the case this test is for: ranks with multiprocessing children (Megatron's Manager) and SGLang's
     assert any("multiprocessing.spawn import spawn_main" in n for n in names), names  # untitled: the Manager
