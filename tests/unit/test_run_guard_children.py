@@ -4,7 +4,6 @@ itself, spawns a child (as Megatron's checkpoint writer starts its Manager) and 
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
