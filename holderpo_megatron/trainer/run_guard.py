@@ -111,12 +111,13 @@ def die_with_parent(poll_s: float = 1.0, expected_parent: int | None = None) -> 
     process's children. A parent already gone (re-parented to init, or not ``expected_parent``)
     ends this process now. The kernel's signal follows the parent *thread* that started this
     process: start long-lived children from a long-lived thread."""
+    parent = os.getppid()
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    parent = os.getppid()  # after the prctl: a parent dying in between is seen here
-    if parent == 1 or (expected_parent is not None and parent != expected_parent):
+    # gone before the kernel was asked: re-parented (to init or a subreaper), or not the one expected
+    if parent == 1 or os.getppid() != parent or (expected_parent is not None and parent != expected_parent):
         os.kill(os.getpid(), signal.SIGKILL)
 
     def watch():
