@@ -25,6 +25,7 @@ from pathlib import Path
 __all__ = ["WorkerDeath", "run_torchrun", "read_report", "explain", "machine_memory"]
 
 GIB = 2**30
+_STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # what a user, a scheduler or torchrun sends to stop
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def _cause(sig: int | None) -> str:
                 "`dmesg -T | grep -iE 'out of memory|killed process'` (or `journalctl -k`)")
     if sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE):
         return "a crash in native code (a C++/CUDA library); its stack, if any, is in the rank's output above"
-    if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    if sig in _STOPS:
         return "it was stopped from outside (a user, a scheduler's time limit or pre-emption)"
     return "a signal sent from outside this run, or by the kernel"
 
@@ -127,14 +128,20 @@ def explain(deaths: list[WorkerDeath], run_dir: str | os.PathLike, cfg=None) -> 
     ``cfg``: the run's :class:`~.config.RunConfig`, to name the current values of what to lower."""
     from holderpo_megatron.observability.host_memory import read_rank_records
 
-    killed = [d for d in deaths if d.signal is not None]
+    # first the first death; on a tie (torchrun times them to the second) a stop signal is the
+    # consequence, not the cause: once one worker fails torchrun stops the others with SIGTERM
+    killed = sorted((d for d in deaths if d.signal is not None), key=lambda d: (d.time, d.signal in _STOPS))
     if not killed:
         return ""
     records = read_rank_records(run_dir)
     lines = ["=" * 100]
     for d in killed:
-        lines += [f"holderpo train: rank {d.rank} (local rank {d.local_rank}, pid {d.pid} on host {d.host}) was killed "
-                  f"by signal {d.signal} ({d.signal_name}).",
+        who = f"rank {d.rank} (local rank {d.local_rank}, pid {d.pid} on host {d.host})"
+        if d is not killed[0] and d.signal in _STOPS and killed[0].signal not in _STOPS:
+            lines.append(f"holderpo train: {who} then ended by {d.signal_name}: torchrun stops the other workers "
+                         "once one has failed.")
+            continue
+        lines += [f"holderpo train: {who} was killed by signal {d.signal} ({d.signal_name}).",
                   f"  Likely cause: {_cause(d.signal)}.",
                   f"  Rank {d.rank}: {_record_line(d, records)}."]
     lines.append(f"  Memory: {machine_memory()}.")

@@ -95,6 +95,7 @@ def test_a_rank_sigkilled_mid_step_is_named_as_a_likely_oom_and_leaves_nothing_b
     assert f"Signal 9 (SIGKILL) received by PID {m.group(1)}" in text  # the same process torchrun names
     assert text.index("received by PID") < m.start()  # the explanation comes after the traceback
     assert "out-of-memory (OOM) killer" in text
+    assert "stopped from outside" not in text  # the rank torchrun stopped afterwards is not blamed
     assert re.search(rf"Rank {rank}: (last recorded RSS [\d.]+ GiB, peak [\d.]+ GiB|no RSS recorded)", text), text[-3000:]
     assert "GiB RAM" in text and "train.token_budget (now 256)" in text
     # the case this test is for: ranks with multiprocessing children (Megatron's Manager) and SGLang's

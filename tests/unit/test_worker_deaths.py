@@ -98,3 +98,14 @@ def test_a_malformed_kill_variable_is_refused(monkeypatch):
     monkeypatch.setenv(KILL_RANK_IN_STEP, "one")
     with pytest.raises(ValueError, match=r"HOLDERPO_KILL_RANK_IN_STEP='one' must be RANK:STEP"):
         rank_to_kill()
+
+
+def test_the_workers_torchrun_stops_after_a_death_are_not_blamed(tmp_path):
+    """torchrun SIGTERMs the other workers once one fails, within the same second it records."""
+    cfg = _cfg(tmp_path)
+    text = explain([WorkerDeath(1, 1, 8, -15, "h", 100.0), WorkerDeath(0, 0, 7, -9, "h", 100.0)], cfg.run_dir, cfg)
+    assert text.index("rank 0 (local rank 0, pid 7 on host h) was killed by signal 9 (SIGKILL)") < text.index(
+        "rank 1 (local rank 1, pid 8 on host h) then ended by SIGTERM: torchrun stops the other workers")
+    assert "stopped from outside" not in text
+    alone = explain([WorkerDeath(1, 1, 8, -15, "h", 100.0)], cfg.run_dir, cfg)  # a SIGTERM from outside, first
+    assert "was killed by signal 15 (SIGTERM)" in alone and "stopped from outside" in alone
