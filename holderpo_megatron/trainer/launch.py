@@ -6,7 +6,8 @@ Before any process starts: the recipe is validated (:func:`validate_run`, the da
 prompt lengths), the run directory's lock is taken on node 0 (held by this process for the whole
 run; a second run on the directory is refused), and a resume is checked (an ambiguous checkpoint root
 is refused; a run that is already complete says so and starts nothing). torchrun is started so
-that it dies with this process, and its workers die with it (:mod:`.run_guard`).
+that it dies with this process, and its workers die with it (:mod:`.run_guard`). A worker killed by
+a signal is explained after torchrun's traceback (:mod:`.worker_deaths`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from holderpo_megatron.observability.console import RUN_LOG_ENV, RUN_LOG_NAME
@@ -33,6 +35,7 @@ def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, r
     from holderpo_megatron.models.hub import cached_hub_file, is_hub_id
 
     from .data_checks import check_prompt_lengths
+    from .faults import rank_to_kill
     from .plan import arch_for_plan, check_host_memory
 
     try:
@@ -52,6 +55,10 @@ def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, r
     arch = arch_for_plan(cfg)
     validate_run(cfg, arch)  # every error before any worker starts
     check_host_memory(cfg, arch)  # a CPU run that would meet the OOM killer: refused, naming what to lower
+    try:
+        rank_to_kill()  # a malformed fault-injection variable, before any worker starts
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     cmd = node.torchrun_command(["--config", config_path, *overrides, *(["checkpoint.resume=true"] if resume else [])])
     where = f"node {node.node_rank} of {node.nnodes}"
     if dry_run:
@@ -84,11 +91,28 @@ def launch_training(config_path: str, overrides: list[str], cfg: RunConfig, *, r
             env[RUN_LOG_ENV] = str(run_log)
             print(f"log: SGLang, Megatron and other third-party output goes to {run_log} "
                   "(logging.quiet_console=false keeps it on the console)", flush=True)
-        rc = _run_dying_with_us(cmd, env)
-        if rc != 0 and run_log is not None:
-            print(f"holderpo train: the workers ended with exit code {rc}; the last lines of {run_log}:\n"
+        return _run_torchrun_explaining_deaths(cmd, env, cfg, run_log)
+
+
+def _run_torchrun_explaining_deaths(cmd: list[str], env: dict, cfg: RunConfig, run_log: Path | None) -> int:
+    """Run torchrun (``cmd``) through :mod:`.worker_deaths`: its output as is, then, when a worker
+    died of a signal (a SIGKILL is most often the OOM killer), which rank, its memory, what to lower.
+    On failure the run log's last lines come first, the explanation last (what the user reads)."""
+    from .worker_deaths import explain, read_report
+
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"], cmd
+    with tempfile.TemporaryDirectory(prefix="holderpo-torchrun-") as tmp:
+        report = Path(tmp) / "failures.json"
+        code = _run_dying_with_us([sys.executable, "-m", "holderpo_megatron.trainer.worker_deaths", str(report),
+                                   *cmd[3:]], env)
+        if code != 0 and run_log is not None:
+            print(f"holderpo train: the workers ended with exit code {code}; the last lines of {run_log}:\n"
                   f"{log_tail(run_log, 30)}", file=sys.stderr, flush=True)
-        return rc
+        if code != 0:
+            why = explain(read_report(report), cfg.run_dir, cfg)
+            if why:
+                print(why, file=sys.stderr, flush=True)
+    return code
 
 
 def _resume_check(cfg: RunConfig) -> int | None:

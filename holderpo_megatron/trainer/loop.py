@@ -27,7 +27,7 @@ from holderpo_megatron.rollout.interface import SamplingParams
 from .agent_loop import agent_samples
 from .batch import RolloutBatch, StepSamples
 from .config import RunConfig
-from .faults import KILL_AFTER_STEP, kill_if_asked
+from .faults import KILL_AFTER_STEP, kill_if_asked, kill_rank_if_asked
 from .setup import TrainContext, setup_training
 
 __all__ = ["run_training", "rollout_phase", "train_phase"]
@@ -64,6 +64,7 @@ def one_step(ctx: TrainContext, step: int) -> dict:
     with timer("rollout"):
         samples = rollout_phase(ctx, step)
     ctx.handover.after_rollout()  # colocated: the engines' memory goes to training
+    kill_rank_if_asked(step + 1)
     metrics = dict(samples.metrics)
     metrics.update(ctx.schedule.metrics(step))
     if len(samples):

@@ -7,6 +7,13 @@ import logging
 import os
 import sys
 
+if __name__ == "__mp_main__":
+    # this module re-imported by a multiprocessing child (spawn) of a worker: Megatron's checkpoint
+    # writer's Manager, SGLang's scheduler. Die with the worker, before the child does anything else.
+    from holderpo_megatron.trainer.run_guard import die_with_multiprocessing_parent
+
+    die_with_multiprocessing_parent()
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="HölderPO training worker (run under torchrun)")
@@ -15,10 +22,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from holderpo_megatron.observability.console import RUN_LOG_ENV, QuietConsole
 
-    from .run_guard import die_with_parent
+    from .run_guard import die_with_parent, mark_multiprocessing_parent
 
     # torchrun starts workers in sessions of their own: a killed launcher's process group misses them
     die_with_parent()
+    mark_multiprocessing_parent()  # and the multiprocessing children libraries start die with this worker
     # `holderpo train` names the run's log file: third-party output (this process's and its engine
     # processes') goes there, before Megatron and SGLang are imported; ours stays on the console
     log_path = os.environ.get(RUN_LOG_ENV)

@@ -8,6 +8,12 @@
   process group (a user's ``kill -9``, an OOM killer) misses them. Each worker asks the kernel for
   SIGKILL when its parent dies (Linux ``PR_SET_PDEATHSIG``) and a watchdog thread polls the parent
   (every platform); the SGLang processes a worker starts end with it the same way.
+* :func:`die_with_multiprocessing_parent`: the same for the ``multiprocessing`` children (spawn) a
+  worker starts through libraries: Megatron's checkpoint writer keeps a ``Manager`` process for the
+  worker's life, SGLang's engine its scheduler and detokenizer. A spawn child re-imports the worker's
+  ``__main__`` module (as ``__mp_main__``) before anything else, so that module calls this at import:
+  without it, a SIGKILLed worker left its Manager, and the resource tracker they share, running
+  forever under PID 1 (issue 15).
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import time
 from pathlib import Path
 
 __all__ = ["RunDirectoryBusy", "RunLock", "acquire_run_lock", "hold_run_lock", "die_with_parent", "LOCK_FILE",
-           "LOCK_OWNER_ENV"]
+           "LOCK_OWNER_ENV", "MP_PARENT_ENV", "mark_multiprocessing_parent", "die_with_multiprocessing_parent"]
 
 LOCK_FILE = ".lock"
 LOCK_OWNER_ENV = "HOLDERPO_RUN_LOCK_OWNER"  # set by `holderpo train` for its workers: the PID holding the lock
+MP_PARENT_ENV = "HOLDERPO_MP_PARENT_PID"  # the PID a multiprocessing child must die with
 _PR_SET_PDEATHSIG = 1
 
 
@@ -98,16 +105,19 @@ def hold_run_lock(run_dir: str | os.PathLike) -> RunLock | None:
         raise
 
 
-def die_with_parent(poll_s: float = 1.0) -> None:
+def die_with_parent(poll_s: float = 1.0, expected_parent: int | None = None) -> None:
     """End this process (SIGKILL) when its parent dies: ``PR_SET_PDEATHSIG`` on Linux (the
     kernel does it at once), plus a daemon thread polling the parent, which first kills this
-    process's children. A parent already gone ends this process now."""
+    process's children. A parent already gone (re-parented to init, or not ``expected_parent``)
+    ends this process now. The kernel's signal follows the parent *thread* that started this
+    process: start long-lived children from a long-lived thread."""
     parent = os.getppid()
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if parent == 1:  # started by a parent that is already gone (re-parented to init)
+    # gone before the kernel was asked: re-parented (to init or a subreaper), or not the one expected
+    if parent == 1 or os.getppid() != parent or (expected_parent is not None and parent != expected_parent):
         os.kill(os.getpid(), signal.SIGKILL)
 
     def watch():
@@ -118,6 +128,19 @@ def die_with_parent(poll_s: float = 1.0) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="holderpo-parent-watchdog", daemon=True).start()
+
+
+def mark_multiprocessing_parent() -> None:
+    """In a process whose ``multiprocessing`` children must die with it: tell them its PID."""
+    os.environ[MP_PARENT_ENV] = str(os.getpid())
+
+
+def die_with_multiprocessing_parent() -> None:
+    """In a ``multiprocessing`` child of a marked process (:func:`mark_multiprocessing_parent`):
+    die with it (:func:`die_with_parent`), and mark this process for its own children."""
+    expected = os.environ.get(MP_PARENT_ENV, "")
+    die_with_parent(expected_parent=int(expected) if expected.isdigit() else None)
+    mark_multiprocessing_parent()
 
 
 def _kill_children() -> None:
