@@ -8,8 +8,11 @@ random weights; ``--layers`` 15 = one rank's stage of its PP2 layout), fp32, one
 (Hölder loss, Megatron DDP and Adam). Cases, each in a fresh subprocess:
 
 * ``dense``: what the Actor did before: Megatron's local ``DotProductAttention`` in every layer and
-  the row's ``[S, S]`` block-diagonal mask (``models.attention.dense_block_causal_mask``);
-* ``segment``: today's Actor: packed rows as THD, ``models.attention.SegmentCausalAttention``.
+  the row's ``[S, S]`` block-diagonal mask (``models.attention.dense_block_causal_mask``), and
+  Megatron's output layer: full logits ``[rows, S, vocab]``, then log-probs of every position;
+* ``segment``: today's Actor: packed rows as THD, ``models.attention.SegmentCausalAttention``, the
+  output layer fused with the log-softmax at response positions only
+  (``parallel.logprobs.output_layer_logprobs``).
 
 A warm-up step on a small batch first (kernels, Adam's state); then the process's peak RSS
 (VmHWM, reset through ``/proc/self/clear_refs``) over the measured step, and the resident size just
@@ -82,6 +85,24 @@ def _use_dense_attention(actor) -> None:
         gpt.forward = dense_forward
 
 
+def _use_full_logits(actor) -> None:
+    """Turn today's output path into the one before: GPTModel returns full logits, and log-probs of
+    every next-token position come from them (``vocab_parallel_logprobs``)."""
+    from holderpo_megatron.parallel.logprobs import vocab_parallel_logprobs
+
+    for gpt in actor.unwrapped():
+        if gpt.post_process:
+            gpt.output_layer.__class__ = type(gpt.output_layer).__mro__[1]  # Megatron's own class
+
+    def token_logprobs(logits, mb, keep=None, fill=None, entropy=False, entropy_grad=False):
+        flat = logits.reshape(-1, logits.shape[-1])
+        out = vocab_parallel_logprobs(flat.index_select(0, mb.token_index), mb.targets, vocab_size=actor.arch.vocab_size,
+                                      temperature=actor.settings.temperature, entropy=entropy, entropy_grad=entropy_grad)
+        return (out.logprobs, out.entropy) if entropy else out.logprobs
+
+    actor._token_logprobs = token_logprobs
+
+
 def run_case(case: str, tokens: int, seq_len: int, layers: int, cap: int) -> dict:
     _watchdog(cap, case)
     import torch
@@ -103,6 +124,7 @@ def run_case(case: str, tokens: int, seq_len: int, layers: int, cap: int) -> dic
                           optimizer=OptimizerSettings(lr=1e-6))
     if case == "dense":
         _use_dense_attention(actor)
+        _use_full_logits(actor)
     g = torch.Generator().manual_seed(0)
 
     def batch(n, length):

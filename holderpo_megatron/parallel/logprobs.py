@@ -438,8 +438,24 @@ def output_layer_input(hidden: torch.Tensor, *, sequence_parallel: bool, group) 
     )
 
     if sequence_parallel:
-        return gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True, group=group)
-    return copy_to_tensor_model_parallel_region(hidden, group=group)
+        out = gather_from_sequence_parallel_region(hidden.contiguous(), tensor_parallel_output_grad=True, group=group)
+    else:
+        out = copy_to_tensor_model_parallel_region(hidden, group=group)
+    return _ContiguousGrad.apply(out)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: Megatron's ``_reduce`` all-reduces
+    ``grad.contiguous()`` and returns ``grad``, so a strided gradient (the caller transposed the
+    output) would leave the mapping un-reduced."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 def _describe(t) -> str:
