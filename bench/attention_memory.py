@@ -8,8 +8,14 @@ random weights; ``--layers`` 15 = one rank's stage of its PP2 layout), fp32, one
 (Hölder loss, Megatron DDP and Adam). Cases, each in a fresh subprocess:
 
 * ``dense``: what the Actor did before: Megatron's local ``DotProductAttention`` in every layer and
-  the row's ``[S, S]`` block-diagonal mask (``models.attention.dense_block_causal_mask``);
-* ``segment``: today's Actor: packed rows as THD, ``models.attention.SegmentCausalAttention``.
+  the row's ``[S, S]`` block-diagonal mask (``models.attention.dense_block_causal_mask``), and
+  Megatron's output layer: full logits ``[rows, S, vocab]``, then log-probs of every position;
+* ``recompute``: today's Actor plus Megatron's full activation recompute (``recompute_granularity
+  = "full"``, uniform, 1 layer per checkpoint: only each layer's input is kept; backward reruns
+  the layer's forward), set on the built model's config (no recipe switch yet);
+* ``segment``: today's Actor: packed rows as THD, ``models.attention.SegmentCausalAttention``, the
+  output layer fused with the log-softmax at response positions only
+  (``parallel.logprobs.output_layer_logprobs``).
 
 A warm-up step on a small batch first (kernels, Adam's state); then the process's peak RSS
 (VmHWM, reset through ``/proc/self/clear_refs``) over the measured step, and the resident size just
@@ -82,6 +88,24 @@ def _use_dense_attention(actor) -> None:
         gpt.forward = dense_forward
 
 
+def _use_full_logits(actor) -> None:
+    """Turn today's output path into the one before: GPTModel returns full logits, and log-probs of
+    every next-token position come from them (``vocab_parallel_logprobs``)."""
+    from holderpo_megatron.parallel.logprobs import vocab_parallel_logprobs
+
+    for gpt in actor.unwrapped():
+        if gpt.post_process:
+            gpt.output_layer.__class__ = type(gpt.output_layer).__mro__[1]  # Megatron's own class
+
+    def token_logprobs(logits, mb, keep=None, fill=None, entropy=False, entropy_grad=False):
+        flat = logits.reshape(-1, logits.shape[-1])
+        out = vocab_parallel_logprobs(flat.index_select(0, mb.token_index), mb.targets, vocab_size=actor.arch.vocab_size,
+                                      temperature=actor.settings.temperature, entropy=entropy, entropy_grad=entropy_grad)
+        return (out.logprobs, out.entropy) if entropy else out.logprobs
+
+    actor._token_logprobs = token_logprobs
+
+
 def run_case(case: str, tokens: int, seq_len: int, layers: int, cap: int) -> dict:
     _watchdog(cap, case)
     import torch
@@ -103,6 +127,11 @@ def run_case(case: str, tokens: int, seq_len: int, layers: int, cap: int) -> dic
                           optimizer=OptimizerSettings(lr=1e-6))
     if case == "dense":
         _use_dense_attention(actor)
+        _use_full_logits(actor)
+    elif case == "recompute":  # TransformerBlock reads these at forward time
+        actor.config.recompute_granularity = "full"
+        actor.config.recompute_method = "uniform"
+        actor.config.recompute_num_layers = 1
     g = torch.Generator().manual_seed(0)
 
     def batch(n, length):
@@ -140,7 +169,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (tiny recipe: 96 + 32)")
     ap.add_argument("--layers", type=int, default=15, help="decoder layers (15: a PP2 stage of SmolLM2's 30)")
     ap.add_argument("--cap-gb", type=float, default=None, help="end a case above this RSS (default: available - 1.5)")
-    ap.add_argument("--cases", nargs="+", default=["dense", "segment"], choices=["dense", "segment"])
+    ap.add_argument("--cases", nargs="+", default=["dense", "segment"], choices=["dense", "segment", "recompute"])
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = ap.parse_args(argv)
     cap = int((args.cap_gb * 2**30) if args.cap_gb else _available_bytes() - 1.5 * 2**30)
@@ -167,17 +196,22 @@ def main(argv=None) -> None:
         kept = (f"{r['sxs_saved']} ({r['sxs_saved_bytes'] / 2**30:.2f} GB; {', '.join(r['sxs_shapes'])})"
                 if r["sxs_saved"] else "none")
         print(f"{case:<9}{r['before_bytes'] / 2**30:>20.2f}{r['peak_bytes'] / 2**30:>13.2f}{r['seconds']:>9.1f}   {kept}")
-    if set(rows) == {"dense", "segment"} and "capped_bytes" not in rows["segment"]:
-        new = rows["segment"]["peak_bytes"]
-        dense = rows["dense"].get("peak_bytes", rows["dense"].get("capped_bytes"))
-        bound = ">= " if "capped_bytes" in rows["dense"] else ""
-        ratio = dense / new
-        print(f"peak RSS dense / segment: {bound}{ratio:.2f}x (target >= {TARGET_RATIO:.0f}x: "
-              f"{'met' if ratio >= TARGET_RATIO else 'MISSED'})")
-        step_new = new - rows["segment"]["before_bytes"]
-        step_dense = dense - rows["dense"].get("before_bytes", rows["segment"]["before_bytes"])
-        print(f"the step's own memory (peak - resident before): dense {bound}{step_dense / 2**30:.2f} GB, "
-              f"segment {step_new / 2**30:.2f} GB ({bound}{step_dense / step_new:.2f}x)")
+    for new_case in ("segment", "recompute"):
+        if {"dense", new_case} <= set(rows) and "capped_bytes" not in rows[new_case]:
+            _ratios(rows, new_case)
+
+
+def _ratios(rows: dict, case: str) -> None:
+    new = rows[case]["peak_bytes"]
+    dense = rows["dense"].get("peak_bytes", rows["dense"].get("capped_bytes"))
+    bound = ">= " if "capped_bytes" in rows["dense"] else ""
+    ratio = dense / new
+    print(f"peak RSS dense / {case}: {bound}{ratio:.2f}x (target >= {TARGET_RATIO:.0f}x: "
+          f"{'met' if ratio >= TARGET_RATIO else 'MISSED'})")
+    step_new = new - rows[case]["before_bytes"]
+    step_dense = dense - rows["dense"].get("before_bytes", rows[case]["before_bytes"])
+    print(f"the step's own memory (peak - resident before): dense {bound}{step_dense / 2**30:.2f} GB, "
+          f"{case} {step_new / 2**30:.2f} GB ({bound}{step_dense / step_new:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 from .config import ModelArch, check_layout, padded_vocab_size, to_transformer_config
 from .families import FAMILIES, supported_architectures
-from .provider import build_gpt_model, layer_spec, te_available
+from .provider import build_gpt_model, layer_spec, output_hidden_states, output_weight, te_available
 
 __all__ = [
-    "FAMILIES", "ModelArch", "build_gpt_model", "check_layout", "layer_spec", "padded_vocab_size",
+    "FAMILIES", "ModelArch", "build_gpt_model", "check_layout", "layer_spec", "output_hidden_states",
+    "output_weight", "padded_vocab_size",
     "supported_architectures", "te_available", "to_transformer_config",
 ]

@@ -6,7 +6,7 @@ import torch
 
 from .config import ModelArch, padded_vocab_size
 
-__all__ = ["build_gpt_model", "layer_spec", "te_available"]
+__all__ = ["build_gpt_model", "layer_spec", "output_hidden_states", "output_weight", "te_available"]
 
 
 def te_available() -> bool:
@@ -70,3 +70,37 @@ def build_gpt_model(arch: ModelArch, config, *, pre_process: bool | None = None,
         vp_stage=vp_stage,
         **rope,
     )
+
+
+_HIDDEN_STATES_LAYERS: dict[type, type] = {}
+
+
+def _hidden_states_forward(self, input_, weight=None, runtime_gather_output=None):
+    return input_, None
+
+
+def output_hidden_states(gpt) -> None:
+    """Make ``gpt`` (a last-stage ``GPTModel``) return its final hidden states instead of logits:
+    ``[b, s, H]`` (``[b, s / TP, H]`` under sequence parallelism), for a caller that applies the
+    output layer itself to the positions it needs (``parallel.logprobs.output_layer_logprobs``).
+
+    The output layer keeps its class's parameters, names and checkpoint layout (its class becomes a
+    subclass whose forward passes the input through), so weights load, save and sync as before;
+    :func:`output_weight` gives the weight to use."""
+    layer = gpt.output_layer
+    if layer.bias is not None:
+        raise ValueError("output_hidden_states: the output layer has a bias, which the fused log-probs do not add")
+    cls = type(layer)
+    if cls not in _HIDDEN_STATES_LAYERS.values():
+        if cls not in _HIDDEN_STATES_LAYERS:
+            _HIDDEN_STATES_LAYERS[cls] = type(f"HiddenStates{cls.__name__}", (cls,), {"forward": _hidden_states_forward})
+        layer.__class__ = _HIDDEN_STATES_LAYERS[cls]
+
+
+def output_weight(gpt):
+    """The ``[vocab / TP, H]`` weight the last stage's output layer multiplies by: the word
+    embedding's when tied on this stage (Megatron's ``shared_embedding_or_output_weight``), so its
+    gradient reaches the parameter DDP and the embedding-group all-reduce see."""
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight

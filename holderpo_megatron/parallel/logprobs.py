@@ -20,6 +20,13 @@ saved from the forward), chunk by chunk, with g and h the upstream gradients of 
     d/d logits_v = [ g (onehot_v - p_v) - h p_v (z_v - E_p[z]) ] / temperature
 
 returned in the logits' dtype; padding columns get 0.
+
+:func:`output_layer_logprobs` fuses the output layer into the same math: from the hidden states
+``[N, H]`` of the positions whose log-probs are wanted and the output weight shard ``[V/TP, H]``,
+each chunk's logits ``h W^T`` are made in the float32 working buffer, used and dropped; backward
+recomputes them and turns the chunk's logit gradient into ``grad_h = d W`` and ``grad_W += d^T h``.
+No tensor of ``[N, V/TP]`` ever exists, in forward or backward (the cost: one more matmul).
+:func:`output_layer_input` is the output layer's input-side communication (Megatron's mappings).
 """
 
 from __future__ import annotations
@@ -30,7 +37,10 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["TokenLogProbs", "vocab_parallel_logprobs", "VocabParallelLogProbs"]
+__all__ = [
+    "TokenLogProbs", "VocabParallelLogProbs", "VocabParallelOutputLogProbs", "output_layer_input",
+    "output_layer_logprobs", "vocab_parallel_logprobs",
+]
 
 # Bytes of one float32 working buffer when chunk_size is not given (two are live at once).
 _CHUNK_BYTES = 64 << 20
@@ -48,7 +58,8 @@ def _group_size_rank(group) -> tuple[int, int]:
 
 
 class _Shard(NamedTuple):
-    logits: torch.Tensor  # [N, V_local] view of the input
+    """Where the targets sit in this rank's vocab shard; the logits themselves come from a loader."""
+
     target_local: torch.Tensor  # [N] int64: target column in this shard (clamped; see owned)
     owned: torch.Tensor  # [N] bool: the target column is a real column of this shard
     n_real: int  # leading real (non-padding) columns of this shard
@@ -56,11 +67,13 @@ class _Shard(NamedTuple):
     chunk: int
 
 
-def _forward(shard: _Shard, group, entropy: bool):
+# load(i, j, z): write the raw logits of tokens i:j, real columns only, into float32 z [j-i, n_real]
+# store(i, j, d): consume d [j-i, n_real] float32, the gradient of those raw logits (a reused buffer)
+
+
+def _forward(shard: _Shard, n: int, load, group, entropy: bool, dev):
     """Returns (logp [N], entropy [N] or None, logZ [N], E_p[z] [N] or None), all float32."""
-    x, n_real, T = shard.logits, shard.n_real, shard.temperature
-    n = x.shape[0]
-    dev = x.device
+    n_real, T = shard.n_real, shard.temperature
     m = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
     s = torch.zeros(n, dtype=torch.float32, device=dev)
     q = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -72,7 +85,7 @@ def _forward(shard: _Shard, group, entropy: bool):
         for i in range(0, n, rows):
             j = min(i + rows, n)
             z, e = zbuf[: j - i], ebuf[: j - i]
-            z.copy_(x[i:j, :n_real])
+            load(i, j, z)
             if T != 1.0:
                 z.div_(T)
             mc = z.amax(-1, keepdim=True)
@@ -104,22 +117,19 @@ def _forward(shard: _Shard, group, entropy: bool):
     return logp, log_s - q_over_s, logz, m + q_over_s
 
 
-def _backward(shard: _Shard, logz, ez, g_lp, g_ent, out_dtype):
-    x, n_real, T = shard.logits, shard.n_real, shard.temperature
-    n, v = x.shape
-    grad = torch.empty((n, v), dtype=out_dtype, device=x.device)
-    if n_real < v:
-        grad[:, n_real:] = 0
+def _backward(shard: _Shard, n: int, load, store, logz, ez, g_lp, g_ent, dev) -> None:
+    """Feeds ``store`` the gradient of the raw logits, chunk by chunk (see the module docstring)."""
+    n_real, T = shard.n_real, shard.temperature
     if n_real == 0 or n == 0:
-        return grad
+        return
     g_lp = torch.zeros_like(logz) if g_lp is None else g_lp.float().reshape(-1)
     rows = min(shard.chunk, n)
-    zbuf = torch.empty(rows, n_real, dtype=torch.float32, device=x.device)
-    pbuf = torch.empty(rows, n_real, dtype=torch.float32, device=x.device)
+    zbuf = torch.empty(rows, n_real, dtype=torch.float32, device=dev)
+    pbuf = torch.empty(rows, n_real, dtype=torch.float32, device=dev)
     for i in range(0, n, rows):
         j = min(i + rows, n)
         z, p = zbuf[: j - i], pbuf[: j - i]
-        z.copy_(x[i:j, :n_real])
+        load(i, j, z)
         if T != 1.0:
             z.div_(T)
         torch.sub(z, logz[i:j, None], out=p)
@@ -134,8 +144,64 @@ def _backward(shard: _Shard, logz, ez, g_lp, g_ent, out_dtype):
         p.scatter_add_(1, shard.target_local[i:j, None], (g_lp[i:j] * shard.owned[i:j])[:, None])
         if T != 1.0:
             p.div_(T)
-        grad[i:j, :n_real].copy_(p)
+        store(i, j, p)
+
+
+def _logits_loader(x: torch.Tensor, n_real: int):
+    def load(i, j, z):
+        z.copy_(x[i:j, :n_real])
+
+    return load
+
+
+def _matmul_loader(h: torch.Tensor, w: torch.Tensor):
+    """Logits of a chunk as the output layer makes them: ``h W^T`` in the weight's dtype (bf16
+    logits are rounded as Megatron's would be), then float32."""
+    def load(i, j, z):
+        if h.dtype == torch.float32:
+            torch.mm(h[i:j], w.t(), out=z)
+        else:
+            z.copy_(h[i:j] @ w.t())
+
+    return load
+
+
+def _logits_backward(shard: _Shard, logits, logz, ez, g_lp, g_ent, out_dtype):
+    n, v = logits.shape
+    n_real = shard.n_real
+    grad = torch.empty((n, v), dtype=out_dtype, device=logits.device)
+    if n_real < v:
+        grad[:, n_real:] = 0
+
+    def store(i, j, d):
+        grad[i:j, :n_real].copy_(d)
+
+    _backward(shard, n, _logits_loader(logits, n_real), store, logz, ez, g_lp, g_ent, logits.device)
     return grad
+
+
+def _output_layer_backward(shard: _Shard, h, w, logz, ez, g_lp, g_ent, need_h: bool, need_w: bool):
+    """(grad_h [N, H] in h's dtype or None, grad_W [V_local, H] in W's dtype or None). grad_W is
+    accumulated over chunks in float32; padding rows of W get 0."""
+    n, n_real = h.shape[0], shard.n_real
+    w_real = w[:n_real]
+    grad_h = torch.zeros_like(h) if need_h else None
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+    gw_real = grad_w[:n_real] if need_w else None
+
+    def store(i, j, d):
+        if need_h:
+            if h.dtype == torch.float32:
+                torch.mm(d, w_real, out=grad_h[i:j])
+            else:
+                grad_h[i:j] = d.to(h.dtype) @ w_real
+        if need_w:
+            gw_real.addmm_(d.t(), h[i:j].float())
+
+    _backward(shard, n, _matmul_loader(h, w_real), store, logz, ez, g_lp, g_ent, h.device)
+    if need_w and w.dtype != torch.float32:
+        grad_w = grad_w.to(w.dtype)
+    return grad_h, grad_w
 
 
 class VocabParallelLogProbs(torch.autograd.Function):
@@ -145,8 +211,9 @@ class VocabParallelLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, shard: _Shard, group, entropy_mode: int):
-        # the shard carries metadata only; the logits come in as a tracked argument
-        logp, ent, logz, ez = _forward(shard._replace(logits=logits.reshape(-1, logits.shape[-1])), group, entropy_mode > 0)
+        flat = logits.reshape(-1, logits.shape[-1])
+        logp, ent, logz, ez = _forward(shard, flat.shape[0], _logits_loader(flat, shard.n_real), group,
+                                       entropy_mode > 0, flat.device)
         ctx.shard = shard
         ctx.entropy_grad = entropy_mode == 2
         ctx.out_dtype = logits.dtype
@@ -161,10 +228,75 @@ class VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         logits, logz, ez = ctx.saved_tensors
-        shard = ctx.shard._replace(logits=logits.reshape(-1, logits.shape[-1]))
         g_ent = g_ent.float().reshape(-1) if (ctx.entropy_grad and g_ent is not None) else None
-        grad = _backward(shard, logz, ez, g_lp, g_ent, ctx.out_dtype)
+        grad = _logits_backward(ctx.shard, logits.reshape(-1, logits.shape[-1]), logz, ez, g_lp, g_ent, ctx.out_dtype)
         return grad.reshape(ctx.in_shape), None, None, None
+
+
+class VocabParallelOutputLogProbs(torch.autograd.Function):
+    """Autograd function behind :func:`output_layer_logprobs` (validated inputs only).
+
+    Saves the hidden states ``[N, H]`` and the weight (no copies) and two ``[N]`` float32 vectors;
+    never logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, shard: _Shard, group, entropy_mode: int):
+        logp, ent, logz, ez = _forward(shard, hidden.shape[0], _matmul_loader(hidden, weight[: shard.n_real]), group,
+                                       entropy_mode > 0, hidden.device)
+        ctx.shard = shard
+        ctx.entropy_grad = entropy_mode == 2
+        ctx.save_for_backward(hidden, weight, logz, ez if ctx.entropy_grad else None)
+        if ent is None:
+            ent = logp.new_empty(0)
+        if not ctx.entropy_grad:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, logz, ez = ctx.saved_tensors
+        g_ent = g_ent.float().reshape(-1) if (ctx.entropy_grad and g_ent is not None) else None
+        grad_h, grad_w = _output_layer_backward(ctx.shard, hidden, weight, logz, ez, g_lp, g_ent,
+                                                ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return grad_h, grad_w, None, None, None
+
+
+def _prepare(target: torch.Tensor, v_local: int, *, vocab_start, vocab_size, temperature, group, chunk_size,
+             default_chunk, check_targets: bool) -> _Shard:
+    """Validates the options shared by both entry points; returns the shard's metadata."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    world, rank = _group_size_rank(group)
+    if vocab_start is None:
+        vocab_start = rank * v_local
+    if vocab_size is None:
+        vocab_size = v_local * world
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= v_local * world:
+        raise ValueError(
+            f"vocab_size must be an int in [1, vocab_local * tp_size = {v_local * world}], got {vocab_size!r}"
+        )
+    n_real = max(0, min(v_local, vocab_size - vocab_start))
+    if chunk_size is None:
+        chunk_size = default_chunk(n_real, target.numel())
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if check_targets and target.numel():
+        lo, hi = (int(v) for v in torch.aminmax(target))
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"target id {bad} is out of range [0, vocab_size={vocab_size})")
+    t_local = target.reshape(-1).long() - vocab_start
+    owned = (t_local >= 0) & (t_local < n_real)
+    return _Shard(t_local.clamp(0, max(n_real - 1, 0)), owned, n_real, float(temperature), chunk_size)
+
+
+def _check_target(target) -> None:
+    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.dtype == torch.bool:
+        raise ValueError(f"target must be an integer tensor of token ids, got {_describe(target)}")
 
 
 def vocab_parallel_logprobs(
@@ -204,59 +336,126 @@ def vocab_parallel_logprobs(
     """
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() < 1:
         raise ValueError(f"logits must be a floating tensor [..., vocab_local], got {_describe(logits)}")
-    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.dtype == torch.bool:
-        raise ValueError(f"target must be an integer tensor of token ids, got {_describe(target)}")
+    _check_target(target)
     if target.shape != logits.shape[:-1]:
         raise ValueError(
             f"target shape {tuple(target.shape)} does not match logits shape {tuple(logits.shape)} "
             f"without its vocab dim {tuple(logits.shape[:-1])}"
         )
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-        math.isfinite(temperature) and temperature > 0
-    ):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    world, rank = _group_size_rank(group)
     v_local = logits.shape[-1]
     if v_local < 1:
         raise ValueError(f"logits must have at least one vocab column, got shape {tuple(logits.shape)}")
-    if vocab_start is None:
-        vocab_start = rank * v_local
-    if vocab_size is None:
-        vocab_size = v_local * world
-    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
-        raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= v_local * world:
-        raise ValueError(
-            f"vocab_size must be an int in [1, vocab_local * tp_size = {v_local * world}], got {vocab_size!r}"
-        )
-    n_real = max(0, min(v_local, vocab_size - vocab_start))
-    n_tok = target.numel()
-    if chunk_size is None:
+
+    def default_chunk(n_real, n_tok):
         # at most 64 MiB per float32 buffer, and at most 1/8 of the tokens so that small inputs too
         # stay well under the logits' own size
-        chunk_size = max(1, min(_CHUNK_BYTES // (4 * max(n_real, 1)), -(-n_tok // 8)))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    if check_targets and target.numel():
-        lo, hi = (int(v) for v in torch.aminmax(target))
-        if lo < 0 or hi >= vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"target id {bad} is out of range [0, vocab_size={vocab_size})")
+        return max(1, min(_CHUNK_BYTES // (4 * max(n_real, 1)), -(-n_tok // 8)))
 
+    shard = _prepare(target, v_local, vocab_start=vocab_start, vocab_size=vocab_size, temperature=temperature,
+                     group=group, chunk_size=chunk_size, default_chunk=default_chunk, check_targets=check_targets)
     entropy = entropy or entropy_grad
     flat = logits.reshape(-1, v_local)
-    t_local = target.reshape(-1).long() - vocab_start
-    owned = (t_local >= 0) & (t_local < n_real)
-    shard = _Shard(flat, t_local.clamp(0, max(n_real - 1, 0)), owned, n_real, float(temperature), chunk_size)
     out_shape = logits.shape[:-1]
 
     if not (torch.is_grad_enabled() and logits.requires_grad):
         # scoring path (old / reference policies): nothing saved
-        logp, ent, _, _ = _forward(shard, group, entropy)
+        logp, ent, _, _ = _forward(shard, flat.shape[0], _logits_loader(flat, shard.n_real), group, entropy,
+                                   flat.device)
         return TokenLogProbs(logp.reshape(out_shape), None if ent is None else ent.reshape(out_shape))
     mode = 2 if entropy_grad else (1 if entropy else 0)
-    logp, ent = VocabParallelLogProbs.apply(logits, shard._replace(logits=None), group, mode)
+    logp, ent = VocabParallelLogProbs.apply(logits, shard, group, mode)
     return TokenLogProbs(logp.reshape(out_shape), ent.reshape(out_shape) if entropy else None)
+
+
+def output_layer_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    group=None,
+    entropy: bool = False,
+    entropy_grad: bool = False,
+    chunk_size: int | None = None,
+    check_targets: bool = True,
+) -> TokenLogProbs:
+    """The output layer and :func:`vocab_parallel_logprobs` in one, chunked over tokens: the same
+    values and gradients as ``vocab_parallel_logprobs(hidden @ weight.T, target, ...)`` without the
+    logits ``[N, vocab_local]``.
+
+    Args:
+        hidden: ``[N, H]`` the final hidden states of the positions whose next token is ``target``,
+            replicated over the TP group (see :func:`output_layer_input`).
+        weight: ``[vocab_local, H]`` this rank's shard of the output weight (the embedding's when
+            they are tied: its gradient goes to that same tensor), ``hidden``'s dtype.
+        target, vocab_start, vocab_size, temperature, group, entropy, entropy_grad, check_targets:
+            as for :func:`vocab_parallel_logprobs`.
+        chunk_size: tokens per chunk (default: float32 working buffers of at most 64 MiB each).
+
+    Returns:
+        :class:`TokenLogProbs` ``(logprobs [N] float32, entropy [N] float32 or None)``; gradients
+        flow to ``hidden`` and ``weight`` (in their dtype; the weight's is summed in float32).
+    """
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.dim() != 2:
+        raise ValueError(f"hidden must be a floating tensor [tokens, hidden_size], got {_describe(hidden)}")
+    if (not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]
+            or weight.shape[0] < 1 or weight.dtype != hidden.dtype):
+        raise ValueError(f"weight must be a [vocab_local >= 1, {hidden.shape[1]}] tensor of dtype {hidden.dtype} "
+                         f"(hidden's), got {_describe(weight)}")
+    _check_target(target)
+    if target.shape != hidden.shape[:1]:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match hidden's tokens ({hidden.shape[0]},)")
+
+    def default_chunk(n_real, n_tok):  # no logits to stay under: only the 64 MiB buffer bound
+        return max(1, min(_CHUNK_BYTES // (4 * max(n_real, 1)), n_tok))
+
+    shard = _prepare(target, weight.shape[0], vocab_start=vocab_start, vocab_size=vocab_size,
+                     temperature=temperature, group=group, chunk_size=chunk_size, default_chunk=default_chunk,
+                     check_targets=check_targets)
+    entropy = entropy or entropy_grad
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        logp, ent, _, _ = _forward(shard, hidden.shape[0], _matmul_loader(hidden, weight[: shard.n_real]), group,
+                                   entropy, hidden.device)
+        return TokenLogProbs(logp, ent)
+    mode = 2 if entropy_grad else (1 if entropy else 0)
+    logp, ent = VocabParallelOutputLogProbs.apply(hidden, weight, shard, group, mode)
+    return TokenLogProbs(logp, ent if entropy else None)
+
+
+def output_layer_input(hidden: torch.Tensor, *, sequence_parallel: bool, group) -> torch.Tensor:
+    """What Megatron's ``ColumnParallelLinear`` does to the output layer's input, for
+    :func:`output_layer_logprobs`: ``[s, b, H]`` (``[s / TP, b, H]`` under sequence parallelism)
+    -> ``[s, b, H]`` replicated over TP. Without sequence parallelism the identity whose backward
+    all-reduces the gradient over TP (each rank's vocab shard gives a partial one); with it, an
+    all-gather of the sequence whose backward reduce-scatters."""
+    if group is None or dist.get_world_size(group) == 1:
+        return hidden
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        gather_from_sequence_parallel_region,
+    )
+
+    if sequence_parallel:
+        out = gather_from_sequence_parallel_region(hidden.contiguous(), tensor_parallel_output_grad=True, group=group)
+    else:
+        out = copy_to_tensor_model_parallel_region(hidden, group=group)
+    return _ContiguousGrad.apply(out)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: Megatron's ``_reduce`` all-reduces
+    ``grad.contiguous()`` and returns ``grad``, so a strided gradient (the caller transposed the
+    output) would leave the mapping un-reduced."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 def _describe(t) -> str:

@@ -35,14 +35,20 @@ from holderpo_megatron.algorithms import (
     policy_loss_options,
 )
 from holderpo_megatron.data.batching import MicroBatch, build_microbatch, plan_microbatches, plan_units
-from holderpo_megatron.models import ModelArch, build_gpt_model, to_transformer_config
+from holderpo_megatron.models import (
+    ModelArch,
+    build_gpt_model,
+    output_hidden_states,
+    output_weight,
+    to_transformer_config,
+)
 from holderpo_megatron.parallel.aggregation import (
     ContextParallelReducer,
     PackedSequenceReducer,
     load_balanced_cp_index,
 )
 from holderpo_megatron.parallel.layout import ParallelLayout
-from holderpo_megatron.parallel.logprobs import vocab_parallel_logprobs
+from holderpo_megatron.parallel.logprobs import output_layer_input, output_layer_logprobs
 from holderpo_megatron.parallel.loss_scaling import all_reduce_loss_metrics, megatron_loss_outputs
 
 from .batch import RolloutBatch, loss_mask
@@ -162,6 +168,13 @@ class MegatronActor:
             build_gpt_model(arch, self.config, use_te=use_te, vp_stage=(v if layout.vpp else None))
             for v in range(chunks)
         ]
+        # The last stage returns hidden states; the Actor applies the output layer itself, to the
+        # response positions only and chunked with the log-softmax (no [tokens, vocab] logits).
+        self._head = None
+        for m in self.model:
+            if m.post_process:
+                output_hidden_states(m)
+                self._head = m
         self.optimizer = None
         if optimizer is not None:
             self._setup_training(optimizer)
@@ -236,18 +249,33 @@ class MegatronActor:
             seq_length=seq_len, micro_batch_size=mbs, forward_only=forward_only,
         )
 
-    def _token_logprobs(self, logits: torch.Tensor, mb: MicroBatch, entropy: bool = False,
-                        entropy_grad: bool = False):
-        """[rows, S, V/tp] vocab-parallel logits -> [N] log-probs of the microbatch's targets
-        (and, with ``entropy``, ``([N] log-probs, [N] entropy)``)."""
-        flat = logits.reshape(-1, logits.shape[-1])
-        picked = flat.index_select(0, mb.token_index.to(flat.device))
-        out = vocab_parallel_logprobs(
-            picked, mb.targets.to(flat.device), group=self.tp_group if self.layout.tp > 1 else None,
+    def _token_logprobs(self, hidden: torch.Tensor, mb: MicroBatch, keep: torch.Tensor | None = None,
+                        fill: torch.Tensor | None = None, entropy: bool = False, entropy_grad: bool = False):
+        """The last stage's hidden states ``[rows, S, H]`` (``[rows, S/tp, H]`` under sequence
+        parallelism) -> ``[N]`` log-probs of the microbatch's targets (and, with ``entropy``,
+        ``([N] log-probs, [N] entropy)``). ``keep`` ``[N]`` bool: the positions to compute (the
+        response's); the others are 0 and get no gradient."""
+        head = self._head
+        x = output_layer_input(hidden.transpose(0, 1), sequence_parallel=head.output_layer.sequence_parallel,
+                               group=self.tp_group if self.layout.tp > 1 else None)
+        flat = x.transpose(0, 1).reshape(-1, x.shape[-1])
+        index, targets = mb.token_index, mb.targets
+        if keep is not None:
+            index, targets = index[keep], targets[keep]
+        picked = flat.index_select(0, index.to(flat.device))
+        out = output_layer_logprobs(
+            picked, output_weight(head), targets.to(flat.device), group=self.tp_group if self.layout.tp > 1 else None,
             vocab_start=self.vocab_start, vocab_size=self.arch.vocab_size, temperature=self.settings.temperature,
             entropy=entropy, entropy_grad=entropy_grad,
         )
-        return (out.logprobs, out.entropy) if entropy else out.logprobs
+        lp, ent = out.logprobs, out.entropy
+        if keep is not None:
+            dev = lp.device
+            k = keep.to(dev)
+            base = lp.new_zeros(keep.shape) if fill is None else fill.detach().to(dev, torch.float32)
+            lp = base.index_put((k,), lp)
+            ent = None if ent is None else ent.new_zeros(keep.shape).index_put((k,), ent)
+        return (lp, ent) if entropy else lp
 
     def _plan(self, sequences: list[list[int]], units: list[list[int]] | None = None,
               unit_names: list | None = None) -> list[MicroBatch]:
@@ -307,17 +335,25 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def score(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+    def score(self, sequences: list[list[int]], response_start: list[int] | None = None) -> list[torch.Tensor]:
         """Per-sequence float32 log-probs ``[n-1]`` (log p(x_t | x_<t), t = 1..n-1, under the
         settings' temperature), on every rank of the pipeline (broadcast from the last stage).
-        ``sequences`` is this DP rank's share."""
+        ``sequences`` is this DP rank's share. With ``response_start`` (per sequence, the index of
+        its first response token) only response tokens are scored (t >= response_start: the output
+        layer runs at those positions only); the prompt's positions hold 0."""
+        if response_start is not None and len(response_start) != len(sequences):
+            raise ValueError(f"response_start has {len(response_start)} entries for {len(sequences)} sequences")
         for m in self.model:
             m.eval()
         mbs = self._plan(sequences)
         store: dict[int, torch.Tensor] = {}
 
-        def loss_func(mb: MicroBatch, logits: torch.Tensor):
-            lp = self._token_logprobs(logits, mb).float()
+        def loss_func(mb: MicroBatch, hidden: torch.Tensor):
+            keep = None
+            if response_start is not None:
+                keep = self._local(mb, torch.cat([loss_mask(n, response_start[i])
+                                                  for n, i in zip(mb.seq_lengths, mb.seq_indices)]))
+            lp = self._token_logprobs(hidden, mb, keep).float()
             if mb.token_keep is not None:  # CP: this rank's tokens; the group adds up the whole
                 full = lp.new_zeros(mb.token_keep.shape)
                 full[mb.token_keep.to(lp.device)] = lp
@@ -325,7 +361,7 @@ class MegatronActor:
                 lp = full
             for k, v in zip(mb.seq_indices, mb.split_per_sequence(lp)):
                 store[k] = v
-            return logits.new_zeros(()), torch.ones((), dtype=torch.int), {}
+            return hidden.new_zeros(()), torch.ones((), dtype=torch.int), {}
 
         self._run(mbs, loss_func, forward_only=True)
         flat_len = sum(len(s) - 1 for s in sequences)
@@ -361,9 +397,13 @@ class MegatronActor:
         mbs = self._plan(batch.sequences, units=units, unit_names=names)
         collected: list[LossMetrics] = []
 
-        def loss_func(mb: MicroBatch, logits: torch.Tensor):
-            lp, ent = self._token_logprobs(logits, mb, entropy=True, entropy_grad=reg.entropy_coef > 0)
-            out = self._microbatch_loss(batch, mb, lp, ent, options)
+        def loss_func(mb: MicroBatch, hidden: torch.Tensor):
+            # log-probs at response positions only (all the loss reads); the prompt's hold the old
+            # ones, so every term there is finite (ratio 1, KL 0) before the mask zeroes it
+            old, mask = self._old_and_mask(batch, mb, hidden.device)
+            lp, ent = self._token_logprobs(hidden, mb, keep=mask, fill=old, entropy=True,
+                                           entropy_grad=reg.entropy_coef > 0)
+            out = self._microbatch_loss(batch, mb, lp, ent, options, old, mask)
             collected.append(out.metrics)
             return (*megatron_loss_outputs(out), {})
 
@@ -434,18 +474,26 @@ class MegatronActor:
         out.update(self.optimizer_step())
         return out
 
+    @staticmethod
+    def _local(mb: MicroBatch, per_token: torch.Tensor) -> torch.Tensor:
+        """``[N]`` of the full microbatch -> this CP rank's."""
+        return per_token if mb.token_keep is None else per_token[mb.token_keep]
+
+    def _old_and_mask(self, batch: RolloutBatch, mb: MicroBatch, dev):
+        """This rank's ``[N]`` old log-probs (float32) and response mask (bool) of a microbatch."""
+        old = self._local(mb, torch.cat([batch.old_logprobs[i].float() for i in mb.seq_indices])).to(dev)
+        mask = self._local(mb, torch.cat([loss_mask(n, batch.response_start[i])
+                                          for n, i in zip(mb.seq_lengths, mb.seq_indices)])).to(dev)
+        return old, mask
+
     def _microbatch_loss(self, batch: RolloutBatch, mb: MicroBatch, logp: torch.Tensor,
-                         entropy: torch.Tensor | None, options: LossOptions):
+                         entropy: torch.Tensor | None, options: LossOptions, old: torch.Tensor,
+                         mask: torch.Tensor):
         """Flat next-token log-probs ``[N]`` of a microbatch -> the registered loss (reduced per
-        sequence by segment id, no padding to ``[B, T]``) plus the KL and entropy terms."""
+        sequence by segment id, no padding to ``[B, T]``) plus the KL and entropy terms. ``old``,
+        ``mask``: :meth:`_old_and_mask`."""
         dev = logp.device
-
-        def here(per_token: torch.Tensor) -> torch.Tensor:  # [N] of the full microbatch -> this CP rank's
-            return per_token if mb.token_keep is None else per_token[mb.token_keep]
-
-        old = here(torch.cat([batch.old_logprobs[i].float() for i in mb.seq_indices])).to(dev)
-        mask = here(torch.cat([loss_mask(n, batch.response_start[i])
-                               for n, i in zip(mb.seq_lengths, mb.seq_indices)])).to(dev)
+        here = partial(self._local, mb)
         if batch.trajectory is None:
             seq_id, heads = mb.seq_id, list(range(mb.num_sequences))
         else:  # reduce per trajectory: all turns of an episode are one "sequence" of the loss
@@ -482,6 +530,7 @@ class MegatronActor:
                 extra = extra - reg.entropy_coef * averaged(entropy)
         if reg.kl_coef > 0:
             ref = here(torch.cat([batch.ref_logprobs[i].float() for i in mb.seq_indices])).to(dev)
+            ref = torch.where(mask, ref, logp.detach())  # prompt positions: KL 0 (masked anyway)
             kl = kl_penalty(logp, ref, reg.kl_estimator)
             out.metrics.add_mean("kl", (kl.detach() * maskf).sum(), n_tok)
             extra = extra + reg.kl_coef * averaged(kl)

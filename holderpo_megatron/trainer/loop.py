@@ -70,8 +70,9 @@ def one_step(ctx: TrainContext, step: int) -> dict:
     if len(samples):
         mine = samples.share(ctx.dp_rank, ctx.dp_size)  # whole samples, or whole trajectories
         with timer("score"):
-            old = ctx.actor.score(mine.sequences)
-            ref = ctx.ref.score(mine.sequences) if ctx.ref is not None else None
+            # response tokens only: the prompt's log-probs are never read (loss, KL, drift)
+            old = ctx.actor.score(mine.sequences, mine.response_start)
+            ref = ctx.ref.score(mine.sequences, mine.response_start) if ctx.ref is not None else None
         metrics.update(_drift(ctx, old, mine.rollout_logprobs, mine.response_start))
         if cfg.rollout.use_rollout_logprobs:
             old = mine.rollout_logprobs_full()

@@ -329,3 +329,41 @@ def test_rollout_batch_refuses_inconsistent_trajectories():
         RolloutBatch(seqs, starts, old, bad, trajectory=traj)
     with pytest.raises(ValueError, match="trajectory has 7 ids for 8 sequences"):
         RolloutBatch(seqs, starts, old, adv, trajectory=traj[:-1])
+
+
+def _response_only_worker(rank, world, cfg, sd, seqs, starts, old, adv):
+    from holderpo_megatron.models import padded_vocab_size
+    from holderpo_megatron.trainer.batch import RolloutBatch
+
+    arch, actor = _setup(dict(tp=1, pp=1), cfg, sd, optimizer=True)
+    actor.settings = actor_settings(token_budget=80, pack=True)
+    full = actor.score(seqs)
+    part = actor.score(seqs, starts)
+    for lp_full, lp_part, n, r in zip(full, part, map(len, seqs), starts):
+        keep = torch.arange(1, n) >= r  # next-token positions predicting response tokens
+        assert torch.equal(lp_part[keep], lp_full[keep]) and torch.all(lp_part[~keep] == 0)
+    # a training step keeps no [tokens, vocab] tensor for backward: only parameters are vocab-sized
+    vocab = padded_vocab_size(arch.vocab_size, 1)
+    params = {p.untyped_storage().data_ptr() for m in actor.unwrapped() for p in m.parameters()}
+    big = []
+
+    def pack(t):
+        if vocab in t.shape and t.untyped_storage().data_ptr() not in params:
+            big.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        actor.forward_backward(RolloutBatch(seqs, starts, old, adv))
+    assert big == [], f"tensors with a vocab-sized dim saved for backward: {big}"
+    with pytest.raises(ValueError, match="response_start has 1 entries for 8 sequences"):
+        actor.score(seqs, starts[:1])
+
+
+def test_response_only_scores_and_no_vocab_sized_saved_tensors():
+    model = make_hf_model("llama")
+    seqs = ragged_sequences(model.config.vocab_size, 8, seed=3)
+    with torch.no_grad():
+        ref_lp = hf_logprobs(model, seqs)
+    starts, old, adv = make_rollout(seqs, ref_lp)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    run_gloo(_response_only_worker, 1, model.config.to_dict(), sd, seqs, starts, old, adv)
