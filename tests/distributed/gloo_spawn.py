@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -23,6 +24,11 @@ def _entry(rank: int, fn, world_size: int, store: str, args: tuple) -> None:
     # ("terminate called without an active exception", SIGABRT) after every assertion passed.
     dist.barrier()
     dist.destroy_process_group()
+    # os._exit skips multiprocessing's exit handler, which would stop the children a library started
+    # (Megatron's checkpoint writer keeps a Manager process per rank): stop them here
+    for child in multiprocessing.active_children():
+        child.terminate()
+        child.join(10)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
