@@ -66,6 +66,18 @@ def test_cpu_plan_terms_on_the_tiny_recipe():
     assert hp.fits
 
 
+def test_full_recompute_keeps_layer_inputs_plus_one_layer():
+    cfg = load_run_config("examples/recipes/tiny-cpu.yaml", ["train.recompute=full"])
+    assert cfg.actor_settings().recompute == "full"  # the one way to the Actor's TransformerConfig
+    hp = plan_host(cfg, arch_for_plan(cfg), ram_gib=24.0)
+    inputs = 512 * 15 * 4 * 576  # fp32 [tokens, hidden] per layer
+    one_layer = 512 * plan_mod.ACT_BYTES_PER_TOKEN_PER_HIDDEN * 576
+    assert hp.ranks[0].activations_gib * GIB == pytest.approx(2 * inputs + one_layer)  # 2 microbatches in flight
+    assert hp.ranks[1].activations_gib * GIB == pytest.approx(inputs + one_layer)
+    plain = plan_host(load_run_config("examples/recipes/tiny-cpu.yaml"), arch_for_plan(cfg), ram_gib=24.0)
+    assert plain.ranks[0].activations_gib > 10 * hp.ranks[0].activations_gib
+
+
 def test_agent_recipe_counts_env_workers_and_turns():
     cfg = load_run_config("examples/recipes/alfworld-tiny-cpu.yaml")
     hp = plan_host(cfg, arch_for_plan(cfg), ram_gib=64.0)
