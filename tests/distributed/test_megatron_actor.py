@@ -379,7 +379,7 @@ def _recompute_worker(rank, world, cfg, sd, seqs, starts, old, adv):
     _setup(dict(tp=1, pp=1), cfg, sd, optimizer=False)  # model-parallel state
     arch = ModelArch.from_hf_config(cfg)
     batch = RolloutBatch(seqs, starts, old, adv)
-    grads, kept = {}, {}
+    grads, kept, scores = {}, {}, {}
     for mode in ("none", "full"):
         # one microbatch, so that everything forward keeps is still held when backward starts
         actor = MegatronActor(arch, ParallelLayout(), actor_settings(token_budget=1024, pack=True, recompute=mode),
@@ -406,11 +406,14 @@ def _recompute_worker(rank, world, cfg, sd, seqs, starts, old, adv):
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             actor.forward_backward(batch)
         kept[mode] = sum(saved.values())
+        scores[mode] = actor.score(seqs)  # scoring (no backward) runs the same forward
         grads[mode] = dict(export_hf_weights(actor.unwrapped(), arch, tensor_of=lambda p: p.main_grad.clone()))
     assert grads["none"].keys() == grads["full"].keys() and grads["none"]
     for name, g in grads["none"].items():
         rel = (grads["full"][name].double() - g.double()).abs().max().item() / g.abs().max().item()
         assert rel <= 1e-6, f"{name}: recompute changes the gradient, max rel err {rel:.2e}"
+    for a, b in zip(scores["none"], scores["full"]):
+        assert torch.equal(a, b)
     tokens = sum(map(len, seqs))
     # full recompute keeps each layer's input [tokens, hidden] (fp32) where no recompute keeps all of
     # the layer's activations: tens of hidden-sized vectors per token per layer
