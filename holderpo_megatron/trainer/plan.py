@@ -26,7 +26,8 @@ resident at once (nothing is released between rollout and training on CPU). How 
                ("slack") RANK_SLACK_PER_ACTIVATION x activations: what rank 0's measured peaks in the
                tiny-cpu and alfworld-tiny-cpu runs (per-step records) hold beyond the modelled terms at
                those steps' real token counts (allocator slack, the scoring pass, pipeline buffers),
-               fitted on the two. Rank 0 because rank 1 still holds today's full logits (below)
+               fitted on the two (rank 0: rank 1 then still made full logits); the re-measure with the
+               fused output layer (bench/results/host_memory_cpu.log) puts rank 1 within 5% without a refit
   driver       rank 0 only: SGLang's tokenizer manager (embedded engine), the tokenizer, the env/reward
                clients: DRIVER_GIB, rank 0's start-up record minus rank 1's
   weights, grads, optimizer   4 + 4 (Megatron's fp32 main_grad) + 8 (Adam m, v; fp32 weights are their
@@ -39,12 +40,15 @@ resident at once (nothing is released between rollout and training on CPU). How 
                every token of a minibatch (samples x the longest sequence). train.recompute=full:
                RECOMPUTE_BYTES_PER_TOKEN_PER_HIDDEN (a layer's fp32 input) in place of the per-layer
                bytes, plus one layer's full activations for one microbatch (rerun in backward)
-  logits       last stage: as the chunked, response-only output layer computes them (being built in
-               parallel/logprobs at the time of writing): 2 x 64 MiB float32 working buffers plus
-               LOGIT_VECTOR_BYTES per token (response-token-sized vectors). Until it lands, today's
-               full-logits layer holds more on the last stage (plan_calibration: ~200 KB per token
-               saved outside the decoder layers, plus the transient [tokens, vocab] copies): the
-               alfworld-tiny-cpu run's rank 1 peaked at 6.84 GiB where this plan counts 5.77
+  logits       last stage: the chunked, response-only output layer (parallel/logprobs
+               output_layer_logprobs): 2 x 64 MiB float32 working buffers plus LOGIT_VECTOR_BYTES per
+               token (response-token-sized vectors). Measured alone (fp32, vocab 49152, hidden 576,
+               forward + backward at 1024 and 4096 tokens): 236 / 239 MiB over the resident size = the
+               two buffers + the output weight's transient float32 gradient (108 MiB, freed once DDP
+               adds it into main_grad; left in the fitted run extra, as the embedding's is on rank 0)
+               + ~1.2 KB per token (3.6 MiB from 1024 to 4096 tokens: the per-token vectors and the
+               hidden states' gradient; 32 B/token undercounts it by < 5 MiB). alfworld-tiny-cpu's rank 1 fell from 6.84-7.06 GiB (full logits)
+               to 6.03 with it; this plan counts 5.77
   engine       per CPU SGLang engine on the node (scheduler + detokenizer processes): ENGINE_FIXED_GIB
                (weights, CPU kernels, Python) plus its KV cache, which SGLang sizes on CPU as
                mem_fraction_static x the RAM free when it starts (here: RAM less the OS and the ranks'
