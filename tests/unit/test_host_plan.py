@@ -143,3 +143,16 @@ def test_gpu_recipes_keep_the_per_gpu_plan():
     with pytest.raises(ConfigError, match="host memory"):
         check_host_memory(load_run_config("examples/recipes/tiny-cpu.yaml", ["parallel.host_memory_gb=1"]),
                           arch_for_plan(cfg))
+
+
+def test_gpu_plan_counts_full_recompute():
+    from holderpo_megatron.trainer.plan import plan_run
+
+    name = "examples/recipes/deepseek-r1-distill-qwen-7b.yaml"
+    cfg, rc = load_run_config(name), load_run_config(name, ["train.recompute=full"])
+    arch, p = arch_for_plan(cfg), cfg.parallel
+    tokens, hidden, layers = cfg.train.token_budget / p.cp, arch.hidden_size / p.tp, arch.num_layers / p.pp * p.pp
+    # bf16 layer inputs of every layer plus one layer's 34 bytes per token per hidden, rerun in backward
+    want = (2 * tokens * hidden * layers + 34 * tokens * hidden) / GIB
+    assert plan_run(rc, arch).activations_gib == pytest.approx(want)
+    assert plan_run(cfg, arch).activations_gib == pytest.approx(34 * tokens * hidden * layers / GIB)
