@@ -10,9 +10,9 @@ random weights; ``--layers`` 15 = one rank's stage of its PP2 layout), fp32, one
 * ``dense``: what the Actor did before: Megatron's local ``DotProductAttention`` in every layer and
   the row's ``[S, S]`` block-diagonal mask (``models.attention.dense_block_causal_mask``), and
   Megatron's output layer: full logits ``[rows, S, vocab]``, then log-probs of every position;
-* ``recompute``: today's Actor plus Megatron's full activation recompute (``recompute_granularity
-  = "full"``, uniform, 1 layer per checkpoint: only each layer's input is kept; backward reruns
-  the layer's forward), set on the built model's config (no recipe switch yet);
+* ``recompute``: today's Actor with the recipe switch ``train.recompute: full`` (Megatron's full
+  activation recompute, uniform, 1 layer per checkpoint: only each layer's input is kept; backward
+  reruns the layer's forward);
 * ``segment``: today's Actor: packed rows as THD, ``models.attention.SegmentCausalAttention``, the
   output layer fused with the log-softmax at response positions only
   (``parallel.logprobs.output_layer_logprobs``).
@@ -123,15 +123,12 @@ def run_case(case: str, tokens: int, seq_len: int, layers: int, cap: int) -> dic
     dist.init_process_group("gloo", init_method=f"file://{store}/store", rank=0, world_size=1)
     initialize_model_parallel(ParallelLayout())
     arch = ModelArch.from_hf_config(dict(SMOLLM2_135M, num_hidden_layers=layers))
-    actor = MegatronActor(arch, ParallelLayout(), ActorSettings(token_budget=tokens, pack=True),
-                          optimizer=OptimizerSettings(lr=1e-6))
+    # the recipe switch train.recompute, carried by ActorSettings to the Actor's TransformerConfig
+    settings = ActorSettings(token_budget=tokens, pack=True, recompute="full" if case == "recompute" else "none")
+    actor = MegatronActor(arch, ParallelLayout(), settings, optimizer=OptimizerSettings(lr=1e-6))
     if case == "dense":
         _use_dense_attention(actor)
         _use_full_logits(actor)
-    elif case == "recompute":  # TransformerBlock reads these at forward time
-        actor.config.recompute_granularity = "full"
-        actor.config.recompute_method = "uniform"
-        actor.config.recompute_num_layers = 1
     g = torch.Generator().manual_seed(0)
 
     def batch(n, length):

@@ -14,9 +14,15 @@ import torch
 
 from .families import FAMILIES, Family, supported_architectures
 
-__all__ = ["ModelArch", "padded_vocab_size", "check_layout", "to_transformer_config"]
+__all__ = ["ModelArch", "padded_vocab_size", "check_layout", "to_transformer_config", "RECOMPUTE_MODES",
+           "check_recompute"]
 
 _SUPPORTED_ROPE = ("default", "linear", "llama3")
+# Activation recompute (YAML ``train.recompute``): "none" keeps every layer's activations for backward;
+# "full" keeps only each decoder layer's input [tokens, hidden] and reruns the layer's forward in
+# backward (Megatron: granularity full, uniform, 1 layer per checkpoint): about one layer's activations
+# at a time instead of all of them, for ~1/3 more compute.
+RECOMPUTE_MODES = ("none", "full")
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
@@ -140,6 +146,11 @@ def _rope_scaling(rs: dict | None) -> tuple[str, float]:
     return kind, factor
 
 
+def check_recompute(mode) -> None:
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute={mode!r} is not supported; supported: {', '.join(RECOMPUTE_MODES)}")
+
+
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     """Megatron pads the vocab to a multiple of ``divisible_by * tp`` so it splits evenly."""
     multiple = divisible_by * tp
@@ -173,11 +184,13 @@ def check_layout(arch: ModelArch, tp: int = 1, pp: int = 1, cp: int = 1, world_s
 
 def to_transformer_config(arch: ModelArch, tp: int = 1, pp: int = 1, cp: int = 1, *,
                           params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
-                          use_cpu_initialization: bool = False, **overrides):
-    """Megatron ``TransformerConfig`` for ``arch`` at this layout (tp/pp/cp must be carried there)."""
+                          use_cpu_initialization: bool = False, recompute: str = "none", **overrides):
+    """Megatron ``TransformerConfig`` for ``arch`` at this layout (tp/pp/cp must be carried there);
+    ``recompute``: one of :data:`RECOMPUTE_MODES`."""
     from megatron.core.transformer import TransformerConfig
 
     check_layout(arch, tp, pp, cp)
+    check_recompute(recompute)
     if sequence_parallel and tp == 1:
         raise ValueError("sequence_parallel needs tensor_parallel > 1 (it splits activations over the TP group)")
     kwargs = dict(
@@ -211,5 +224,7 @@ def to_transformer_config(arch: ModelArch, tp: int = 1, pp: int = 1, cp: int = 1
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
     )
+    if recompute == "full":
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

@@ -38,6 +38,7 @@ from holderpo_megatron.data.batching import MicroBatch, build_microbatch, plan_m
 from holderpo_megatron.models import (
     ModelArch,
     build_gpt_model,
+    check_recompute,
     output_hidden_states,
     output_weight,
     to_transformer_config,
@@ -103,7 +104,9 @@ class ActorSettings:
     token_budget: tokens per microbatch; pack: several sequences per row; loss / loss_options: a
     registered policy loss and its options (``p`` is injected per step); temperature: log-probs are
     those of logits / T, the rollout's sampling temperature, so old, new and engine log-probs are of
-    one distribution; generation_budget: ``rollout.max_new_tokens`` (Dr. GRPO's default divisor).
+    one distribution; generation_budget: ``rollout.max_new_tokens`` (Dr. GRPO's default divisor);
+    recompute: activation recompute (``models.config.RECOMPUTE_MODES``), read once when the Actor
+    builds its model config.
     """
 
     token_budget: int = 4096
@@ -114,8 +117,10 @@ class ActorSettings:
     temperature: float = 1.0
     generation_budget: int | None = None
     max_sequences_per_microbatch: int | None = None
+    recompute: str = "none"
 
     def __post_init__(self):
+        check_recompute(self.recompute)
         if self.token_budget < 1:
             raise ValueError(f"token_budget must be >= 1, got {self.token_budget}")
         if not self.temperature > 0:
@@ -152,7 +157,7 @@ class MegatronActor:
         self.config = to_transformer_config(
             arch, layout.tp, layout.pp, layout.cp, params_dtype=params_dtype,
             sequence_parallel=layout.sequence_parallel, use_cpu_initialization=not torch.cuda.is_available(),
-            calculate_per_token_loss=True,
+            recompute=self.settings.recompute, calculate_per_token_loss=True,
             # microbatches may differ in shape (token-budget batching): pipeline stages exchange
             # shapes; the interleaved schedule does not, so its microbatches are padded alike.
             variable_seq_lengths=layout.pp > 1 and not layout.vpp,

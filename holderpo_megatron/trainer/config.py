@@ -25,6 +25,7 @@ from holderpo_megatron.observability import ObservabilityConfig
 from holderpo_megatron.rollout.agent import AgentConfig
 from holderpo_megatron.data.datasets import RowFields
 from holderpo_megatron.data.templates import PROMPT_TEMPLATES
+from holderpo_megatron.models import RECOMPUTE_MODES
 from holderpo_megatron.rewards.extract import ANSWER_TEMPLATES
 from holderpo_megatron.rewards.registry import resolve_reward
 
@@ -212,10 +213,15 @@ class TrainSection:
     # Megatron's optimizer state and grad buffers leave the GPU while the engines generate (colocated),
     # and come back for training
     offload_during_rollout: bool = False
+    # activation recompute (models.config.RECOMPUTE_MODES): "full" keeps each layer's input only and
+    # reruns its forward in backward: far less activation memory for ~1/3 more step compute
+    recompute: str = "none"
 
     def __post_init__(self):
         for k in ("steps", "prompts_per_step", "minibatches_per_step", "token_budget"):
             _need(getattr(self, k) >= 1, f"train.{k} must be >= 1, got {getattr(self, k)}")
+        _need(self.recompute in RECOMPUTE_MODES,
+              f"train.recompute={self.recompute!r} is not supported; supported: {', '.join(RECOMPUTE_MODES)}")
 
 
 @dataclass
@@ -417,7 +423,8 @@ class RunConfig:
         """The Actor's run constants; its scoring temperature is the rollout's sampling temperature."""
         return ActorSettings(token_budget=self.train.token_budget, pack=self.train.pack, loss=self.algorithm.loss,
                              loss_options=self.algorithm.loss_options, regularizers=self.algorithm.regularizers,
-                             temperature=self.rollout.temperature, generation_budget=self.rollout.max_new_tokens)
+                             temperature=self.rollout.temperature, generation_budget=self.rollout.max_new_tokens,
+                             recompute=self.train.recompute)
 
 
 def engine_config(cfg: RunConfig, model_path: str | os.PathLike):

@@ -7,7 +7,8 @@ largest pipeline stage):
   optimizer  12 = fp32 master + Adam m, v (only master+m+v of the fp32 case: 8), divided by the
              data-parallel size with the distributed optimizer (the default on GPU)
   activations  34 * tokens * hidden / tp bytes per layer (flash attention, no recomputation),
-             for the layers of a stage times the pp microbatches in flight in 1F1B
+             for the layers of a stage times the pp microbatches in flight in 1F1B; with
+             train.recompute=full 2 * tokens * hidden / tp per layer (its bf16 input) plus one layer's 34
   logits     tokens * vocab / tp * 2 bytes, twice (logits and their gradient), plus our 64 MiB chunk
   SGLang     mem_fraction_static of a GPU it runs on (unset: 0.7 on GPU, 0.3 on CPU, as the engine does).
              colocated with rollout.release_memory_during_train on a GPU: the engines release weights and
@@ -25,7 +26,8 @@ resident at once (nothing is released between rollout and training on CPU). How 
                ("slack") RANK_SLACK_PER_ACTIVATION x activations: what rank 0's measured peaks in the
                tiny-cpu and alfworld-tiny-cpu runs (per-step records) hold beyond the modelled terms at
                those steps' real token counts (allocator slack, the scoring pass, pipeline buffers),
-               fitted on the two. Rank 0 because rank 1 still holds today's full logits (below)
+               fitted on the two (rank 0: rank 1 then still made full logits); the re-measure with the
+               fused output layer (bench/results/host_memory_cpu.log) puts rank 1 within 5% without a refit
   driver       rank 0 only: SGLang's tokenizer manager (embedded engine), the tokenizer, the env/reward
                clients: DRIVER_GIB, rank 0's start-up record minus rank 1's
   weights, grads, optimizer   4 + 4 (Megatron's fp32 main_grad) + 8 (Adam m, v; fp32 weights are their
@@ -35,13 +37,18 @@ resident at once (nothing is released between rollout and training on CPU). How 
                real Actor's train_step (plan_calibration: 4 layers minus 2 layers), times the tokens
                of a microbatch, the stage's layers, and the microbatches stage s holds in 1F1B
                (min(microbatches, pp - s)); a microbatch is train.token_budget tokens or, if fewer,
-               every token of a minibatch (samples x the longest sequence)
-  logits       last stage: as the chunked, response-only output layer computes them (being built in
-               parallel/logprobs at the time of writing): 2 x 64 MiB float32 working buffers plus
-               LOGIT_VECTOR_BYTES per token (response-token-sized vectors). Until it lands, today's
-               full-logits layer holds more on the last stage (plan_calibration: ~200 KB per token
-               saved outside the decoder layers, plus the transient [tokens, vocab] copies): the
-               alfworld-tiny-cpu run's rank 1 peaked at 6.84 GiB where this plan counts 5.77
+               every token of a minibatch (samples x the longest sequence). train.recompute=full:
+               RECOMPUTE_BYTES_PER_TOKEN_PER_HIDDEN (a layer's fp32 input) in place of the per-layer
+               bytes, plus one layer's full activations for one microbatch (rerun in backward)
+  logits       last stage: the chunked, response-only output layer (parallel/logprobs
+               output_layer_logprobs): 2 x 64 MiB float32 working buffers plus LOGIT_VECTOR_BYTES per
+               token (response-token-sized vectors). Measured alone (fp32, vocab 49152, hidden 576,
+               forward + backward at 1024 and 4096 tokens): 236 / 239 MiB over the resident size = the
+               two buffers + the output weight's transient float32 gradient (108 MiB, freed once DDP
+               adds it into main_grad; left in the fitted run extra, as the embedding's is on rank 0)
+               + ~1.2 KB per token (3.6 MiB from 1024 to 4096 tokens: the per-token vectors and the
+               hidden states' gradient; 32 B/token undercounts it by < 5 MiB). alfworld-tiny-cpu's rank 1 fell from 6.84-7.06 GiB (full logits)
+               to 6.03 with it; this plan counts 5.77
   engine       per CPU SGLang engine on the node (scheduler + detokenizer processes): ENGINE_FIXED_GIB
                (weights, CPU kernels, Python) plus its KV cache, which SGLang sizes on CPU as
                mem_fraction_static x the RAM free when it starts (here: RAM less the OS and the ranks'
@@ -67,7 +74,8 @@ from holderpo_megatron.parallel.placement import Placement, rank_coords
 from .config import ConfigError, RunConfig, run_placement, validate_run
 
 __all__ = ["MemoryPlan", "plan_run", "arch_for_plan", "format_plan", "HostRankPlan", "HostMemoryPlan", "plan_host",
-           "format_host_plan", "check_host_memory", "is_cpu_run", "smallest_fitting_ram_gib"]
+           "format_host_plan", "check_host_memory", "is_cpu_run", "smallest_fitting_ram_gib",
+           "host_activation_bytes"]
 
 GIB = 2**30
 HEADROOM = 0.92  # fraction of the GPU a plan may use (allocator fragmentation, NCCL, CUDA context)
@@ -140,7 +148,11 @@ def plan_run(cfg: RunConfig, arch: ModelArch, on_gpu: bool = True) -> MemoryPlan
     grads = per_gpu * 4
     opt = per_gpu * (12 if bf16 else 8) / (p.dp * p.cp if on_gpu else 1)
     tokens = cfg.train.token_budget / p.cp
-    act = 34 * tokens * arch.hidden_size / p.tp * (arch.num_layers / p.pp) * p.pp
+    per_layer = 34 * tokens * arch.hidden_size / p.tp
+    if cfg.train.recompute == "full":  # each layer's bf16 input, plus one layer rerun in backward
+        act = 2 * tokens * arch.hidden_size / p.tp * (arch.num_layers / p.pp) * p.pp + per_layer
+    else:
+        act = per_layer * (arch.num_layers / p.pp) * p.pp
     logits = 2 * tokens * arch.vocab_size / p.tp * 2 + 64 * 2**20
     training = weights + grads + opt + act + logits
     r = cfg.rollout
@@ -221,6 +233,7 @@ RANK_RUN_EXTRA_GIB = 0.38
 RANK_SLACK_PER_ACTIVATION = 0.112
 DRIVER_GIB = 0.20  # start-up records (<run_dir>/ranks) of alfworld-tiny-cpu: rank 0 1.33, rank 1 1.13
 ACT_BYTES_PER_TOKEN_PER_HIDDEN = 99.2  # plan_calibration: 57,132 bytes per token per layer at hidden 576
+RECOMPUTE_BYTES_PER_TOKEN_PER_HIDDEN = 4  # train.recompute=full: a layer's fp32 input is all it keeps
 LOGIT_CHUNK_BYTES = 2 * 64 * 2**20  # H1's chunked output layer: two float32 working buffers
 LOGIT_VECTOR_BYTES = 32  # per token: log-probs, entropy, targets, masks, their grads (float32/int64)
 # scheduler + detokenizer peaks less fraction x the RAM free at the engine's start (host_memory_sampler
@@ -308,6 +321,16 @@ def _samples_per_minibatch(cfg: RunConfig) -> int:
     return math.ceil(per_step / (cfg.parallel.dp * cfg.train.minibatches_per_step))
 
 
+def host_activation_bytes(mb_tokens: int, layers: float, in_flight: int, hidden: float, recompute: str) -> float:
+    """Activations a CPU rank keeps for backward (fp32). ``recompute="full"``: each layer's input
+    [tokens, hidden] for every microbatch in flight, plus one layer's full activations (the layer whose
+    forward backward is rerunning); otherwise every layer's full activations."""
+    per_layer = ACT_BYTES_PER_TOKEN_PER_HIDDEN * hidden
+    if recompute == "full":
+        return in_flight * mb_tokens * layers * RECOMPUTE_BYTES_PER_TOKEN_PER_HIDDEN * hidden + mb_tokens * per_layer
+    return in_flight * mb_tokens * layers * per_layer
+
+
 def plan_host(cfg: RunConfig, arch: ModelArch, ram_gib: float | None = None) -> HostMemoryPlan:
     """Host RAM of node 0 of a CPU run. ``ram_gib``: the node's RAM (default: ``parallel.host_memory_gb``,
     else this machine's)."""
@@ -330,7 +353,7 @@ def plan_host(cfg: RunConfig, arch: ModelArch, ram_gib: float | None = None) -> 
         ends = (emb if first else 0) + (emb if last and (not arch.tie_word_embeddings or not first) else 0)
         params = (layers * layer + ends) / p.tp
         in_flight = min(n_mb, p.pp - stage)
-        act = in_flight * mb_tokens * layers * ACT_BYTES_PER_TOKEN_PER_HIDDEN * arch.hidden_size / p.tp
+        act = host_activation_bytes(mb_tokens, layers, in_flight, arch.hidden_size / p.tp, cfg.train.recompute)
         logits = (LOGIT_CHUNK_BYTES + mb_tokens * LOGIT_VECTOR_BYTES) if last else 0.0
         ranks.append(HostRankPlan(rank, stage, RANK_BASE_GIB + RANK_RUN_EXTRA_GIB, DRIVER_GIB if rank == 0 else 0.0,
                                   4 * params / GIB, 4 * params / GIB, 8 * params / GIB, act / GIB,

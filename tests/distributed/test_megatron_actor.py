@@ -367,3 +367,66 @@ def test_response_only_scores_and_no_vocab_sized_saved_tensors():
     starts, old, adv = make_rollout(seqs, ref_lp)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     run_gloo(_response_only_worker, 1, model.config.to_dict(), sd, seqs, starts, old, adv)
+
+
+def _recompute_worker(rank, world, cfg, sd, seqs, starts, old, adv):
+    from holderpo_megatron.checkpoint.mapping import export_hf_weights, load_hf_weights_into_model
+    from holderpo_megatron.models import ModelArch
+    from holderpo_megatron.parallel.layout import ParallelLayout
+    from holderpo_megatron.trainer.actor import MegatronActor, OptimizerSettings
+    from holderpo_megatron.trainer.batch import RolloutBatch
+
+    _setup(dict(tp=1, pp=1), cfg, sd, optimizer=False)  # model-parallel state
+    arch = ModelArch.from_hf_config(cfg)
+    batch = RolloutBatch(seqs, starts, old, adv)
+    grads, kept, scores = {}, {}, {}
+    for mode in ("none", "full"):
+        # one microbatch, so that everything forward keeps is still held when backward starts
+        actor = MegatronActor(arch, ParallelLayout(), actor_settings(token_budget=1024, pack=True, recompute=mode),
+                              optimizer=OptimizerSettings(lr=1e-3, clip_grad=0.0))
+        load_hf_weights_into_model(actor.unwrapped(), arch, sd)
+        c = actor.config
+        assert (c.recompute_granularity, c.recompute_method, c.recompute_num_layers) == (
+            ("full", "uniform", 1) if mode == "full" else (None, None, None))
+        params = {p.untyped_storage().data_ptr() for m in actor.unwrapped() for p in m.parameters()}
+        saved, backward_started = {}, []
+
+        def pack(t):
+            # what forward keeps: storages saved before backward's first unpack (recompute saves again
+            # inside backward, one layer at a time, after that)
+            ptr = t.untyped_storage().data_ptr()
+            if not backward_started and ptr not in params:
+                saved[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        def unpack(t):
+            backward_started.append(True)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            actor.forward_backward(batch)
+        kept[mode] = sum(saved.values())
+        scores[mode] = actor.score(seqs)  # scoring (no backward) runs the same forward
+        grads[mode] = dict(export_hf_weights(actor.unwrapped(), arch, tensor_of=lambda p: p.main_grad.clone()))
+    assert grads["none"].keys() == grads["full"].keys() and grads["none"]
+    for name, g in grads["none"].items():
+        rel = (grads["full"][name].double() - g.double()).abs().max().item() / g.abs().max().item()
+        assert rel <= 1e-6, f"{name}: recompute changes the gradient, max rel err {rel:.2e}"
+    for a, b in zip(scores["none"], scores["full"]):
+        assert torch.equal(a, b)
+    tokens = sum(map(len, seqs))
+    # full recompute keeps each layer's input [tokens, hidden] (fp32) where no recompute keeps all of
+    # the layer's activations: tens of hidden-sized vectors per token per layer
+    per_layer_none = (kept["none"] - kept["full"]) / (tokens * arch.num_layers * arch.hidden_size)
+    assert kept["full"] < 0.2 * kept["none"], kept  # measured: 0.42 vs 5.06 MB
+    assert per_layer_none >= 10, f"{kept}: only {per_layer_none:.1f} bytes per token per layer per hidden saved"
+
+
+def test_full_recompute_reaches_megatron_keeps_less_and_leaves_gradients_unchanged():
+    model = make_hf_model("llama")
+    seqs = ragged_sequences(model.config.vocab_size, 8, seed=4)
+    with torch.no_grad():
+        ref_lp = hf_logprobs(model, seqs)
+    starts, old, adv = make_rollout(seqs, ref_lp)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    run_gloo(_recompute_worker, 1, model.config.to_dict(), sd, seqs, starts, old, adv)

@@ -66,6 +66,18 @@ def test_cpu_plan_terms_on_the_tiny_recipe():
     assert hp.fits
 
 
+def test_full_recompute_keeps_layer_inputs_plus_one_layer():
+    cfg = load_run_config("examples/recipes/tiny-cpu.yaml", ["train.recompute=full"])
+    assert cfg.actor_settings().recompute == "full"  # the one way to the Actor's TransformerConfig
+    hp = plan_host(cfg, arch_for_plan(cfg), ram_gib=24.0)
+    inputs = 512 * 15 * 4 * 576  # fp32 [tokens, hidden] per layer
+    one_layer = 512 * plan_mod.ACT_BYTES_PER_TOKEN_PER_HIDDEN * 576
+    assert hp.ranks[0].activations_gib * GIB == pytest.approx(2 * inputs + one_layer)  # 2 microbatches in flight
+    assert hp.ranks[1].activations_gib * GIB == pytest.approx(inputs + one_layer)
+    plain = plan_host(load_run_config("examples/recipes/tiny-cpu.yaml"), arch_for_plan(cfg), ram_gib=24.0)
+    assert plain.ranks[0].activations_gib > 10 * hp.ranks[0].activations_gib
+
+
 def test_agent_recipe_counts_env_workers_and_turns():
     cfg = load_run_config("examples/recipes/alfworld-tiny-cpu.yaml")
     hp = plan_host(cfg, arch_for_plan(cfg), ram_gib=64.0)
@@ -131,3 +143,16 @@ def test_gpu_recipes_keep_the_per_gpu_plan():
     with pytest.raises(ConfigError, match="host memory"):
         check_host_memory(load_run_config("examples/recipes/tiny-cpu.yaml", ["parallel.host_memory_gb=1"]),
                           arch_for_plan(cfg))
+
+
+def test_gpu_plan_counts_full_recompute():
+    from holderpo_megatron.trainer.plan import plan_run
+
+    name = "examples/recipes/deepseek-r1-distill-qwen-7b.yaml"
+    cfg, rc = load_run_config(name), load_run_config(name, ["train.recompute=full"])
+    arch, p = arch_for_plan(cfg), cfg.parallel
+    tokens, hidden, layers = cfg.train.token_budget / p.cp, arch.hidden_size / p.tp, arch.num_layers / p.pp * p.pp
+    # bf16 layer inputs of every layer plus one layer's 34 bytes per token per hidden, rerun in backward
+    want = (2 * tokens * hidden * layers + 34 * tokens * hidden) / GIB
+    assert plan_run(rc, arch).activations_gib == pytest.approx(want)
+    assert plan_run(cfg, arch).activations_gib == pytest.approx(34 * tokens * hidden * layers / GIB)

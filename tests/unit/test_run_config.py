@@ -104,6 +104,7 @@ BAD = [
      "rollout.server_urls\\[1\\] 'http//h:30001' is not a server URL"),
     ({"rollout": {"mode": "servers", "server_urls": ["http://h:port"]}}, "rollout.server_urls\\[0\\]"),
     ({"rollout": {"api_key": ""}}, "rollout.api_key must be null or a non-empty key"),
+    ({"train": {"recompute": "selective"}}, "train.recompute='selective' is not supported; supported: none, full"),
 ]
 
 
