@@ -130,6 +130,9 @@ class RolloutSection:
     max_prompt_tokens: int = 1024
     stop: list[str] = field(default_factory=list)
     use_rollout_logprobs: bool = False  # old log-probs from the engine instead of re-scoring
+    # generate step t+1 while step t trains (trainer/overlap.py): one step off-policy, needs engines on
+    # hardware of their own (placement separate, mode servers); old log-probs then come from the engine
+    overlap: bool = False
     weight_sync: Literal["auto", "tensor", "distributed", "disk"] = "auto"
     bucket_mb: int = 512
     # after each sync, read every tensor back from every engine and compare it with Megatron's (slow:
@@ -173,6 +176,18 @@ class RolloutSection:
                                      "expected http(s)://host[:port] (e.g. http://10.0.0.5:30000)")
         _need(self.api_key is None or (self.api_key.strip() != "" and self.api_key == self.api_key.strip()),
               "rollout.api_key must be null or a non-empty key without surrounding spaces")
+        _need(not self.overlap or self.placement == "separate",
+              f"rollout.overlap=true needs rollout.placement=separate (engines on hardware the trainer does not "
+              f"use, so generation runs beside training); got placement={self.placement}")
+        _need(not self.overlap or self.mode == "servers",
+              f"rollout.overlap=true needs rollout.mode=servers (the next batch is requested from a background "
+              f"thread over HTTP); got mode={self.mode}")
+
+    @property
+    def old_logprobs_from_engine(self) -> bool:
+        """The loss's old log-probs are the engine's: asked for, or forced by overlap (the samples come
+        from the previous weights, which the trainer no longer holds)."""
+        return self.use_rollout_logprobs or self.overlap
 
 
 
@@ -382,6 +397,9 @@ class RunConfig:
         _need(longest <= self.train.token_budget,
               f"train.token_budget={self.train.token_budget} must hold one full sequence "
               f"(rollout.max_prompt_tokens + rollout.max_new_tokens = {longest})")
+        _need(not (self.rollout.overlap and self.agent.enabled),
+              f"rollout.overlap=true generates single-turn prompt batches; agent.env={self.agent.env} is not "
+              f"supported with it (set rollout.overlap=false or agent.env=none)")
         e = self.eval
         _need(self.agent.enabled or not (e.every or e.at_start) or bool(e.benchmarks or e.sampled_benchmarks),
               f"eval.every={e.every}, eval.at_start={e.at_start} but eval.benchmarks and eval.sampled_benchmarks "

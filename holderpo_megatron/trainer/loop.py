@@ -9,6 +9,9 @@ One step:
     --> engines resume their weights; weight sync Megatron -> every engine (version = step + 1,
         declared once every engine has it); engines resume their KV cache
     --> metrics; evaluation and checkpoints every N steps
+
+With ``rollout.overlap`` (trainer/overlap.py) rank 0 submits step t+1's prompts as soon as step t's
+samples arrive, and the sync waits for that batch: step t+1 trains on samples one version old.
 """
 
 from __future__ import annotations
@@ -74,13 +77,16 @@ def one_step(ctx: TrainContext, step: int) -> dict:
             old = ctx.actor.score(mine.sequences, mine.response_start)
             ref = ctx.ref.score(mine.sequences, mine.response_start) if ctx.ref is not None else None
         metrics.update(_drift(ctx, old, mine.rollout_logprobs, mine.response_start))
-        if cfg.rollout.use_rollout_logprobs:
+        if cfg.rollout.old_logprobs_from_engine:
             old = mine.rollout_logprobs_full()
         with timer("train"):
             metrics.update(train_phase(ctx, mine.to_batch(old, ref), p, step))
     else:  # dynamic sampling dropped every group; the engines still get their weights back
         metrics["skipped_update"] = 1.0
     ctx.handover.after_train()
+    if ctx.prefetch is not None:  # this update's weights land after the engines finished the next batch
+        with timer("rollout_wait"):
+            ctx.prefetch.wait()
     ctx.handover.before_sync()  # the engines' weights come back, then the new ones go in
     with timer("sync"):
         metrics.update(ctx.sync_weights(version=step + 1))
@@ -89,19 +95,48 @@ def one_step(ctx: TrainContext, step: int) -> dict:
 
 
 def rollout_phase(ctx: TrainContext, step: int) -> StepSamples:
-    """Rank 0 generates and scores; every rank receives the same samples."""
-    items = ctx.data.next_batch()  # every rank advances its iterator, so all save the same position
-    payload = [None]
+    """Rank 0 generates and scores; every rank receives the same samples. With overlap, this step's
+    batch was submitted during the previous step (or is generated now: the first step, a resumed one),
+    and the next step's is submitted before this one is shared."""
+    prefetch = ctx.prefetch
+    # every rank advances its iterator, so all save the same position
+    items = None if prefetch is not None and prefetch.holds(step) else ctx.data.next_batch()
+    payload: list = [None]
     if ctx.rank == 0:
-        payload = [agent_samples(ctx, items, step) if ctx.cfg.agent.enabled else _prompt_samples(ctx, items, step)]
+        try:
+            if items is None:
+                samples = prefetch.take(step)
+            elif ctx.cfg.agent.enabled:
+                samples = agent_samples(ctx, items, step)
+            else:
+                samples = _prompt_samples(ctx, items, step, train_version=ctx.weight_version)
+            payload = [samples]
+        except Exception as e:  # every rank ends with rank 0's reason instead of waiting in the broadcast
+            payload = [f"rank 0: the rollout of step {step + 1} failed: {type(e).__name__}: {e}"]
+            dist.broadcast_object_list(payload, src=0)
+            raise
+    if prefetch is not None and step + 1 < ctx.cfg.train.steps:
+        _submit_next(ctx, step + 1)
     dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], str):
+        raise RuntimeError(payload[0])
     samples: StepSamples = payload[0]
     ctx.last_examples = samples.examples
     return samples
 
 
-def _prompt_samples(ctx: TrainContext, items: list, step: int) -> StepSamples:
-    """Rank 0, single-turn prompts: generate a group per prompt, score, advantages."""
+def _submit_next(ctx: TrainContext, step: int) -> None:
+    """Every rank draws ``step``'s items (after saving the position a checkpoint keeps); rank 0 starts
+    generating them. Trained after the sync of version ``step``, they are one version behind it."""
+    state = ctx.data.state_dict()
+    items = ctx.data.next_batch()
+    produce = (lambda: _prompt_samples(ctx, items, step, train_version=step)) if ctx.rank == 0 else None
+    ctx.prefetch.submit(step, state, produce)
+
+
+def _prompt_samples(ctx: TrainContext, items: list, step: int, *, train_version: int) -> StepSamples:
+    """Rank 0, single-turn prompts: generate a group per prompt, score, advantages. ``train_version``:
+    the weight version the trainer holds when it trains on them (staleness is measured against it)."""
     cfg = ctx.cfg
     prompts = [ctx.prompt_ids(item.prompt) for item in items]
     params = SamplingParams(n=cfg.rollout.group_size, temperature=cfg.rollout.temperature,
@@ -131,7 +166,8 @@ def _prompt_samples(ctx: TrainContext, items: list, step: int) -> StepSamples:
         "reward_errors": float(scored.stats.get("error", 0)),
         # what each response came to (correct/wrong/..., or a custom reward's labels), as fractions
         **{f"reward_label/{label}": n / len(samples) for label, n in sorted(Counter(scored.outcomes).items())},
-        "stale_samples": float(sum(s.is_stale(ctx.weight_version) for s in samples)),
+        "stale_samples": float(sum(s.is_stale(train_version) for s in samples)),
+        **staleness_metrics(samples, train_version),
         **engine_metrics(samples, ctx.engine.engine_names),
     }
     return StepSamples(
@@ -167,6 +203,15 @@ def train_phase(ctx: TrainContext, batch: RolloutBatch, p: float, step: int) -> 
     out["grad_norm"] = max(grad_norms) if grad_norms else math.nan
     out["lr"] = ctx.actor.applied_lr()
     return out
+
+
+def staleness_metrics(samples, train_version: int) -> dict[str, float]:
+    """How many weight versions each sample is behind the weights it trains (its oldest token's
+    version: a sample whose weights changed mid-way counts from its first span), and the versions seen."""
+    versions = [min((v for v, _, _ in s.weight_versions), default=s.weight_version) for s in samples]
+    behind = [train_version - v for v in versions]
+    return {"rollout/staleness_mean": sum(behind) / len(behind), "rollout/staleness_max": float(max(behind)),
+            "rollout/weight_version_min": float(min(versions)), "rollout/weight_version_max": float(max(versions))}
 
 
 def engine_metrics(samples, engine_names: list[str]) -> dict[str, float]:

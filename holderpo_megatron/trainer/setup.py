@@ -27,6 +27,7 @@ from .config import RunConfig, engine_config, run_placement, validate_run
 from .data_checks import train_prompt_items
 from .fleet import MemoryHandover, RolloutFleet, host_identity, sync_topology
 from .liveness import PeerHeartbeat
+from .overlap import RolloutPrefetch
 from .run_guard import hold_run_lock
 from .faults import KILL_DURING_SAVE, kill_if_asked
 
@@ -70,6 +71,8 @@ class TrainContext:
         self.template = get_prompt_template(cfg.data.prompt_template)
         self.engine = self.tokenizer = self.reward = self.synchronizer = self.env_pool = self.fleet = None
         self.heartbeat = None
+        # rollout.overlap: the next step's batch, generated while this step trains (trainer/overlap.py)
+        self.prefetch = RolloutPrefetch() if cfg.rollout.overlap else None
         self.weight_version = 0
         self.last_examples: list[str] = []
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else cfg.run_dir / "checkpoints"
@@ -179,8 +182,12 @@ class TrainContext:
             self._save(step)
 
     def _save(self, step: int) -> None:
+        # with overlap the next step's items are drawn and in flight: the position before them is saved,
+        # so a resumed run draws them again and regenerates them with the checkpoint's weights
+        held = self.prefetch is not None and self.prefetch.holds(step)
+        data = self.prefetch.data_state if held else self.data.state_dict()
         save_train_state(self.ckpt_root, step, model=self.actor.model, optimizer=self.actor.optimizer,
-                         extra={"data": self.data.state_dict(), "schedule": self.schedule.to_dict()},
+                         extra={"data": data, "schedule": self.schedule.to_dict()},
                          keep_last=self.cfg.checkpoint.keep_last,
                          before_commit=lambda _tmp: kill_if_asked(KILL_DURING_SAVE, step))
 
@@ -224,7 +231,8 @@ class TrainContext:
             self.synchronizer = None
         if orderly:
             dist.barrier()
-        for name in ("env_pool", "fleet", "heartbeat", "reward"):
+        # the fleet first: its servers gone, a background generation's requests fail fast
+        for name in ("env_pool", "fleet", "prefetch", "heartbeat", "reward"):
             part = getattr(self, name)
             if part is not None:
                 part.close()
