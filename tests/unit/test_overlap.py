@@ -68,6 +68,7 @@ def test_a_batch_made_in_the_background_is_taken_once_with_its_data_position():
 
 def test_other_ranks_hold_the_step_without_a_thread():
     p = RolloutPrefetch()
+    assert p.wait() < 1.0  # nothing in flight (the last step, a run of one step): no wait
     p.submit(1, {"index": 4}, None)
     assert p.holds(1) and p.wait() < 1.0 and p.take(1) is None
 
@@ -101,3 +102,18 @@ def test_close_does_not_wait_for_a_stuck_generation(caplog):
         p.submit(6, {}, None)
     never.set()
     p.close()  # again: a no-op
+
+
+def test_staleness_counts_versions_behind_the_trained_weights_from_a_samples_oldest_token():
+    import torch
+
+    from holderpo_megatron.rollout.interface import Sample
+    from holderpo_megatron.trainer.loop import staleness_metrics
+
+    def sample(version, spans=()):
+        return Sample(0, 0, [1], [2, 3], torch.zeros(2), "stop", weight_version=version, weight_versions=list(spans))
+
+    # one sample made by version 4, one whose weights changed mid-way (3 then 4), one on-policy
+    got = staleness_metrics([sample(4), sample(4, [(3, 0, 1), (4, 1, 2)]), sample(5)], train_version=5)
+    assert got == {"rollout/staleness_mean": 1.0, "rollout/staleness_max": 2.0,
+                   "rollout/weight_version_min": 3.0, "rollout/weight_version_max": 5.0}
