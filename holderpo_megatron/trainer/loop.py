@@ -99,12 +99,15 @@ def rollout_phase(ctx: TrainContext, step: int) -> StepSamples:
     batch was submitted during the previous step (or is generated now: the first step, a resumed one),
     and the next step's is submitted before this one is shared."""
     prefetch = ctx.prefetch
+    held = prefetch is not None and prefetch.holds(step)
     # every rank advances its iterator, so all save the same position
-    items = None if prefetch is not None and prefetch.holds(step) else ctx.data.next_batch()
+    items = None if held else ctx.data.next_batch()
     payload: list = [None]
+    if held and ctx.rank != 0:
+        prefetch.take(step)  # no thread here: frees the slot for the next step
     if ctx.rank == 0:
         try:
-            if items is None:
+            if held:
                 samples = prefetch.take(step)
             elif ctx.cfg.agent.enabled:
                 samples = agent_samples(ctx, items, step)

@@ -71,6 +71,8 @@ def test_other_ranks_hold_the_step_without_a_thread():
     assert p.wait() < 1.0  # nothing in flight (the last step, a run of one step): no wait
     p.submit(1, {"index": 4}, None)
     assert p.holds(1) and p.wait() < 1.0 and p.take(1) is None
+    p.submit(2, {"index": 8}, None)  # taken, the slot is free for the next step on every rank
+    assert p.holds(2) and not p.holds(1)
 
 
 def test_a_failed_background_generation_is_raised_by_take_naming_the_step():
