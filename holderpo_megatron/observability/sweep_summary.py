@@ -180,7 +180,8 @@ def sweep_runs(sweep_dir: str | os.PathLike) -> dict[str, list[tuple[int, Path]]
         runs = []
         for rdir in cdir.iterdir():
             m = _SEED_DIR.match(rdir.name)
-            if m and (rdir / METRICS_FILE).is_file():
+            # a run that died before its first step has a file without records: nothing to summarise
+            if m and (rdir / METRICS_FILE).is_file() and (rdir / METRICS_FILE).stat().st_size > 0:
                 runs.append((int(m.group(1)), rdir))
         if runs:
             out[cdir.name] = sorted(runs)

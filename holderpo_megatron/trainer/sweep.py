@@ -251,8 +251,10 @@ class _Runner:
         else:
             if rc == 0:  # `holderpo train` said nothing was left, but the record stops short
                 rc = 1
-            print(f"sweep: {run.label}: FAILED (exit code {rc}; last logged step {last}); see {run.run_dir / LOG_FILE}",
-                  flush=True)
+            from holderpo_megatron.rollout.sglang_launcher import log_tail
+
+            print(f"sweep: {run.label}: FAILED (exit code {rc}; last logged step {last}); the end of "
+                  f"{run.run_dir / LOG_FILE}:\n{log_tail(run.run_dir / LOG_FILE, 15)}", flush=True)
         return run, rc
 
     def stop(self) -> None:
