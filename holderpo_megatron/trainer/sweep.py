@@ -114,8 +114,10 @@ def parse_grid(parts: list[str]) -> list[tuple[str, list[str]]]:
     for part in parts:
         if "=" in part and not Path(part).is_file():
             factors.append(_grid_list(part))
-        elif Path(part).suffix in (".yaml", ".yml") or Path(part).is_file():
+        elif Path(part).is_file():
             factors.append(_grid_file(Path(part)))
+        elif Path(part).suffix in (".yaml", ".yml"):
+            raise ConfigError(f"grid file {part!r} does not exist")
         else:
             raise ConfigError(f"grid {part!r} is neither a YAML file of named configs nor key=v1,v2")
     if not factors:
