@@ -227,13 +227,14 @@ def test_finished_runs_are_skipped_and_a_changed_run_is_refused(tmp_path, capsys
 
 def test_a_failing_run_is_reported_and_the_sweep_goes_on(tmp_path):
     """A real `holderpo train` that fails at its start (a model directory without config.json):
-    the sweep runs the next config, names the failed run and its log, and exits 1."""
+    the sweep runs the other config (two at a time here), names each failed run and its log, exits 1."""
     empty = tmp_path / "model"
     for d in ("_a", "_b"):
         Path(f"{empty}{d}").mkdir()
     out = tmp_path / "sweep"
     res = subprocess.run([sys.executable, "-m", "holderpo_megatron.cli", "sweep", "--config", RECIPE, "--grid",
-                          f"model.hf_path={empty}_a,{empty}_b", "--out", str(out), "train.steps=1"],
+                          f"model.hf_path={empty}_a,{empty}_b", "--out", str(out), "--parallel", "2",
+                          "train.steps=1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stdout + res.stderr
     assert res.stdout.count("FAILED (exit code") == 2, res.stdout
