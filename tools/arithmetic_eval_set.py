@@ -1,6 +1,6 @@
 """Write a held-out set of generated arithmetic problems as an evaluation benchmark.
 
-    python tools/arithmetic_eval_set.py --data-dir runs/arith_eval --name arith999 --n 200 --max-operand 999
+    python tools/arithmetic_eval_set.py --data-dir runs/arith_eval --name arith_words9 --n 200 --max-operand 9
 
 writes DATA_DIR/math/NAME/data.jsonl (problem, answer), which a recipe evaluates with
 ``data.data_dir: DATA_DIR`` and ``eval.benchmarks: [NAME]``. The problems come from seed 10007

@@ -113,14 +113,14 @@ def test_the_example_grid_plans_18_valid_runs(tmp_path):
     assert [n for n, _ in grid] == ["grpo", "gspo", "p-1", "p1", "p2", "anneal2to-1"]
     from tools.arithmetic_eval_set import main as make_set
 
-    assert make_set(["--data-dir", str(tmp_path / "data"), "--name", "arith999", "--n", "20",
-                     "--max-operand", "999"]) == 0
+    assert make_set(["--data-dir", str(tmp_path / "data"), "--name", "arith_words9", "--n", "20",
+                     "--max-operand", "9"]) == 0
     runs = plan_sweep(str(recipe), grid, [1, 2, 3], tmp_path / "s", [f"data.data_dir={tmp_path / 'data'}"])
     assert len(runs) == 18
     by = {r.config: r.cfg for r in runs}
     assert by["grpo"].algorithm.loss == "grpo"
     p = {n: [by[n].algorithm.p_schedule.value(s) for s in (0, by[n].train.steps)] for n in by if n != "grpo"}
-    assert by["grpo"].train.minibatches_per_step == 4 and by["p2"].data.arithmetic_max_operand == 999
+    assert by["grpo"].train.minibatches_per_step == 4 and not by["p2"].data.arithmetic_direct
     assert p == {"gspo": [0.0, 0.0], "p-1": [-1.0, -1.0], "p1": [1.0, 1.0], "p2": [2.0, 2.0],
                  "anneal2to-1": [2.0, -1.0]}
 
