@@ -179,7 +179,8 @@ def plan_sweep(recipe: str, grid: list[tuple[str, list[str]]], seeds: list[int],
     for seed in seeds:
         for name, over in grid:
             _owned(over, f"grid config {name!r}")
-            sweep = [f"output_dir={out / name}", f"name=seed{seed}", f"train.seed={seed}", "checkpoint.resume=true"]
+            sweep = [override_string("output_dir", str(out / name)), f"name=seed{seed}", f"train.seed={seed}",
+                     "checkpoint.resume=true"]
             try:
                 base = load_run_config(recipe, [*overrides, *over])
                 # keep a recipe's denser checkpoints; never fewer than one every checkpoint_every steps
