@@ -115,7 +115,9 @@ def _sweep(args, argv: list[str] | None) -> int:
     grid = parse_grid(args.grid)
     runs = plan_sweep(args.config, grid, parse_seeds(args.seeds), args.out, args.overrides,
                       checkpoint_every=args.checkpoint_every)
-    print(f"sweep: {len(grid)} configs x {len(runs) // len(grid)} seeds = {len(runs)} runs, all valid", flush=True)
+    n_seeds = len(runs) // len(grid)
+    print(f"sweep: {len(grid)} config{'s' * (len(grid) != 1)} x {n_seeds} seed{'s' * (n_seeds != 1)} = "
+          f"{len(runs)} run{'s' * (len(runs) != 1)}, all valid", flush=True)
     if args.dry_run:
         for r in runs:
             print(f"  {r.label}: {' '.join(r.overrides)}")
