@@ -104,11 +104,17 @@ def main(argv: list[str] | None = None) -> int:
 def _sweep(args, argv: list[str] | None) -> int:
     import shlex
 
+    from holderpo_megatron.trainer.config import ConfigError
+
     from holderpo_megatron.observability.sweep_summary import write_summary
     from holderpo_megatron.trainer.sweep import parse_grid, parse_seeds, plan_sweep, run_sweep
 
     command = "holderpo " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if args.summary_only:
+        from pathlib import Path
+
+        if not Path(args.out).is_dir():
+            raise ConfigError(f"--out {args.out!r} is not a directory (a sweep's --out)")
         _, md = write_summary(args.out, command=None)
         print(md.read_text())
         return 0

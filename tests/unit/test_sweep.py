@@ -220,6 +220,12 @@ def test_finished_runs_are_skipped_and_a_changed_run_is_refused(tmp_path, capsys
     printed = capsys.readouterr().out
     assert printed.count("finished earlier, skipped") == 6 and "starting" not in printed
     assert (out / "summary.md").is_file() and (out / "sweep.json").is_file()
+    from holderpo_megatron.cli import main as cli_main
+
+    (out / "summary.md").unlink()
+    assert cli_main(["sweep", "--config", RECIPE, "--out", str(out), "--summary-only"]) == 0
+    assert "| grpo | 3 |" in (out / "summary.md").read_text()
+    assert cli_main(["sweep", "--config", RECIPE, "--out", str(tmp_path / "nope"), "--summary-only"]) == 2
     changed = plan_sweep(RECIPE, grid, [1], out, ["train.steps=4"])
     with pytest.raises(ConfigError, match="grpo/seed1: .* was started by a sweep with other settings"):
         run_sweep(RECIPE, changed, out)
