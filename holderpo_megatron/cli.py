@@ -1,9 +1,10 @@
-"""The ``holderpo`` command: train, eval, plan, plot, convert.
+"""The ``holderpo`` command: train, sweep, eval, plan, plot, convert.
 
     holderpo train --config RECIPE.yaml [key=value ...]   # this node's share: starts torchrun itself
     holderpo plan  --config RECIPE.yaml [key=value ...]   # layout + per-GPU memory estimate
     holderpo eval  --config RECIPE.yaml [key=value ...]   # the recipe's evaluation suite on its model
-    holderpo plot  RUN_DIR                                # PNG curves of a run
+    holderpo sweep --config RECIPE.yaml --grid GRID.yaml|key=v1,v2 --seeds 1,2,3 --out DIR [key=value ...]
+    holderpo plot  RUN_DIR|SWEEP_DIR                      # PNG curves of a run, or one PNG of a sweep
     holderpo convert hf-to-megatron|megatron-to-hf ...    # checkpoint conversion (tools/ wrappers)
 
 On a cluster every node runs the same command with its node rank (or under SLURM, nothing more):
@@ -38,7 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: <run dir>/eval)")
     p = sub.add_parser("plan", help="print the parallel layout and per-GPU memory estimate of a recipe")
     _add_config_args(p)
-    p = sub.add_parser("plot", help="write PNG curves of a run directory")
+    p = sub.add_parser("sweep", help="run a recipe over a grid of overrides and seeds, then summarise (resumable)")
+    _add_config_args(p)
+    p.add_argument("--grid", action="append", default=[], metavar="GRID.yaml|key=v1,v2",
+                   help="a YAML file of named configs (name: {dotted.key: value}) or key=v1,v2; several --grid "
+                        "make their cartesian product")
+    p.add_argument("--seeds", default="1", help="comma-separated train.seed values (default 1)")
+    p.add_argument("--out", required=True, help="sweep directory: DIR/<config>/seed<k> per run, DIR/summary.md")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
+    p.add_argument("--checkpoint-every", type=int, default=1,
+                   help="checkpoint at least every N steps, so a killed run loses at most N steps (default 1)")
+    p.add_argument("--summary-only", action="store_true", help="write DIR/summary.{json,md} of the runs so far")
+    p.add_argument("--dry-run", action="store_true", help="validate every run and print them, start nothing")
+    p = sub.add_parser("plot", help="write PNG curves of a run directory, or one PNG of a sweep directory")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None)
     p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and Megatron")
@@ -68,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                          master_port=args.master_port)
             return launch_training(args.config, args.overrides, cfg, resume=args.resume, dry_run=args.dry_run,
                                    nodes=nodes)
+        if args.command == "sweep":
+            return _sweep(args, argv)
         if args.command == "eval":
             from holderpo_megatron.trainer.evaluate import eval_main
 
@@ -84,6 +99,36 @@ def main(argv: list[str] | None = None) -> int:
 
         return convert_main([args.direction, *args.args])
     return 2
+
+
+def _sweep(args, argv: list[str] | None) -> int:
+    import shlex
+
+    from holderpo_megatron.trainer.config import ConfigError
+
+    from holderpo_megatron.observability.sweep_summary import write_summary
+    from holderpo_megatron.trainer.sweep import parse_grid, parse_seeds, plan_sweep, run_sweep
+
+    command = "holderpo " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    if args.summary_only:
+        from pathlib import Path
+
+        if not Path(args.out).is_dir():
+            raise ConfigError(f"--out {args.out!r} is not a directory (a sweep's --out)")
+        _, md = write_summary(args.out, command=None)
+        print(md.read_text())
+        return 0
+    grid = parse_grid(args.grid)
+    runs = plan_sweep(args.config, grid, parse_seeds(args.seeds), args.out, args.overrides,
+                      checkpoint_every=args.checkpoint_every)
+    n_seeds = len(runs) // len(grid)
+    print(f"sweep: {len(grid)} config{'s' * (len(grid) != 1)} x {n_seeds} seed{'s' * (n_seeds != 1)} = "
+          f"{len(runs)} run{'s' * (len(runs) != 1)}, all valid", flush=True)
+    if args.dry_run:
+        for r in runs:
+            print(f"  {r.label}: {' '.join(r.overrides)}")
+        return 0
+    return run_sweep(args.config, runs, args.out, parallel=args.parallel, command=command)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""PNG curves of a run: ``plot_run(RUN_DIR)`` (``holderpo plot RUN_DIR``).
+"""PNG curves of a run: ``plot_run(RUN_DIR)`` (``holderpo plot RUN_DIR``); of a sweep:
+``plot_sweep(SWEEP_DIR)`` (``holderpo plot SWEEP_DIR``: one PNG, a curve per config with a seed band).
 
 One PNG per quantity, each drawing the metrics.jsonl keys that match its patterns (so
 ``reward_std`` joins ``reward``, every ``time/<phase>`` joins the time plot). A quantity the run
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from .logger import read_metrics
 
-__all__ = ["PLOTS", "plot_run", "main"]
+__all__ = ["PLOTS", "plot_run", "plot_sweep", "SWEEP_PANELS", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +97,82 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     return written
 
 
+# sweep panels: (metrics.jsonl key, title, y label); a panel no run logged is left out
+SWEEP_PANELS = (("reward_mean", "Training reward", "reward (mean over the step's samples)"),
+                ("eval/average", "Held-out accuracy", "fraction correct"))
+
+
+def plot_sweep(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """``SWEEP_DIR/sweep.png`` (or ``out``): per config the mean over seeds of each panel's key, with
+    a min..max band over seeds (a line alone where one seed ran)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .sweep_summary import sweep_runs
+
+    sweep_dir = Path(sweep_dir)
+    found = sweep_runs(sweep_dir)
+    if not found:
+        raise ValueError(f"{sweep_dir}: no run directories <config>/seed<k>/metrics.jsonl to plot")
+    curves: dict[str, dict[str, list[tuple[int, float, float, float, int]]]] = {}
+    for key, _, _ in SWEEP_PANELS:
+        for config, runs in found.items():
+            by_step: dict[int, list[float]] = {}
+            for _, run_dir in runs:
+                for step, v in zip(*(_series(read_metrics(run_dir), (key,)).get(key, ([], [])))):
+                    by_step.setdefault(step, []).append(v)
+            if by_step:
+                curves.setdefault(key, {})[config] = [(s, sum(v) / len(v), min(v), max(v), len(v))
+                                                      for s, v in sorted(by_step.items())]
+    panels = [p for p in SWEEP_PANELS if p[0] in curves]
+    if not panels:
+        raise ValueError(f"{sweep_dir}: no run logged any of {', '.join(k for k, _, _ in SWEEP_PANELS)}")
+    fig = Figure(figsize=(7 * len(panels), 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (key, title, ylabel) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for config, pts in curves[key].items():
+            xs = [p[0] for p in pts]
+            seeds = max(p[4] for p in pts)
+            line, = ax.plot(xs, [p[1] for p in pts], label=f"{config} ({seeds} seed{'s' if seeds > 1 else ''})",
+                            marker="." if len(xs) < 50 else None, linewidth=1.4)
+            if seeds > 1:
+                ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], color=line.get_color(), alpha=0.2,
+                                linewidth=0)
+        ax.set_title(f"{title}: mean over seeds, band min..max")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(out) if out is not None else sweep_dir / "sweep.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def is_sweep_dir(path: str | os.PathLike) -> bool:
+    """A directory without its own metrics.jsonl whose subfolders hold ``<config>/seed<k>`` runs."""
+    from .logger import METRICS_FILE
+    from .sweep_summary import sweep_runs
+
+    p = Path(path)
+    return p.is_dir() and not (p / METRICS_FILE).exists() and bool(sweep_runs(p))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``holderpo plot RUN_DIR [--out DIR]`` (also ``python -m holderpo_megatron.observability.plots``)."""
-    parser = argparse.ArgumentParser(prog="holderpo plot", description="write PNG curves of a run directory")
-    parser.add_argument("run_dir", help="a run directory holding metrics.jsonl")
-    parser.add_argument("--out", default=None, help="output directory (default RUN_DIR/plots)")
+    parser = argparse.ArgumentParser(prog="holderpo plot",
+                                     description="write PNG curves of a run directory, or one PNG of a sweep")
+    parser.add_argument("run_dir", help="a run directory holding metrics.jsonl, or a `holderpo sweep` directory")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default RUN_DIR/plots); for a sweep the PNG (default SWEEP_DIR/sweep.png)")
     args = parser.parse_args(argv)
     if not Path(args.run_dir).is_dir():
         print(f"holderpo plot: run directory {args.run_dir!r} does not exist", file=sys.stderr)
         return 2
     try:
-        files = plot_run(args.run_dir, args.out)
+        files = [plot_sweep(args.run_dir, args.out)] if is_sweep_dir(args.run_dir) else plot_run(args.run_dir, args.out)
     except (ValueError, OSError) as e:
         print(f"holderpo plot: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ from holderpo_megatron.cli import main
 def test_help_lists_commands(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    for cmd in ("train", "eval", "plan", "plot", "convert"):
+    for cmd in ("train", "sweep", "eval", "plan", "plot", "convert"):
         assert cmd in out
 
 
