@@ -30,7 +30,8 @@ def _overrides(model: Path, out: Path) -> list[str]:
             "train.prompts_per_step=4", "rollout.group_size=4", "train.token_budget=256",
             "parallel.pp=1", "parallel.nproc_per_node=2", "rollout.mode=servers", "rollout.engines_per_node=null",
             "rollout.weight_sync=auto", "algorithm.regularizers={entropy_coef: 0.01}", "logging.progress=false",
-            "checkpoint.resume=false", "checkpoint.export_hf_at_end=false"]
+            "checkpoint.resume=false", "checkpoint.export_hf_at_end=false",
+            "rollout.mem_fraction_static=0.05"]  # two CPU engines for a tiny model: small KV caches suffice
 
 
 def _engine_holds_my_weights(ctx) -> int:
