@@ -4,11 +4,13 @@
 On 2 gloo ranks with a tiny random Llama, through the real loop (``TrainContext`` + ``one_step``):
 both engines generate every step, after each sync each engine's weights equal its replica's Megatron
 weights exactly (read back through the engine), every sample carries the current weight version,
-log-prob drift stays small, the memory handover's calls come in their order, and a killed engine
-fails the next step's sync on every rank, naming the engine, with no new version declared.
+log-prob drift stays small, the memory handover's calls come in their order, the engines' log-probs
+train as old ones within rollout.drift_max and a step beyond it is refused before any update, and a
+killed engine fails the next step's sync on every rank, naming the engine, with no new version declared.
 """
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,8 @@ def _overrides(model: Path, out: Path) -> list[str]:
             "train.prompts_per_step=4", "rollout.group_size=4", "train.token_budget=256",
             "parallel.pp=1", "parallel.nproc_per_node=2", "rollout.mode=servers", "rollout.engines_per_node=null",
             "rollout.weight_sync=auto", "algorithm.regularizers={entropy_coef: 0.01}", "logging.progress=false",
-            "checkpoint.resume=false", "checkpoint.export_hf_at_end=false"]
+            "checkpoint.resume=false", "checkpoint.export_hf_at_end=false",
+            "rollout.mem_fraction_static=0.05"]  # two CPU engines for a tiny model: small KV caches suffice
 
 
 def _engine_holds_my_weights(ctx) -> int:
@@ -75,14 +78,28 @@ def _worker(rank, world, overrides):
             for c in calls:  # release -> train -> resume weights -> sync -> resume KV (skipped on CPU, recorded)
                 assert c["calls"] == ["release_memory (skipped: cpu)", "train", "resume_weights (skipped: cpu)",
                                       "sync", "resume_kv_cache (skipped: cpu)"], c
+        # the engines' log-probs as old ones (no scoring pass), guarded by the drift the training
+        # forward measures: within rollout.drift_max the step trains; beyond it every rank refuses it
+        # before any update (the engines keep the weights Megatron still holds)
+        ctx.cfg.rollout = replace(ctx.cfg.rollout, use_rollout_logprobs=True, drift_max=0.05)
+        m = one_step(ctx, 2)
+        assert ctx.weight_version == 3 and _engine_holds_my_weights(ctx) > 0
+        assert m["logprob_drift_tokens"] > 0 and m["logprob_drift_max"] < 5e-3, m
+        ctx.cfg.rollout = replace(ctx.cfg.rollout, drift_max=1e-12)
+        with pytest.raises(RuntimeError, match=r"step 4: train/rollout log-prob drift, mean \|logp_train - logp_rollout\| "
+                                               r"= .* nats over \d+ response tokens .*exceeds rollout.drift_max=1e-12; "
+                                               r"the step is refused before any update"):
+            one_step(ctx, 3)
+        assert ctx.weight_version == 3 and _engine_holds_my_weights(ctx) > 0
         # engine 1 dies: the next sync fails on every rank, naming it; no engine declares the version
+        ctx.cfg.rollout = replace(ctx.cfg.rollout, drift_max=0.05)
         dead = fleet.urls[1]
         if rank == 1:
             fleet.processes[0][1].kill()  # (slot, server process, URL)
         dist.barrier()
-        with pytest.raises(RuntimeError, match=rf"weight sync of version 3 failed; no engine declares it: .*{dead}"):
-            one_step(ctx, 2)
-        assert ctx.weight_version == 2
+        with pytest.raises(RuntimeError, match=rf"weight sync of version 4 failed; no engine declares it: .*{dead}"):
+            one_step(ctx, 3)
+        assert ctx.weight_version == 3
     finally:
         ctx.close()
 

@@ -88,6 +88,10 @@ def test_logprob_drift_mean_max_and_warning(caplog):
     assert d.to_dict()["rollout/logprob_drift_max"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="sample 0: 2 trainer log-probs vs 1 rollout log-probs"):
         logprob_drift([torch.zeros(2)], [torch.zeros(1)])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # None: no per-call warning (the loop judges the step's total)
+        d = logprob_drift([torch.tensor([-1.0])], [torch.tensor([-1.5])], threshold=None)
+    assert d.max_abs == pytest.approx(0.5) and not d.exceeded and not caplog.records
 
 
 def test_cpu_shims_provide_exactly_what_sglang_calls():

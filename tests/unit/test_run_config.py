@@ -105,6 +105,13 @@ BAD = [
     ({"rollout": {"mode": "servers", "server_urls": ["http://h:port"]}}, "rollout.server_urls\\[0\\]"),
     ({"rollout": {"api_key": ""}}, "rollout.api_key must be null or a non-empty key"),
     ({"train": {"recompute": "selective"}}, "train.recompute='selective' is not supported; supported: none, full"),
+    # the engine's log-probs as old ones only behind the drift guard (issue 17)
+    ({"rollout": {"use_rollout_logprobs": True}}, "rollout.use_rollout_logprobs=true trains on the engine's "
+                                                  "log-probs unchecked: set rollout.drift_max"),
+    ({"rollout": {"drift_max": 0}}, "rollout.drift_max must be null or a finite number of nats > 0, got 0"),
+    ({"rollout": {"drift_max": float("inf")}}, "rollout.drift_max must be null or a finite number"),
+    ({"rollout": {"drift_action": "ignore"}}, "rollout.drift_action"),
+    ({"train": {"reuse_training_logprobs": "yes"}}, "train.reuse_training_logprobs: expected true/false"),
 ]
 
 
