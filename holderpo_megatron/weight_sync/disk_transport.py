@@ -14,7 +14,7 @@ import torch
 
 from ..rollout.interface import TensorBucket, TensorMeta
 from .base import WeightSynchronizer
-from .buckets import DEFAULT_BUCKET_BYTES, SyncLedger, pack_bucket
+from .buckets import DEFAULT_BUCKET_BYTES, SyncLedger
 
 __all__ = ["DiskTransport"]
 

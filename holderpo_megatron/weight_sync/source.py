@@ -2,8 +2,8 @@
 
 :class:`MegatronWeightSource` streams a Megatron model through ``checkpoint.export_hf_weights``
 (each stage converts only its own layers); at TP > 1 it hands out buckets whose tensor-parallel
-shards are gathered to the stage's sender only (``tp_gather``). :class:`StateDictSource` serves an in-memory HF state dict (one process, no Megatron:
-tools, benchmarks, tests of engines).
+shards are gathered to the stage's sender only (``tp_gather``). :class:`StateDictSource` serves an
+in-memory HF state dict (one process, no Megatron: tools, benchmarks, tests of engines).
 """
 
 from __future__ import annotations
