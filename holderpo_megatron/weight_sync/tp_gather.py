@@ -49,7 +49,8 @@ class StagingArena:
         self._used = 0
 
     def reset(self) -> None:
-        """A new bucket: every earlier piece has been written into place."""
+        """Every piece handed out so far has been written into place: start again from the
+        beginning of a buffer large enough for the largest need seen."""
         self._want = max(self._want, self._used)
         self._used = 0
         if self._want and (self._buf is None or self._buf.numel() < self._want):
@@ -112,6 +113,7 @@ class GatheredBucket:
             req.wait()
         for finish in finishes:
             finish()
+        stage.reset()  # sized now for the largest need seen, so the next bucket (or sync) fits
         return TensorBucket(buffer=buf, metas=list(self.metas))
 
     def send(self) -> None:

@@ -10,7 +10,9 @@ few per bucket, one bucket per stage.
 
 The peer's allocations are probed with torch's profiler (every ATen allocation with its size):
 while sending it allocates nothing the size of a full tensor, while the all-gathering export
-(``export_hf_weights``, probed the same way) does.
+(``export_hf_weights``, probed the same way) does. The sender, exporting a second time into a
+bucket buffer of the right size, allocates nothing beyond the test's own clones of the results
+(its staging arena is reused).
 """
 
 from __future__ import annotations
@@ -76,21 +78,34 @@ def _worker(rank: int, world: int, tp: int, pp: int, models: list) -> None:
                     if bucket_bytes == 1 << 30:
                         assert len(buckets) == 1, case
                     if not source.is_sender:
-                        peak = _largest_allocation(lambda: [b.send() for b in buckets])
-                        assert peak < smallest_full, f"{case}: the TP peer allocated {peak} bytes " \
-                                                     f"(a full tensor is >= {smallest_full})"
+                        for _ in range(2):  # in step with the sender's two exports
+                            peak = _largest_allocation(lambda: [b.send() for b in buckets])
+                            assert peak < smallest_full, f"{case}: the TP peer allocated {peak} bytes " \
+                                                         f"(a full tensor is >= {smallest_full})"
                         continue
                     got = {}
                     buf = BucketBuffer(source.device)
-                    for b in buckets:
-                        packed = b.pack(buf, staging)
-                        assert not set(got) & {m.name for m in packed.metas}, case
-                        got.update({n: t.clone() for n, t in packed.tensors()})
+
+                    def pack_all():
+                        for b in buckets:
+                            packed = b.pack(buf, staging)
+                            assert not set(got) & {m.name for m in packed.metas}, case
+                            got.update({n: t.clone() for n, t in packed.tensors()})
+
+                    pack_all()
                     assert sorted(got) == sorted(source.stage_expected), case
                     for n, t in got.items():
                         want = hf[n].to(dtype)
                         assert t.dtype == dtype and torch.equal(t, want), \
                             f"{case}: {n} differs (max diff {(t.float() - want.float()).abs().max().item():.3e})"
+                    got = {}
+                    buf = BucketBuffer(source.device)
+                    buf.get(max(b.nbytes for b in buckets))
+                    # again, the bucket buffer given: the sender allocates nothing beyond the
+                    # clones made here (its staging arena already holds the largest bucket's need)
+                    clones = max(m.nbytes for b in buckets for m in b.metas)
+                    peak = _largest_allocation(pack_all)
+                    assert peak <= clones, f"{case}: the sender allocated {peak} bytes (the largest clone: {clones})"
             # the probe sees a full-size allocation where one happens: the all-gathering export
             if not source.is_sender:
                 peak = _largest_allocation(lambda: list(export_hf_weights(model, arch)))
