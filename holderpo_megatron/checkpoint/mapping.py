@@ -92,6 +92,7 @@ class ParamMapping:
     export: bool = True
 
     tp_dim: ClassVar[int | None] = None
+    padded: ClassVar[bool] = False
 
     # -- names --------------------------------------------------------------------------------
     @property
@@ -197,6 +198,8 @@ class RowMapping(ParamMapping):
 class VocabMapping(ColumnMapping):
     """Embedding / output layer: Megatron pads the vocab rows (with zeros here) to split evenly."""
 
+    padded = True  # the full Megatron tensor has more rows than the HF one
+
     def fuse(self, hf, arch, full_shape):
         (t,) = hf
         pad = full_shape[0] - t.shape[0]
@@ -219,10 +222,13 @@ class VocabMapping(ColumnMapping):
         param[real:].zero_()
 
     def gather_plan(self, local, outs, arch, size, stage):
-        # shards wholly inside the real vocab land in place; the one(s) holding padding rows are
-        # staged and only their real rows copied
+        # ``out`` may extend past the real rows over room for the padding (the weight sync puts this
+        # tensor last in its bucket, the padding in the buffer's spare bytes): every shard lands
+        # in place. Otherwise the shard(s) holding padding rows are staged, their real rows copied.
         (out,) = outs
         rows, vocab = local.shape[0], out.shape[0]
+        if out.dtype == local.dtype and vocab == rows * size:
+            return [list(out.chunk(size, dim=0))], lambda: None
         targets, staged = [], []
         for r in range(size):
             lo = r * rows

@@ -4,8 +4,9 @@ Every TP rank of the sending replica lists the same parameters (``checkpoint.exp
 cuts them into the same buckets (by HF bytes in the engine's dtype; a parameter never straddles
 two). Per bucket, the sender posts one receive per piece of each peer's shard, straight into the
 bucket where the layout allows (dim-0 shards, gate/up halves: contiguous slices of their HF
-tensors) and otherwise into a staging arena reused across buckets (dim-1 shards, interleaved
-QKV, the padded vocab shard, a dtype cast); it copies its own shard meanwhile, then writes the
+tensors; the padded vocab, put last in its bucket, with its padding rows in spare bytes past
+the bucket's end) and otherwise into a staging arena reused across buckets (dim-1 shards, interleaved
+QKV, a dtype cast); it copies its own shard meanwhile, then writes the
 staged pieces into place. Its peers only send views of their parameters: they allocate nothing.
 Point-to-point receives rather than ``torch.distributed.gather``: gloo's gather receives into one
 temporary of every rank's bytes and copies out of it; a receive lands where it is pointed.
@@ -71,7 +72,8 @@ class GatheredBucket:
     same order of buckets."""
 
     def __init__(self, params: Sequence[ExportParam], dtype: torch.dtype, tp: TPGroup, arch):
-        self.params = list(params)
+        # a padded-vocab parameter goes last: its padding rows are received past the bucket's end
+        self.params = sorted(params, key=lambda p: p.mapping.padded)
         self.dtype = dtype
         self.tp = tp
         self.arch = arch
@@ -84,15 +86,27 @@ class GatheredBucket:
                 self.metas.append(TensorMeta(name=name, dtype=dtype, shape=tuple(shape), offset=off, nbytes=nb))
                 off += nb
         self.nbytes = off
+        # the padded vocab's padding rows are received into spare bytes past the bucket's end, so
+        # its shards land in place
+        last = self.params[-1]
+        self.spare = 0
+        if last.mapping.padded and last.local.dtype == dtype:
+            rows = last.local.shape[0] * len(tp.ranks)
+            self.spare = (rows - last.shapes[0][0]) * int(torch.Size(last.shapes[0][1:]).numel()) * item
 
     def pack(self, buffer: BucketBuffer, stage: StagingArena) -> TensorBucket:
         """The sender: every HF tensor of the bucket, gathered and laid out in ``buffer``."""
         import torch.distributed as dist
 
         tp = self.tp
-        buf = buffer.get(self.nbytes)
+        buf = buffer.get(self.nbytes + self.spare)
         stage.reset()
-        views = iter(buf[m.offset: m.offset + m.nbytes].view(m.dtype).view(m.shape) for m in self.metas)
+        views = [buf[m.offset: m.offset + m.nbytes].view(m.dtype).view(m.shape) for m in self.metas]
+        if self.spare:  # the last tensor with its padding rows after it
+            m = self.metas[-1]
+            views[-1] = buf[m.offset: m.offset + m.nbytes + self.spare].view(m.dtype).view(
+                (-1,) + tuple(m.shape[1:]))
+        views = iter(views)
         reqs, local_copies, finishes = [], [], []
         tag = 0
         for p in self.params:
@@ -133,7 +147,8 @@ class GatheredBucket:
 def gathered_buckets(params: Sequence[ExportParam], dtype: torch.dtype, bucket_bytes: int, tp: TPGroup,
                      arch) -> Iterator[GatheredBucket]:
     """Consecutive parameters in buckets of at most ``bucket_bytes`` HF bytes in ``dtype`` (a larger
-    parameter forms a bucket of its own); every TP rank cuts the same buckets."""
+    parameter forms a bucket of its own; a second padded vocab starts a new one); every TP rank
+    cuts the same buckets."""
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes={bucket_bytes} is invalid; allowed: an int >= 1")
     item = torch.empty((), dtype=dtype).element_size()
@@ -143,6 +158,9 @@ def gathered_buckets(params: Sequence[ExportParam], dtype: torch.dtype, bucket_b
         nb = sum(int(torch.Size(s).numel()) for s in p.shapes) * item
         if group and used + nb > bucket_bytes:
             yield GatheredBucket(group, dtype, tp, arch)
+            group, used = [], 0
+        if group and p.mapping.padded and any(q.mapping.padded for q in group):
+            yield GatheredBucket(group, dtype, tp, arch)  # one padded vocab per bucket: it goes last
             group, used = [], 0
         group.append(p)
         used += nb

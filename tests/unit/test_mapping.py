@@ -135,6 +135,24 @@ def test_every_mapping_gathers_shards_into_hf_tensors(tp, dtype):
         assert not (in_place and staged), f"{m.megatron}: staged although its pieces land in place"
 
 
+@pytest.mark.parametrize("tp", [2, 4])
+def test_padded_vocab_gathers_in_place_given_room_for_the_padding(tp):
+    """The weight sync puts the vocab tensor last in its bucket, with the padding rows' bytes spare
+    after it: given that longer place, every shard lands in it (no staging)."""
+    arch = _arch("llama")
+    m = _mapping(arch, "output_layer.weight")
+    emb = torch.randn(301, 64)
+    full = m.fuse([emb], arch, torch.Size((384 if tp == 2 else 512, 64)))
+    shards = [m.shard(full, r, tp) for r in range(tp)]
+    room = torch.full(full.shape, float("nan"))
+    targets, finish = m.gather_plan(shards[0], [room], arch, tp, lambda *a: pytest.fail("staged"))
+    for r, target in enumerate(targets[0]):
+        assert target.data_ptr() == room[r * shards[0].shape[0]:].data_ptr()
+        target.copy_(shards[r])
+    finish()
+    assert torch.equal(room[:301], emb)
+
+
 def _dims(arch, syms):
     from holderpo_megatron.checkpoint.mapping import hf_shape
 
