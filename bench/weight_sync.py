@@ -8,6 +8,9 @@ For each layout a gloo world of tp*pp processes loads a random model (saved once
 global rank 0 hosts the embedded engine, and every transport syncs ``--repeats`` times. Reported:
 seconds and GB/s of HF bytes delivered (owner's clock, from pause to resumed generation), beside the
 time of one host memcpy of the same bytes (``torch.Tensor.copy_`` in this process, best of 5).
+At TP > 1 the transport's own limit is measured beside it: the bytes a sync moves over TP (each
+peer's shards, to its stage's sender) as one bare gather over the same gloo world (GB/s there count
+those bytes, and "x memcpy" compares them with the same memcpy rate).
 
 ``--fleet N``: a DP=N gloo world with N SGLang CPU servers (one per replica, as a colocated fleet
 starts them) fed by the tensor transport two ways, side by side: ``parallel`` (each replica feeds its
@@ -132,6 +135,8 @@ def _rank_main(rank, world, store, model_dir, tp, pp, transports, bucket_bytes, 
                 name = "model.norm.weight"
                 want = SafetensorsReader(model_dir)[name]
                 assert torch.equal(engine.get_weight(name), want.float()), f"{transport}: {name} differs"
+        if tp > 1:
+            results += _tp_transfer_bound(source, tp, pp, repeats)
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump(results, f)
@@ -139,6 +144,51 @@ def _rank_main(rank, world, store, model_dir, tp, pp, transports, bucket_bytes, 
         if engine is not None:
             engine.shutdown()
         dist.destroy_process_group()
+
+
+def _tp_transfer_bound(source, tp, pp, repeats) -> list[dict]:
+    """The transport's limit for the TP part of a sync: every stage's TP peers hand the sender the
+    bytes a sync moves over TP (their shards of the split parameters) as one flat buffer, all stages
+    at once, by ``torch.distributed.gather`` and by point-to-point sends (what the export uses).
+    Wall time between barriers, best of ``repeats`` (+1 warm-up); rows on rank 0."""
+    import torch.distributed as dist
+
+    from holderpo_megatron.checkpoint.mapping import export_params
+
+    nbytes = sum(p.local.numel() * p.local.element_size() for p in export_params(source.model, source.arch)
+                 if p.mapping.tp_dim is not None)
+    tpg = source.tp
+    sender = tpg.rank == tpg.dst
+    send = torch.ones(nbytes, dtype=torch.uint8)
+    recv = [torch.ones(nbytes, dtype=torch.uint8) for _ in range(tp)] if sender else None
+
+    def gather():
+        dist.gather(send, recv, dst=tpg.ranks[tpg.dst], group=tpg.group)
+
+    def p2p():
+        if sender:
+            reqs = [dist.irecv(recv[r], src=tpg.ranks[r], group=tpg.group) for r in range(tp) if r != tpg.rank]
+        else:
+            reqs = [dist.isend(send, dst=tpg.ranks[tpg.dst], group=tpg.group)]
+        for q in reqs:
+            q.wait()
+
+    total = torch.tensor([nbytes * (tp - 1) if sender else 0])
+    dist.all_reduce(total)  # bytes moved over TP by all stages together
+    rows = []
+    for kind, fn in (("bare TP gather (dist.gather)", gather), ("bare TP gather (isend/irecv)", p2p)):
+        best = float("inf")
+        for _ in range(repeats + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            dist.barrier()
+            best = min(best, time.perf_counter() - t0)
+        if dist.get_rank() == 0:
+            rows.append(dict(layout=f"TP{tp}PP{pp}", transport=kind, repeat=0, seconds=best, bytes=int(total),
+                             buckets=0, gb_per_s=int(total) / best / 1e9))
+            print(f"[tp{tp}pp{pp}] {kind}: {int(total) / 1e9:.3f} GB over TP in {best:.2f} s", flush=True)
+    return rows
 
 
 def _fleet_rank_main(rank, world, store, model_dir, mode, bucket_bytes, repeats, out_path):
@@ -248,7 +298,8 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     transports = args.transports.split(",")
-    shown = transports + (["tensor, parallel", "tensor, one owner"] if args.fleet else [])
+    shown = transports + ["bare TP gather (dist.gather)", "bare TP gather (isend/irecv)"] \
+        + (["tensor, parallel", "tensor, one owner"] if args.fleet else [])
     with tempfile.TemporaryDirectory(prefix="holderpo-bench-ws-") as model_dir:
         t0 = time.perf_counter()
         nbytes = save_random_model(model_dir, args.size)

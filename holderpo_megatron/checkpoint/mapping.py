@@ -36,7 +36,8 @@ from ..models import ModelArch
 __all__ = [
     "ParamMapping", "ReplicatedMapping", "ColumnMapping", "RowMapping", "VocabMapping", "QKVMapping",
     "GatedMLPMapping", "FAMILY_MAPPINGS", "mappings_for", "expected_hf_shapes", "check_hf_tensors",
-    "load_hf_weights_into_model", "export_hf_weights", "hf_names_for_stage", "hf_shape",
+    "load_hf_weights_into_model", "export_hf_weights", "hf_names_for_stage", "hf_shape", "ExportParam",
+    "export_params",
 ]
 
 # Symbols used in the declared HF shapes, and the config fields that fix them (for error messages).
@@ -91,6 +92,7 @@ class ParamMapping:
     export: bool = True
 
     tp_dim: ClassVar[int | None] = None
+    padded: ClassVar[bool] = False
 
     # -- names --------------------------------------------------------------------------------
     @property
@@ -141,6 +143,34 @@ class ParamMapping:
             return pieces[0]
         return torch.cat(list(pieces), dim=self.tp_dim)
 
+    # -- export at TP > 1, gathered to one rank (see ``weight_sync.tp_gather``) --------------------
+    def export_pieces(self, local: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The contiguous pieces of this rank's shard that every TP rank sends to the gathering
+        rank, in order (none for a replicated parameter: the gathering rank holds it whole)."""
+        return () if self.tp_dim is None else (local,)
+
+    def gather_plan(self, local: torch.Tensor, outs: Sequence[torch.Tensor], arch: ModelArch, size: int,
+                    stage: Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+                    ) -> tuple[list[list[torch.Tensor]], Callable[[], None]]:
+        """On the gathering rank: where each TP rank's pieces land, and how they become HF tensors.
+
+        ``local``: this rank's shard; ``outs``: the HF tensors' places (in ``self.hf`` order, their
+        final dtype), usually views of a bucket; ``stage(shape, dtype)``: scratch memory for pieces
+        that cannot land in place. Returns ``targets`` (``targets[i][r]``: where piece ``i`` of TP
+        rank ``r`` is received, each contiguous and of the piece's shape and dtype) and ``finish``,
+        called once every piece has arrived, which writes whatever did not land in place."""
+        (out,) = outs
+        if self.tp_dim is None:
+            return [], lambda: out.copy_(local)
+        if self.tp_dim == 0 and out.dtype == local.dtype:  # dim-0 chunks of the output are contiguous
+            return [list(out.chunk(size, dim=0))], lambda: None
+        st = stage((size,) + tuple(local.shape), local.dtype)
+        if self.tp_dim == 0:
+            return [list(st)], lambda: out.copy_(st.reshape(out.shape))
+        # dim 1: rank r's [rows, cols] lands at columns r*cols..; one strided copy
+        rows, cols = local.shape
+        return [list(st)], lambda: out.view(rows, size, cols).copy_(st.transpose(0, 1))
+
     def load_shard(self, param: torch.Tensor, hf: Sequence[torch.Tensor], arch: ModelArch, rank: int, size: int) -> None:
         """Write TP rank ``rank``'s shard of the fused HF tensors into ``param`` (in place)."""
         full_shape = list(param.shape)
@@ -168,6 +198,8 @@ class RowMapping(ParamMapping):
 class VocabMapping(ColumnMapping):
     """Embedding / output layer: Megatron pads the vocab rows (with zeros here) to split evenly."""
 
+    padded = True  # the full Megatron tensor has more rows than the HF one
+
     def fuse(self, hf, arch, full_shape):
         (t,) = hf
         pad = full_shape[0] - t.shape[0]
@@ -188,6 +220,31 @@ class VocabMapping(ColumnMapping):
         real = max(0, min(rows, t.shape[0] - start))
         param[:real].copy_(t[start:start + real])
         param[real:].zero_()
+
+    def gather_plan(self, local, outs, arch, size, stage):
+        # ``out`` may extend past the real rows over room for the padding (the weight sync puts this
+        # tensor last in its bucket, the padding in the buffer's spare bytes): every shard lands
+        # in place. Otherwise the shard(s) holding padding rows are staged, their real rows copied.
+        (out,) = outs
+        rows, vocab = local.shape[0], out.shape[0]
+        if out.dtype == local.dtype and vocab == rows * size:
+            return [list(out.chunk(size, dim=0))], lambda: None
+        targets, staged = [], []
+        for r in range(size):
+            lo = r * rows
+            if out.dtype == local.dtype and lo + rows <= vocab:
+                targets.append(out[lo:lo + rows])
+            else:
+                st = stage(tuple(local.shape), local.dtype)
+                targets.append(st)
+                staged.append((lo, st))
+
+        def finish():
+            for lo, st in staged:
+                n = max(0, min(rows, vocab - lo))
+                out[lo:lo + n].copy_(st[:n])
+
+        return [targets], finish
 
 
 class QKVMapping(ColumnMapping):
@@ -213,6 +270,22 @@ class QKVMapping(ColumnMapping):
         v = grouped[:, qpg + 1].reshape((-1,) + rest)
         return q.contiguous(), k.contiguous(), v.contiguous()
 
+    def gather_plan(self, local, outs, arch, size, stage):
+        # a shard interleaves q, k and v per query group: staged whole, then one strided copy per
+        # HF tensor (rank-major order of the staged shards is the full tensor's group order)
+        g, hd, qpg = arch.num_kv_heads, arch.head_dim, arch.num_heads // arch.num_kv_heads
+        rest = tuple(local.shape[1:])
+        st = stage((size,) + tuple(local.shape), local.dtype)
+        q, k, v = outs
+
+        def finish():
+            grouped = st.view((g, qpg + 2, hd) + rest)
+            q.view((g, qpg, hd) + rest).copy_(grouped[:, :qpg])
+            k.view((g, hd) + rest).copy_(grouped[:, qpg])
+            v.view((g, hd) + rest).copy_(grouped[:, qpg + 1])
+
+        return [list(st)], finish
+
 
 class GatedMLPMapping(ColumnMapping):
     """gate_proj, up_proj -> linear_fc1 = [gate; up]. On TP rank r the shard is
@@ -237,6 +310,21 @@ class GatedMLPMapping(ColumnMapping):
             return pieces[0]
         halves = [p.chunk(2, dim=0) for p in pieces]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+
+    def export_pieces(self, local):
+        return tuple(local.chunk(2, dim=0))  # gate_r, up_r: each a contiguous half of the shard
+
+    def gather_plan(self, local, outs, arch, size, stage):
+        gate, up = outs
+        if gate.dtype == local.dtype:  # gate_r and up_r land straight in their HF tensors
+            return [list(gate.chunk(size, dim=0)), list(up.chunk(size, dim=0))], lambda: None
+        st = stage((2, size, local.shape[0] // 2) + tuple(local.shape[1:]), local.dtype)
+
+        def finish():
+            gate.copy_(st[0].reshape(gate.shape))
+            up.copy_(st[1].reshape(up.shape))
+
+        return [list(st[0]), list(st[1])], finish
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,6 +566,30 @@ def load_hf_weights_into_model(model, arch: ModelArch, hf_state: Mapping[str, to
             del tensors
             written += 1
     return written
+
+
+@dataclass(frozen=True)
+class ExportParam:
+    """One exported parameter of this rank: its mapping, this rank's shard (a view of the
+    parameter), and the HF tensors it becomes (names and full shapes, in ``mapping.hf`` order)."""
+
+    mapping: ParamMapping
+    local: torch.Tensor
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+
+def export_params(model, arch: ModelArch) -> list[ExportParam]:
+    """The parameters of this rank's pipeline stage that export to HF tensors, in the order
+    :func:`export_hf_weights` yields them; no communication (every TP rank lists the same ones)."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    out = []
+    for chunk in chunks:
+        for _, p, m, layer in _mapped_params(_unwrap(chunk), arch):
+            if m.export:
+                out.append(ExportParam(m, p.detach(), m.hf_names(layer),
+                                       tuple(hf_shape(arch, syms) for syms in m.hf_shapes)))
+    return out
 
 
 def _gather(local: torch.Tensor, m: ParamMapping, tp_size: int, group) -> torch.Tensor:

@@ -30,8 +30,9 @@ from typing import Callable, Iterator
 import torch
 
 from ..rollout.interface import RolloutEngine, TensorBucket
-from .buckets import DEFAULT_BUCKET_BYTES, BucketBuffer, SyncLedger, group_into_buckets, pack_bucket
+from .buckets import DEFAULT_BUCKET_BYTES, BucketBuffer, SyncLedger, pack_bucket
 from .source import WeightSource
+from .tp_gather import GatheredBucket, StagingArena
 
 __all__ = ["SyncReport", "WeightSynchronizer"]
 
@@ -119,6 +120,7 @@ class WeightSynchronizer(abc.ABC):
         self.bucket_bytes = bucket_bytes
         self.pipelined = pipelined
         self._bufs: dict[str, list[BucketBuffer]] = {}
+        self._staging = StagingArena(source.device)  # TP > 1: pieces that cannot land in the bucket
         self._sent = _Sent()
 
     # -- the protocol, the same for every transport ----------------------------------------------
@@ -171,6 +173,7 @@ class WeightSynchronizer(abc.ABC):
     def close(self) -> None:
         """Release what the transport keeps between syncs (process groups, files, buffers)."""
         self._bufs = {}
+        self._staging = StagingArena(self.source.device)
 
     def _buffers(self, key: str, n: int = 1) -> list[BucketBuffer]:
         """Staging buffers kept across syncs (fresh memory costs page faults on every sync)."""
@@ -203,8 +206,13 @@ class WeightSynchronizer(abc.ABC):
         raise NotImplementedError
 
     # -- streaming (tensor, distributed) ---------------------------------------------------------
-    def _groups(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        return group_into_buckets(self.source.named_tensors(self.dtype), self.bucket_bytes)
+    def _groups(self) -> Iterator[list[tuple[str, torch.Tensor]] | GatheredBucket]:
+        return self.source.buckets(self.dtype, self.bucket_bytes)
+
+    def _follow(self) -> None:
+        """A TP peer of a sender: send this rank's shards of every bucket, in step with it."""
+        for g in self._groups():
+            g.send()
 
     def _stream(self, ledger: SyncLedger | None) -> bool:
         """Every rank's part of a streamed sync; True if the last delivery flushed the cache."""
@@ -216,8 +224,7 @@ class WeightSynchronizer(abc.ABC):
             elif src.is_sender:
                 self._relay_send(self._groups())
             else:
-                for _ in self._groups():  # TP peers: the export all-gathers in step with the sender
-                    pass
+                self._follow()
         if src.is_owner and src.pp_size > 1:
             flushed = self._deliver_relayed(ledger)
         return flushed
@@ -275,6 +282,8 @@ class WeightSynchronizer(abc.ABC):
     def _new_buffer(self) -> BucketBuffer:
         return BucketBuffer(self.source.device)
 
-    def _pack(self, group: list[tuple[str, torch.Tensor]], buffer: BucketBuffer) -> Delivery:
+    def _pack(self, group: list[tuple[str, torch.Tensor]] | GatheredBucket, buffer: BucketBuffer) -> Delivery:
         """What one delivery carries: a packed bucket (or, zero-copy, named tensors)."""
+        if isinstance(group, GatheredBucket):
+            return group.pack(buffer, self._staging)
         return pack_bucket(group, buffer)

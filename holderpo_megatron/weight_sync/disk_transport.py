@@ -14,7 +14,7 @@ import torch
 
 from ..rollout.interface import TensorBucket, TensorMeta
 from .base import WeightSynchronizer
-from .buckets import DEFAULT_BUCKET_BYTES, SyncLedger, pack_bucket
+from .buckets import DEFAULT_BUCKET_BYTES, SyncLedger
 
 __all__ = ["DiskTransport"]
 
@@ -99,13 +99,12 @@ class DiskTransport(WeightSynchronizer):
         if not src.participates:
             return files
         if not src.is_sender:
-            for _ in self._groups():  # TP peers: the export all-gathers in step with the sender
-                pass
+            self._follow()
             return files
         step_dir.mkdir(parents=True, exist_ok=True)
         buf = self._buffers("disk")[0]
         for k, g in enumerate(self._groups()):
-            b = pack_bucket(g, buf)
+            b = self._pack(g, buf)
             fname = f"model-pp{src.pp_rank:03d}-{k:05d}.safetensors"
             _write_safetensors(step_dir / fname, b)
             files.append((fname, b.metas))

@@ -7,7 +7,7 @@ import threading
 
 from ..rollout.interface import TensorBucket, TensorMeta
 from .base import WeightSynchronizer
-from .buckets import DEFAULT_BUCKET_BYTES, pack_bucket
+from .buckets import DEFAULT_BUCKET_BYTES
 
 __all__ = ["DistributedTransport"]
 
@@ -83,7 +83,7 @@ class DistributedTransport(WeightSynchronizer):
         owner = self.source.stage_senders[0]
         buf = self._buffers("relay")[0]
         for g in groups:
-            b = pack_bucket(g, buf)
+            b = self._pack(g, buf)
             dist.send_object_list([b.metas], dst=owner)
             dist.send(b.flat, dst=owner)
             self._sent.add(b)

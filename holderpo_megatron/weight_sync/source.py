@@ -1,9 +1,9 @@
 """Where the weights come from: full HF-named tensors of this rank's pipeline stage.
 
 :class:`MegatronWeightSource` streams a Megatron model through ``checkpoint.export_hf_weights``
-(each stage converts only its own layers; tensor-parallel shards are all-gathered parameter by
-parameter). :class:`StateDictSource` serves an in-memory HF state dict (one process, no Megatron:
-tools, benchmarks, tests of engines).
+(each stage converts only its own layers); at TP > 1 it hands out buckets whose tensor-parallel
+shards are gathered to the stage's sender only (``tp_gather``). :class:`StateDictSource` serves an
+in-memory HF state dict (one process, no Megatron: tools, benchmarks, tests of engines).
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from typing import Iterator, Mapping
 
 import torch
 
-from ..checkpoint.mapping import expected_hf_shapes, export_hf_weights
+from ..checkpoint.mapping import expected_hf_shapes, export_hf_weights, export_params
+from .buckets import group_into_buckets
+from .tp_gather import GatheredBucket, TPGroup, gathered_buckets
 
 __all__ = ["WeightSource", "MegatronWeightSource", "StateDictSource"]
 
@@ -20,8 +22,8 @@ __all__ = ["WeightSource", "MegatronWeightSource", "StateDictSource"]
 class WeightSource:
     """What a synchroniser needs from the trainer side.
 
-    ``participates``: this rank must iterate :meth:`named_tensors` (every TP rank of the stage,
-    in step: the export all-gathers over TP). ``is_sender``: this rank's tensors are the ones sent
+    ``participates``: this rank must iterate :meth:`buckets` (every TP rank of the stage, in
+    step: at TP > 1 the peers send their shards to the sender). ``is_sender``: this rank's tensors are the ones sent
     (one rank per pipeline stage). ``stage_senders[s]``: global rank of stage ``s``'s sender; stage
     0's sender owns the engine handle.
     """
@@ -43,6 +45,12 @@ class WeightSource:
 
     def named_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def buckets(self, dtype: torch.dtype, bucket_bytes: int
+                ) -> Iterator[list[tuple[str, torch.Tensor]] | GatheredBucket]:
+        """This rank's stage in buckets of at most ``bucket_bytes``: groups of named tensors, or
+        (TP > 1) :class:`GatheredBucket` s, which the sender packs and its TP peers send."""
+        return group_into_buckets(self.named_tensors(dtype), bucket_bytes)
 
     def share_memory(self) -> None:
         """Move the tensors this rank sends into shared memory (CPU, once), so a colocated engine
@@ -93,9 +101,18 @@ class MegatronWeightSource(WeightSource):
             head=ps.is_pipeline_last_stage(ignore_virtual=True))
         p = next(iter(chunks[0].parameters()))
         self.device = p.device
+        tp_group = ps.get_tensor_model_parallel_group()
+        self.tp = TPGroup(tuple(dist.get_process_group_ranks(tp_group)), ps.get_tensor_model_parallel_rank(),
+                          tp_group) if self.tp_size > 1 else None
 
     def named_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every TP rank yields the full tensors (all-gathered); syncs use :meth:`buckets`."""
         return export_hf_weights(self.model, self.arch, dtype=dtype)
+
+    def buckets(self, dtype: torch.dtype, bucket_bytes: int):
+        if self.tp is None:
+            return super().buckets(dtype, bucket_bytes)
+        return gathered_buckets(export_params(self.model, self.arch), dtype, bucket_bytes, self.tp, self.arch)
 
     def share_memory(self) -> None:
         # In place: the parameters' storages move to shared memory (one copy, once); the optimizer

@@ -8,7 +8,8 @@ import torch
 from ..rollout.interface import TensorBucket
 from ..rollout.shared_memory import dumps_shared, loads_shared
 from .base import Delivery, WeightSynchronizer
-from .buckets import DEFAULT_BUCKET_BYTES, BucketBuffer, SyncLedger, pack_bucket, pack_unshared
+from .buckets import DEFAULT_BUCKET_BYTES, BucketBuffer, SyncLedger, pack_unshared
+from .tp_gather import GatheredBucket
 
 __all__ = ["TensorTransport"]
 
@@ -20,7 +21,7 @@ class TensorTransport(WeightSynchronizer):
     On CPU at TP1 (``zero_copy``, the default there) each sender first moves its parameters into shared
     memory (once, in place); a bucket is then a list of tensors sent as shared-memory handles:
     views of the parameters as they are, and only what the export creates (q/k/v splits,
-    TP-gathered or dtype-cast tensors) is copied, into a reused shared buffer. The engine's
+    dtype-cast tensors) is copied, into a reused shared buffer. The engine's
     scheduler maps the memory and copies once, into its own weights. Without ``zero_copy`` (and
     on GPU) every bucket is packed into one flat buffer (SGLang's flattened-bucket format).
     Later pipeline stages hand the owner handles, not bytes. Senders double-buffer, and the owner
@@ -32,7 +33,7 @@ class TensorTransport(WeightSynchronizer):
                  zero_copy: bool | None = None):
         super().__init__(source, engine, dtype=dtype, bucket_bytes=bucket_bytes, pipelined=pipelined)
         # default: on CPU at TP1, where most exported tensors are views of the parameters (at TP>1
-        # they are all-gathered copies: packing them flat is cheaper than one handle per tensor)
+        # every bucket is gathered from the TP ranks straight into a flat buffer)
         self.zero_copy = (source.device.type == "cpu" and source.tp_size == 1) if zero_copy is None else bool(zero_copy)
         if self.zero_copy and source.device.type != "cpu":
             raise ValueError("zero_copy=True needs CPU tensors (on GPU the transport sends CUDA IPC handles)")
@@ -42,7 +43,9 @@ class TensorTransport(WeightSynchronizer):
         return BucketBuffer(self.source.device, shared=True)
 
     def _pack(self, group, buffer) -> Delivery:
-        return pack_unshared(group, buffer) if self.zero_copy else pack_bucket(group, buffer)
+        if self.zero_copy and not isinstance(group, GatheredBucket):
+            return pack_unshared(group, buffer)
+        return super()._pack(group, buffer)  # TP > 1: gathered straight into the flat bucket
 
     def _transfer(self, ledger: SyncLedger | None, version: int) -> bool:
         if self.zero_copy and not self._shared and self.source.is_sender:

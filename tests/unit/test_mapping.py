@@ -100,6 +100,59 @@ def test_every_mapping_shards_and_gathers_back(tp):
         assert all(torch.equal(a, b) for a, b in zip(m.split(m.unshard(shards), arch), hf)), m.megatron
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_every_mapping_gathers_shards_into_hf_tensors(tp, dtype):
+    """The gathering rank's plan (weight sync at TP > 1): each rank's pieces received where the plan
+    says, then ``finish``, give the HF tensors exactly; fp32 dim-0 pieces land in place (no staging).
+    The padded vocab (384 rows at TP2, 512 at TP4: its last shard holds padding only) straddles
+    the real rows."""
+    arch = _arch("qwen2", num_attention_heads=8, num_key_value_heads=4)
+    for m in mappings_for(arch):
+        hf = [torch.randn(tuple(_dims(arch, s))) for s in m.hf_shapes]
+        full = m.fuse(hf, arch, torch.Size((384 if tp == 2 else 512, 64)) if isinstance(m, VocabMapping) else None)
+        shards = [m.shard(full, r, tp).contiguous() for r in range(tp)]
+        outs = [torch.full(h.shape, float("nan"), dtype=dtype) for h in hf]
+        staged = []
+
+        def stage(shape, dt):
+            staged.append(torch.full(shape, float("nan"), dtype=dt))
+            return staged[-1]
+
+        targets, finish = m.gather_plan(shards[0], outs, arch, tp, stage)
+        pieces = [m.export_pieces(s) for s in shards]
+        assert len(targets) == len(pieces[0]), m.megatron
+        for i, per_rank in enumerate(targets):
+            assert len(per_rank) == tp
+            for r, target in enumerate(per_rank):
+                assert target.is_contiguous() and target.shape == pieces[r][i].shape, (m.megatron, i, r)
+                assert pieces[r][i].is_contiguous()
+                target.copy_(pieces[r][i])
+        finish()
+        for got, want in zip(outs, hf):
+            assert torch.equal(got, want.to(dtype)), m.megatron
+        in_place = dtype == torch.float32 and type(m).__name__ in ("GatedMLPMapping", "ColumnMapping")
+        assert not (in_place and staged), f"{m.megatron}: staged although its pieces land in place"
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_padded_vocab_gathers_in_place_given_room_for_the_padding(tp):
+    """The weight sync puts the vocab tensor last in its bucket, with the padding rows' bytes spare
+    after it: given that longer place, every shard lands in it (no staging)."""
+    arch = _arch("llama")
+    m = _mapping(arch, "output_layer.weight")
+    emb = torch.randn(301, 64)
+    full = m.fuse([emb], arch, torch.Size((384 if tp == 2 else 512, 64)))
+    shards = [m.shard(full, r, tp) for r in range(tp)]
+    room = torch.full(full.shape, float("nan"))
+    targets, finish = m.gather_plan(shards[0], [room], arch, tp, lambda *a: pytest.fail("staged"))
+    for r, target in enumerate(targets[0]):
+        assert target.data_ptr() == room[r * shards[0].shape[0]:].data_ptr()
+        target.copy_(shards[r])
+    finish()
+    assert torch.equal(room[:301], emb)
+
+
 def _dims(arch, syms):
     from holderpo_megatron.checkpoint.mapping import hf_shape
 
