@@ -30,7 +30,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from .holder import holder_log_ratio
+from .holder import _holder_log_ratio_masked, float_mask
 from .metrics import LossMetrics
 from .reducers import PaddedReducer, SequenceReducer
 
@@ -227,6 +227,7 @@ def compute_policy_loss(name: str, logp, old_logp, advantages, mask, options: Lo
 class _Batch:
     d: torch.Tensor  # token-shaped float32 log-ratio, 0 at masked/excluded positions, grad to logp
     mask: torch.Tensor  # token-shaped bool, valid tokens of counted sequences
+    maskf: torch.Tensor  # the same mask as float32 0/1
     adv: torch.Tensor  # [S] float32
     adv_tok: torch.Tensor  # adv broadcast against tokens
     seq_valid: torch.Tensor  # [S] bool: counted (>= 1 valid token, all finite)
@@ -271,22 +272,36 @@ def _prepare(logp, old_logp, advantages, mask, strict: bool, reducer: SequenceRe
         mask = mask & member
     adv = advantages.reshape(-1).float().detach()
     old = old_logp.detach()
-    finite = torch.isfinite(logp.detach()) & torch.isfinite(old)
-    # One fused reduction gives the token count and the non-finite count of every sequence.
-    count, n_bad_tok = R.seq_sums(mask.float(), (mask & ~finite).float())
-    bad = (n_bad_tok > 0) | ~torch.isfinite(adv)
-    if strict and bool(bad.any()):
+    maskf = float_mask(mask)
+    # Multiplying by the mask (not selecting) is the fast path: a non-finite log-prob in a
+    # sequence makes its sum non-finite, and only then do the exact per-token checks run. That
+    # decision rests on per-sequence sums (global under context parallelism), so every rank takes
+    # the same path through the collectives.
+    d = (logp.float() - old.float()) * maskf
+    count, d_sum = R.seq_sums(maskf, d.detach())
+    bad = ~torch.isfinite(adv)
+    if not bool(torch.isfinite(d_sum).all()):
+        finite = torch.isfinite(logp.detach()) & torch.isfinite(old)
+        (n_bad_tok,) = R.seq_sums(float_mask(mask & ~finite))
+        bad = bad | (n_bad_tok > 0)
+    any_bad = bool(bad.any())
+    if strict and any_bad:
         rows = bad.nonzero().flatten().tolist()
         raise ValueError(
             f"non-finite log-probs or advantages in sequences {rows[:8]}{'...' if len(rows) > 8 else ''} "
             f"({len(rows)} of {n_seq}); strict=False excludes them instead"
         )
-    mask = mask & ~R.broadcast(bad)
-    count = torch.where(bad, torch.zeros_like(count), count)
-    d = torch.where(mask, logp.float() - old.float(), torch.zeros((), device=logp.device))
-    adv = torch.where(bad, torch.zeros_like(adv), adv)
+    if any_bad:
+        mask = mask & ~R.broadcast(bad)
+        maskf = float_mask(mask)
+        count = torch.where(bad, torch.zeros_like(count), count)
+        adv = torch.where(bad, torch.zeros_like(adv), adv)
+    if any_bad or not bool(torch.isfinite(d.detach().sum())):
+        # NaN/inf at padding (or tokens of no sequence) or excluded sequences: select instead, so
+        # none reaches the loss or its gradient (a local choice: no collective follows it)
+        d = torch.where(mask, logp.float() - old.float(), torch.zeros((), device=logp.device))
     return _Batch(
-        d=d, mask=mask, adv=adv, adv_tok=R.broadcast(adv), seq_valid=count > 0, seq_count=count,
+        d=d, mask=mask, maskf=maskf, adv=adv, adv_tok=R.broadcast(adv), seq_valid=count > 0, seq_count=count,
         n_nonfinite=R.total(bad.double()), reducer=R,
     )
 
@@ -386,7 +401,7 @@ def holder_policy_loss(
 
     if variant == "token":
         d_clip, active = _sign_aware_token_clip(b.d, b.adv_tok, clip_low, clip_high)
-        rho = torch.exp(holder_log_ratio(d_clip, b.mask, p, R))
+        rho = torch.exp(_holder_log_ratio_masked(d_clip, b.maskf, p, R))
         per_seq = torch.where(b.seq_valid, -b.adv * rho, torch.zeros_like(rho))
         tok_clipped = R.seq_sum((active & b.mask).float())
         all_clipped = b.seq_valid & (tok_clipped == b.seq_count)
@@ -398,7 +413,7 @@ def holder_policy_loss(
             lo, hi = math.log1p(-clip_low), math.log1p(clip_high)
             tok_active = b.mask & ((d < lo) | (d > hi))
             d = d.clamp(lo, hi)
-        per_seq, rho, clipped = _sequence_clip(holder_log_ratio(d, b.mask, p, R), b.adv, b.seq_valid, clip_low, clip_high, dual_clip)
+        per_seq, rho, clipped = _sequence_clip(_holder_log_ratio_masked(d, b.maskf, p, R), b.adv, b.seq_valid, clip_low, clip_high, dual_clip)
         metrics = _seq_metrics(b, rho, clipped, p)
         if variant == "seq_tokclip":
             # per-token sums are over this shard's tokens: they add up across ranks as they are
