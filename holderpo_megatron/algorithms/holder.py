@@ -68,13 +68,14 @@ def _exp_terms(x: torch.Tensor, maskf: torch.Tensor, count: torch.Tensor, R: Seq
     identical on every rank of a context-parallel group, so all ranks take the same path."""
     s = R.seq_max(x)  # padding holds x = 0 <= max over valid x (centred), so it cannot move s past 1
     shifted = s > _SHIFT_THRESHOLD
-    if not bool(shifted.any()):
+    any_shifted, all_shifted = torch.stack([shifted.any(), (shifted | (count == 0)).all()]).tolist()
+    if not any_shifted:
         e = torch.expm1(x)  # exactly 0 off the mask, since x is
         sum_e = R.seq_sum(e)
         # exp(x) = expm1(x) + 1 at valid tokens, 0 elsewhere; rounding of the +1 only touches
         # weights far below 1 / T, in absolute terms below eps / T.
         return torch.log1p(sum_e / count.clamp_min(1)), e.add_(maskf), sum_e + count
-    if bool((shifted | (count == 0)).all()):
+    if all_shifted:
         u = torch.exp(x.sub_(R.broadcast(s.masked_fill(~shifted, 0.0)))).mul_(maskf)
         z = R.seq_sum(u)
         return s + torch.log(z / count.clamp_min(1)), u, z
@@ -99,13 +100,12 @@ class _HolderLogRatio(torch.autograd.Function):
     multiply by per-sequence factors."""
 
     @staticmethod
-    def forward(ctx, d: torch.Tensor, maskf: torch.Tensor, p: float, reducer: SequenceReducer, input_dtype):
+    def forward(ctx, d: torch.Tensor, maskf: torch.Tensor, p: float, reducer: SequenceReducer):
         R = reducer
         count, d_sum = R.seq_sums(maskf, d)
         safe_count = count.clamp_min(1)
         mean = d_sum / safe_count
         ctx.reducer = R
-        ctx.input_dtype = input_dtype
         # Below the smallest normal of the compute dtype p * c underflows; the geometric mean is then
         # exact to within |p| * var(d) / 2 < 1e-35, far below rounding, so this is no jump.
         if abs(p) < torch.finfo(d.dtype).tiny:
@@ -123,15 +123,13 @@ class _HolderLogRatio(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         u, inv_z = ctx.saved_tensors
-        w = u * ctx.reducer.broadcast(grad_out.to(inv_z.dtype) * inv_z)
-        return w.to(ctx.input_dtype), None, None, None, None
+        return u * ctx.reducer.broadcast(grad_out.to(inv_z.dtype) * inv_z), None, None, None
 
 
-def _holder_log_ratio_masked(d: torch.Tensor, maskf: torch.Tensor, p: float, reducer: SequenceReducer,
-                             input_dtype: torch.dtype | None = None) -> torch.Tensor:
+def _holder_log_ratio_masked(d: torch.Tensor, maskf: torch.Tensor, p: float, reducer: SequenceReducer) -> torch.Tensor:
     """:func:`holder_log_ratio` on inputs the caller has already cleaned: ``d`` in the compute dtype,
     0 and finite wherever ``maskf`` (0/1, same dtype) is 0; no checks. The losses call this."""
-    return _HolderLogRatio.apply(d, maskf, float(p), reducer, input_dtype or d.dtype)
+    return _HolderLogRatio.apply(d, maskf, float(p), reducer)
 
 
 def holder_log_ratio(
@@ -177,4 +175,4 @@ def holder_log_ratio(
     # padding zeroed by the slower select (a local choice: no collective depends on it).
     if not bool(torch.isfinite(d.detach().sum())):
         d = torch.where(mask, log_ratio.to(dtype), torch.zeros((), dtype=dtype, device=d.device))
-    return _holder_log_ratio_masked(d, maskf, p, reducer, log_ratio.dtype)
+    return _holder_log_ratio_masked(d, maskf, p, reducer)

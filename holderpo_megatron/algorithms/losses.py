@@ -280,11 +280,14 @@ def _prepare(logp, old_logp, advantages, mask, strict: bool, reducer: SequenceRe
     d = (logp.float() - old.float()) * maskf
     count, d_sum = R.seq_sums(maskf, d.detach())
     bad = ~torch.isfinite(adv)
-    if not bool(torch.isfinite(d_sum).all()):
+    # one host sync for all three checks
+    seq_nonfinite, any_bad, local_nonfinite = torch.stack(
+        [~torch.isfinite(d_sum).all(), bad.any(), ~torch.isfinite(d.detach().sum())]).tolist()
+    if seq_nonfinite:
         finite = torch.isfinite(logp.detach()) & torch.isfinite(old)
         (n_bad_tok,) = R.seq_sums(float_mask(mask & ~finite))
         bad = bad | (n_bad_tok > 0)
-    any_bad = bool(bad.any())
+        any_bad = bool(bad.any())
     if strict and any_bad:
         rows = bad.nonzero().flatten().tolist()
         raise ValueError(
@@ -296,7 +299,7 @@ def _prepare(logp, old_logp, advantages, mask, strict: bool, reducer: SequenceRe
         maskf = float_mask(mask)
         count = torch.where(bad, torch.zeros_like(count), count)
         adv = torch.where(bad, torch.zeros_like(adv), adv)
-    if any_bad or not bool(torch.isfinite(d.detach().sum())):
+    if any_bad or local_nonfinite:
         # NaN/inf at padding (or tokens of no sequence) or excluded sequences: select instead, so
         # none reaches the loss or its gradient (a local choice: no collective follows it)
         d = torch.where(mask, logp.float() - old.float(), torch.zeros((), device=logp.device))
