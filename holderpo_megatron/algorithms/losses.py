@@ -341,16 +341,35 @@ def _sequence_clip(log_rho, adv, seq_valid, clip_low, clip_high, dual_clip):
     return per_seq, rho, clipped
 
 
-def _sign_aware_token_clip(d, adv_tok, clip_low, clip_high):
+class _ClipLogRatio(torch.autograd.Function):
+    """``d`` clamped to ``[lo, hi]`` (tensors broadcasting against it) and the clipped tokens as 0/1
+    float; the gradient passes where the clamp left ``d`` unchanged, as ``torch.clamp``'s does. One
+    multiply-add in backward, where clamp with tensor bounds and selects by sign each take a slow
+    element-wise path on CPU."""
+
+    @staticmethod
+    def forward(ctx, d, lo, hi):
+        d_clip = torch.maximum(torch.minimum(d, hi), lo)
+        clipped = (d - d_clip).abs_().sign_()  # d is finite (``_prepare``), so exactly 0 or 1
+        ctx.save_for_backward(clipped)
+        ctx.mark_non_differentiable(clipped)
+        return d_clip, clipped
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        (clipped,) = ctx.saved_tensors
+        return torch.addcmul(grad, grad, clipped, value=-1.0), None, None
+
+
+def _sign_aware_token_clip(b: _Batch, clip_low, clip_high):
     """Per token, in log space: A > 0 keeps min(r, clip(r)) = min(r, 1+eps_h);
-    A < 0 keeps max(r, clip(r)) = max(r, 1-eps_l). ``adv_tok``: advantages broadcast to the tokens.
-    Returns (clipped d, clip-active mask)."""
+    A < 0 keeps max(r, clip(r)) = max(r, 1-eps_l). Returns (clipped d, clipped tokens as 0/1 float,
+    0 off the mask since d is 0 there)."""
     hi, lo = math.log1p(clip_high), math.log1p(-clip_low)
-    pos = adv_tok > 0
-    neg = adv_tok < 0
-    d_clip = torch.where(pos, d.clamp(max=hi), torch.where(neg, d.clamp(min=lo), d))
-    active = (pos & (d > hi)) | (neg & (d < lo))
-    return d_clip, active
+    inf = torch.full_like(b.adv, math.inf)
+    lo_seq = torch.where(b.adv < 0, torch.full_like(b.adv, lo), -inf)
+    hi_seq = torch.where(b.adv > 0, torch.full_like(b.adv, hi), inf)
+    return _ClipLogRatio.apply(b.d, b.reducer.broadcast(lo_seq), b.reducer.broadcast(hi_seq))
 
 
 def _seq_metrics(batch: _Batch, rho, clipped, p: float | None) -> LossMetrics:
@@ -403,24 +422,23 @@ def holder_policy_loss(
     R = b.reducer
 
     if variant == "token":
-        d_clip, active = _sign_aware_token_clip(b.d, b.adv_tok, clip_low, clip_high)
+        d_clip, active = _sign_aware_token_clip(b, clip_low, clip_high)
         rho = torch.exp(_holder_log_ratio_masked(d_clip, b.maskf, p, R))
         per_seq = torch.where(b.seq_valid, -b.adv * rho, torch.zeros_like(rho))
-        tok_clipped = R.seq_sum((active & b.mask).float())
+        tok_clipped = R.seq_sum(active)
         all_clipped = b.seq_valid & (tok_clipped == b.seq_count)
         metrics = _seq_metrics(b, rho, all_clipped, p)
         metrics.add_mean("token_clip_frac", R.total(tok_clipped.double()), R.total(b.seq_count.double()))
     else:
         d = b.d
         if variant == "seq_tokclip":
-            lo, hi = math.log1p(-clip_low), math.log1p(clip_high)
-            tok_active = b.mask & ((d < lo) | (d > hi))
-            d = d.clamp(lo, hi)
+            bound = torch.tensor([math.log1p(-clip_low), math.log1p(clip_high)], device=d.device)
+            d, tok_active = _ClipLogRatio.apply(d, bound[0], bound[1])
         per_seq, rho, clipped = _sequence_clip(_holder_log_ratio_masked(d, b.maskf, p, R), b.adv, b.seq_valid, clip_low, clip_high, dual_clip)
         metrics = _seq_metrics(b, rho, clipped, p)
         if variant == "seq_tokclip":
             # per-token sums are over this shard's tokens: they add up across ranks as they are
-            metrics.add_mean("token_clip_frac", tok_active.double().sum(), b.mask.sum())
+            metrics.add_mean("token_clip_frac", tok_active.sum(), b.maskf.sum())
     return _finish(R.total(per_seq), R.total(b.seq_valid.float()), denominator, "sequence", metrics)
 
 
@@ -512,8 +530,8 @@ def gmpo_loss(logp, old_logp, advantages, mask, options: GMPOOptions, *, denomin
     range is wider, (e^-0.4, e^0.4): set clip_low = 1 - e^-0.4, clip_high = e^0.4 - 1 for it.)"""
     b = _prepare(logp, old_logp, advantages, mask, strict, reducer)
     R = b.reducer
-    d_clip, active = _sign_aware_token_clip(b.d, b.adv_tok, options.clip_low, options.clip_high)
-    d_sum, tok_clipped = R.seq_sums(d_clip * b.mask, (active & b.mask).float())
+    d_clip, active = _sign_aware_token_clip(b, options.clip_low, options.clip_high)
+    d_sum, tok_clipped = R.seq_sums(d_clip, active)  # both 0 off the mask
     rho = torch.exp(d_sum / b.seq_count.clamp_min(1))
     per_seq = torch.where(b.seq_valid, -b.adv * rho, torch.zeros_like(rho))
     metrics = _seq_metrics(b, rho, b.seq_valid & (tok_clipped == b.seq_count), None)
