@@ -455,7 +455,7 @@ def _token_ppo(b: _Batch, clip: ClipOptions):
     per_tok = torch.maximum(unclipped, clipped_obj)
     if clip.dual_clip is not None:
         per_tok = torch.where(adv < 0, torch.minimum(per_tok, -adv * clip.dual_clip), per_tok)
-    per_tok = per_tok * b.mask
+    per_tok = per_tok * b.maskf
     clipped = b.mask & (clipped_obj > unclipped)
     return per_tok, ratio, clipped
 
@@ -463,12 +463,19 @@ def _token_ppo(b: _Batch, clip: ClipOptions):
 def _token_metrics(b: _Batch, ratio, clipped) -> LossMetrics:
     R = b.reducer
     m = LossMetrics()
-    n_tok = b.mask.sum()
-    m.add_mean("rho_mean", (ratio.detach().double() * b.mask).sum(), n_tok)
-    m.add_extreme("rho", ratio, b.mask)
-    m.add_mean("clip_frac", clipped.double().sum(), n_tok)
+    n_tok = b.maskf.sum(dtype=torch.float64)
+    m.add_mean("rho_mean", (ratio.detach() * b.maskf).sum(dtype=torch.float64), n_tok)
+    # ratio = exp(d) is monotone, so its extremes are those of d over valid tokens; d is finite and
+    # 0 off the mask, where a -/+ float max penalty (0 on the mask, exactly) keeps it out.
+    d = b.d.detach()
+    pen = b.maskf.mul(torch.finfo(d.dtype).max).sub_(torch.finfo(d.dtype).max)
+    none = n_tok == 0
+    inf = torch.tensor(math.inf, dtype=torch.float64, device=d.device)
+    m.add_min_max("rho", torch.where(none, inf, torch.exp((d - pen).amin()).double()),
+                  torch.where(none, -inf, torch.exp((d + pen).amax()).double()))
+    m.add_mean("clip_frac", clipped.sum(), n_tok)
     # a sequence gets no gradient when none of its valid tokens is unclipped (or A = 0)
-    n_unclipped = R.seq_sum((b.mask & ~clipped).float())
+    n_unclipped = R.seq_sum(float_mask(b.mask & ~clipped))
     zero_grad = b.seq_valid & ((n_unclipped == 0) | (b.adv == 0))
     n = R.total(b.seq_valid.double())
     m.add_mean("zero_grad_frac", R.total(zero_grad.double()), n)
@@ -487,7 +494,7 @@ def grpo_loss(logp, old_logp, advantages, mask, options: GRPOOptions, *, denomin
     per_tok, ratio, clipped = _token_ppo(b, options)
     metrics = _token_metrics(b, ratio, clipped)
     if options.aggregation == "token-mean":
-        return _finish(per_tok.sum(), b.mask.sum(), denominator, "token", metrics)
+        return _finish(per_tok.sum(), b.maskf.sum(), denominator, "token", metrics)
     per_seq = R.seq_sum(per_tok) / b.seq_count.clamp_min(1)
     return _finish(R.total(per_seq), R.total(b.seq_valid.float()), denominator, "sequence", metrics)
 

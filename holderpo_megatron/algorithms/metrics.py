@@ -39,6 +39,11 @@ class LossMetrics:
         self.mins[name + "_min"] = torch.where(valid, v, inf).amin() if v.numel() else inf
         self.maxs[name + "_max"] = torch.where(valid, v, -inf).amax() if v.numel() else -inf
 
+    def add_min_max(self, name: str, vmin: torch.Tensor, vmax: torch.Tensor) -> None:
+        """Record an already reduced min and max as ``name_min``/``name_max``."""
+        self.mins[name + "_min"] = vmin.detach().double()
+        self.maxs[name + "_max"] = vmax.detach().double()
+
     def add_constant(self, name: str, value: float) -> None:
         self.constants[name] = float(value)
 

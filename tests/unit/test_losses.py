@@ -239,3 +239,17 @@ def test_dual_clip_bounds_negative_advantage_loss():
     d = torch.tensor([[3.0]])
     out = holder_policy_loss(d, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1, dtype=torch.bool), 1.0, dual_clip=3.0)
     assert out.loss.item() == pytest.approx(3.0)
+
+
+def test_grpo_token_metrics_on_constructed_batch():
+    # valid ratios all above 1 (padding, whose d is 0, must not pull the min to 1) and all below 1
+    d = torch.tensor([[0.5, 0.3, 7.0], [-0.4, -0.1, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.0, 1.0])
+    m = compute_policy_loss("grpo", d, torch.zeros(2, 3), adv, mask, clip_low=0.2, clip_high=0.2).metrics.to_dict()
+    assert m["rho_min"] == pytest.approx(math.exp(-0.4), rel=1e-6)
+    assert m["rho_max"] == pytest.approx(math.exp(0.5), rel=1e-6)
+    assert m["rho_mean"] == pytest.approx((math.exp(0.5) + math.exp(0.3) + math.exp(-0.4) + math.exp(-0.1)) / 4, rel=1e-6)
+    assert m["clip_frac"] == pytest.approx(0.5)  # e^0.5 and e^0.3 > 1.2 with A > 0
+    empty = compute_policy_loss("grpo", d, torch.zeros(2, 3), adv, torch.zeros(2, 3, dtype=torch.bool)).metrics.to_dict()
+    assert empty["rho_min"] == math.inf and empty["rho_max"] == -math.inf
