@@ -342,7 +342,7 @@ def _sequence_clip(log_rho, adv, seq_valid, clip_low, clip_high, dual_clip):
 
 
 class _ClipLogRatio(torch.autograd.Function):
-    """``d`` clamped to ``[lo, hi]`` (tensors broadcasting against it) and the clipped tokens as 0/1
+    """``d`` (a log-ratio, or a ratio) clamped to ``[lo, hi]`` (tensors broadcasting against it) and the clipped tokens as 0/1
     float; the gradient passes where the clamp left ``d`` unchanged, as ``torch.clamp``'s does. One
     multiply-add in backward, where clamp with tensor bounds and selects by sign each take a slow
     element-wise path on CPU."""
@@ -350,7 +350,8 @@ class _ClipLogRatio(torch.autograd.Function):
     @staticmethod
     def forward(ctx, d, lo, hi):
         d_clip = torch.maximum(torch.minimum(d, hi), lo)
-        clipped = (d - d_clip).abs_().sign_()  # d is finite (``_prepare``), so exactly 0 or 1
+        # exactly 0 or 1; inf - inf (an overflowed ratio left unclamped) is NaN, which means kept
+        clipped = (d - d_clip).abs_().sign_().nan_to_num_(0.0)
         ctx.save_for_backward(clipped)
         ctx.mark_non_differentiable(clipped)
         return d_clip, clipped
@@ -447,17 +448,22 @@ def holder_policy_loss(
 
 
 def _token_ppo(b: _Batch, clip: ClipOptions):
-    """Per-token PPO objective (token-shaped, 0 at masked positions), token ratios and clip mask."""
+    """Per-token PPO objective (token-shaped, 0 at masked positions), token ratios and clipped
+    tokens (0/1 float). max(-A r, -A clip(r)) is -A times r clamped sign-aware (above only for
+    A > 0, below only for A < 0), with no gradient where the clamp acts: one clamp pass."""
     ratio = torch.exp(b.d)
-    adv = b.adv_tok
-    unclipped = -adv * ratio
-    clipped_obj = -adv * ratio.clamp(1.0 - clip.clip_low, 1.0 + clip.clip_high)
-    per_tok = torch.maximum(unclipped, clipped_obj)
+    inf = torch.full_like(b.adv, math.inf)
+    lo_seq = torch.where(b.adv < 0, torch.full_like(b.adv, 1.0 - clip.clip_low), -inf)
+    hi_seq = torch.where(b.adv > 0, torch.full_like(b.adv, 1.0 + clip.clip_high), inf)
+    R = b.reducer
+    kept, clipped = _ClipLogRatio.apply(ratio, R.broadcast(lo_seq), R.broadcast(hi_seq))
+    per_tok = kept * R.broadcast(-b.adv)
     if clip.dual_clip is not None:
+        adv = b.adv_tok
         per_tok = torch.where(adv < 0, torch.minimum(per_tok, -adv * clip.dual_clip), per_tok)
-    per_tok = per_tok * b.maskf
-    clipped = b.mask & (clipped_obj > unclipped)
-    return per_tok, ratio, clipped
+    # off the mask the ratio is 1, inside every bound, but a packed layout broadcasts 0 bounds to
+    # tokens of no sequence
+    return per_tok * b.maskf, ratio, clipped * b.maskf
 
 
 def _token_metrics(b: _Batch, ratio, clipped) -> LossMetrics:
@@ -473,9 +479,10 @@ def _token_metrics(b: _Batch, ratio, clipped) -> LossMetrics:
     inf = torch.tensor(math.inf, dtype=torch.float64, device=d.device)
     m.add_min_max("rho", torch.where(none, inf, torch.exp((d - pen).amin()).double()),
                   torch.where(none, -inf, torch.exp((d + pen).amax()).double()))
-    m.add_mean("clip_frac", clipped.sum(), n_tok)
-    # a sequence gets no gradient when none of its valid tokens is unclipped (or A = 0)
-    n_unclipped = R.seq_sum(float_mask(b.mask & ~clipped))
+    m.add_mean("clip_frac", clipped.sum(dtype=torch.float64), n_tok)
+    # a sequence gets no gradient when none of its valid tokens is unclipped (or A = 0); clipped is
+    # 0 off the mask
+    n_unclipped = R.seq_sum(b.maskf - clipped)
     zero_grad = b.seq_valid & ((n_unclipped == 0) | (b.adv == 0))
     n = R.total(b.seq_valid.double())
     m.add_mean("zero_grad_frac", R.total(zero_grad.double()), n)
