@@ -341,11 +341,11 @@ def _sequence_clip(log_rho, adv, seq_valid, clip_low, clip_high, dual_clip):
     return per_seq, rho, clipped
 
 
-class _ClipLogRatio(torch.autograd.Function):
-    """``d`` (a log-ratio, or a ratio) clamped to ``[lo, hi]`` (tensors broadcasting against it) and the clipped tokens as 0/1
-    float; the gradient passes where the clamp left ``d`` unchanged, as ``torch.clamp``'s does. One
-    multiply-add in backward, where clamp with tensor bounds and selects by sign each take a slow
-    element-wise path on CPU."""
+class _FlaggedClamp(torch.autograd.Function):
+    """``d`` (log-ratios or ratios) clamped to ``[lo, hi]`` (tensors broadcasting against it), and
+    the clipped tokens as 0/1 float; the gradient passes where the clamp left ``d`` unchanged, as
+    ``torch.clamp``'s does. One multiply-add in backward, where clamp with tensor bounds and selects
+    by sign each take a slow element-wise path on CPU."""
 
     @staticmethod
     def forward(ctx, d, lo, hi):
@@ -370,7 +370,7 @@ def _sign_aware_token_clip(b: _Batch, clip_low, clip_high):
     inf = torch.full_like(b.adv, math.inf)
     lo_seq = torch.where(b.adv < 0, torch.full_like(b.adv, lo), -inf)
     hi_seq = torch.where(b.adv > 0, torch.full_like(b.adv, hi), inf)
-    return _ClipLogRatio.apply(b.d, b.reducer.broadcast(lo_seq), b.reducer.broadcast(hi_seq))
+    return _FlaggedClamp.apply(b.d, b.reducer.broadcast(lo_seq), b.reducer.broadcast(hi_seq))
 
 
 def _seq_metrics(batch: _Batch, rho, clipped, p: float | None) -> LossMetrics:
@@ -434,7 +434,7 @@ def holder_policy_loss(
         d = b.d
         if variant == "seq_tokclip":
             bound = torch.tensor([math.log1p(-clip_low), math.log1p(clip_high)], device=d.device)
-            d, tok_active = _ClipLogRatio.apply(d, bound[0], bound[1])
+            d, tok_active = _FlaggedClamp.apply(d, bound[0], bound[1])
         per_seq, rho, clipped = _sequence_clip(_holder_log_ratio_masked(d, b.maskf, p, R), b.adv, b.seq_valid, clip_low, clip_high, dual_clip)
         metrics = _seq_metrics(b, rho, clipped, p)
         if variant == "seq_tokclip":
@@ -456,7 +456,7 @@ def _token_ppo(b: _Batch, clip: ClipOptions):
     lo_seq = torch.where(b.adv < 0, torch.full_like(b.adv, 1.0 - clip.clip_low), -inf)
     hi_seq = torch.where(b.adv > 0, torch.full_like(b.adv, 1.0 + clip.clip_high), inf)
     R = b.reducer
-    kept, clipped = _ClipLogRatio.apply(ratio, R.broadcast(lo_seq), R.broadcast(hi_seq))
+    kept, clipped = _FlaggedClamp.apply(ratio, R.broadcast(lo_seq), R.broadcast(hi_seq))
     per_tok = kept * R.broadcast(-b.adv)
     if clip.dual_clip is not None:
         adv = b.adv_tok
