@@ -43,63 +43,93 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def float_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A bool mask as 0/1 of ``dtype``. Through a uint8 view: on CPU bool -> float takes a slow
+    element-wise path (about 7x the time of uint8 -> float)."""
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8).to(dtype)
+    return mask.to(dtype)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Mean of ``values`` over ``mask`` along ``dim``; rows with no valid entry give 0."""
-    mask_f = mask.to(values.dtype)
+    mask_f = float_mask(mask, values.dtype)
     count = mask_f.sum(dim)
     return (values * mask_f).sum(dim) / count.clamp_min(1)
 
 
+def _exp_terms(x: torch.Tensor, maskf: torch.Tensor, count: torch.Tensor, R: SequenceReducer):
+    """For x = p * centred d (0 off the mask): L = log mean_t exp(x_t) per sequence, by the two
+    exact forms of the module docstring, and the softmax numerators u (token-shaped, 0 off the
+    mask) with their per-sequence sums Z, so that softmax_t(x) = u_t / Z.
+
+    Only the transcendental each sequence needs is evaluated (one pass over the tokens when all
+    sequences take the same form, the usual case); the choice is made from per-sequence values,
+    identical on every rank of a context-parallel group, so all ranks take the same path."""
+    s = R.seq_max(x)  # padding holds x = 0 <= max over valid x (centred), so it cannot move s past 1
+    shifted = s > _SHIFT_THRESHOLD
+    any_shifted, all_shifted = torch.stack([shifted.any(), (shifted | (count == 0)).all()]).tolist()
+    if not any_shifted:
+        e = torch.expm1(x)  # exactly 0 off the mask, since x is
+        sum_e = R.seq_sum(e)
+        # exp(x) = expm1(x) + 1 at valid tokens, 0 elsewhere; rounding of the +1 only touches
+        # weights far below 1 / T, in absolute terms below eps / T.
+        return torch.log1p(sum_e / count.clamp_min(1)), e.add_(maskf), sum_e + count
+    if all_shifted:
+        u = torch.exp(x.sub_(R.broadcast(s.masked_fill(~shifted, 0.0)))).mul_(maskf)
+        z = R.seq_sum(u)
+        return s + torch.log(z / count.clamp_min(1)), u, z
+    # Mixed sequences: both forms over all tokens, each sequence keeps its own.
+    shift = torch.where(shifted, s, torch.zeros_like(s))
+    y = x.sub_(R.broadcast(shift))
+    bshifted = R.broadcast(shifted)
+    e = torch.where(bshifted, torch.exp(y), torch.expm1(y)).mul_(maskf)
+    sum_e = R.seq_sum(e)
+    mean_e = sum_e / count.clamp_min(1)
+    lse = shift + torch.where(shifted, torch.log(mean_e), torch.log1p(mean_e))
+    u = torch.where(bshifted, e, e + maskf)
+    return lse, u, torch.where(shifted, sum_e, sum_e + count)
+
+
 class _HolderLogRatio(torch.autograd.Function):
     """Forward from per-sequence reductions only (count, sum, max, sum of exp), so the same code
-    serves every layout; backward is local to each token given its sequence's statistics."""
+    serves every layout; backward is local to each token given its sequence's statistics.
+
+    Takes ``d`` already 0 and finite off the mask and ``maskf`` 0/1 in d's compute dtype. Saves one
+    token-shaped tensor: exp(x) at valid tokens (or the mask at p = 0), so the backward is a single
+    multiply by per-sequence factors."""
 
     @staticmethod
-    def forward(ctx, log_ratio: torch.Tensor, mask: torch.Tensor, p: float, reducer: SequenceReducer):
+    def forward(ctx, d: torch.Tensor, maskf: torch.Tensor, p: float, reducer: SequenceReducer):
         R = reducer
-        dtype = _compute_dtype(log_ratio)
-        maskf = mask.to(dtype)
-        # Zero padding before any arithmetic so NaN/inf at padded positions cannot leak in.
-        d = torch.where(mask, log_ratio.to(dtype), torch.zeros((), dtype=dtype, device=log_ratio.device))
         count, d_sum = R.seq_sums(maskf, d)
         safe_count = count.clamp_min(1)
         mean = d_sum / safe_count
         ctx.reducer = R
-        ctx.input_dtype = log_ratio.dtype
         # Below the smallest normal of the compute dtype p * c underflows; the geometric mean is then
         # exact to within |p| * var(d) / 2 < 1e-35, far below rounding, so this is no jump.
-        if abs(p) < torch.finfo(dtype).tiny:
-            ctx.p = 0.0
-            ctx.save_for_backward(maskf, safe_count)
+        if abs(p) < torch.finfo(d.dtype).tiny:
+            ctx.save_for_backward(maskf, 1.0 / safe_count)
             return mean
-        x = (d - R.broadcast(mean)) * (p * maskf)  # p * centred d, 0 at padding
-        neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=x.device)
-        s = R.seq_max(torch.where(mask, x, neg_inf))
-        shifted = s > _SHIFT_THRESHOLD
-        shift = torch.where(shifted, s, torch.zeros_like(s))
-        y = x - R.broadcast(shift)
-        # exp form for shifted rows (sum of exp(y) <= T, >= 1), expm1 form near zero.
-        e = torch.where(R.broadcast(shifted), torch.exp(y), torch.expm1(y)) * maskf
-        mean_e = R.seq_sum(e) / safe_count
-        lse_mean = shift + torch.where(shifted, torch.log(mean_e), torch.log1p(mean_e))
-        lse_mean = torch.where(count > 0, lse_mean, torch.zeros_like(lse_mean))
-        out = mean + lse_mean / p
-        ctx.p = p
-        # softmax weights need x and log(sum exp x) = lse_mean + log T (per sequence).
-        ctx.save_for_backward(x, maskf, lse_mean + torch.log(safe_count))
+        # p * (d - mean) at valid tokens, 0 elsewhere: one fused pass and one in-place scale.
+        x = torch.addcmul(d, maskf, R.broadcast(-mean)).mul_(p)
+        lse_mean, u, z = _exp_terms(x, maskf, count, R)
+        valid = count > 0
+        out = mean + torch.where(valid, lse_mean, torch.zeros_like(lse_mean)) / p
+        # softmax weights: u / Z; sequences with no token get none (and u is 0 there).
+        ctx.save_for_backward(u, torch.where(valid, 1.0 / z, torch.zeros_like(z)))
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        R = ctx.reducer
-        if ctx.p == 0.0:
-            maskf, safe_count = ctx.saved_tensors
-            w = maskf * R.broadcast(1.0 / safe_count)  # (not maskf / ...: 0/0 at tokens of no sequence)
-        else:
-            x, maskf, lse = ctx.saved_tensors
-            w = torch.exp(x - R.broadcast(lse)) * maskf
-        grad = (w * R.broadcast(grad_out.to(w.dtype))).to(ctx.input_dtype)
-        return grad, None, None, None
+        u, inv_z = ctx.saved_tensors
+        return u * ctx.reducer.broadcast(grad_out.to(inv_z.dtype) * inv_z), None, None, None
+
+
+def _holder_log_ratio_masked(d: torch.Tensor, maskf: torch.Tensor, p: float, reducer: SequenceReducer) -> torch.Tensor:
+    """:func:`holder_log_ratio` on inputs the caller has already cleaned: ``d`` in the compute dtype,
+    0 and finite wherever ``maskf`` (0/1, same dtype) is 0; no checks. The losses call this."""
+    return _HolderLogRatio.apply(d, maskf, float(p), reducer)
 
 
 def holder_log_ratio(
@@ -138,4 +168,11 @@ def holder_log_ratio(
         raise ValueError(f"p must be finite, got {p}; use a large |p| for the max/min limits")
     member = reducer.token_member()
     mask = mask.bool() if member is None else mask.bool() & member
-    return _HolderLogRatio.apply(log_ratio, mask, p, reducer)
+    dtype = _compute_dtype(log_ratio)
+    maskf = float_mask(mask, dtype)
+    d = log_ratio.to(dtype) * maskf
+    # Garbage (NaN/inf) at padding survives the multiply; the total shows it, and only then is the
+    # padding zeroed by the slower select (a local choice: no collective depends on it).
+    if not bool(torch.isfinite(d.detach().sum())):
+        d = torch.where(mask, log_ratio.to(dtype), torch.zeros((), dtype=dtype, device=d.device))
+    return _holder_log_ratio_masked(d, maskf, p, reducer)

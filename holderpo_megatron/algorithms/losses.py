@@ -30,7 +30,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from .holder import holder_log_ratio
+from .holder import _holder_log_ratio_masked, float_mask
 from .metrics import LossMetrics
 from .reducers import PaddedReducer, SequenceReducer
 
@@ -227,6 +227,7 @@ def compute_policy_loss(name: str, logp, old_logp, advantages, mask, options: Lo
 class _Batch:
     d: torch.Tensor  # token-shaped float32 log-ratio, 0 at masked/excluded positions, grad to logp
     mask: torch.Tensor  # token-shaped bool, valid tokens of counted sequences
+    maskf: torch.Tensor  # the same mask as float32 0/1
     adv: torch.Tensor  # [S] float32
     adv_tok: torch.Tensor  # adv broadcast against tokens
     seq_valid: torch.Tensor  # [S] bool: counted (>= 1 valid token, all finite)
@@ -271,22 +272,39 @@ def _prepare(logp, old_logp, advantages, mask, strict: bool, reducer: SequenceRe
         mask = mask & member
     adv = advantages.reshape(-1).float().detach()
     old = old_logp.detach()
-    finite = torch.isfinite(logp.detach()) & torch.isfinite(old)
-    # One fused reduction gives the token count and the non-finite count of every sequence.
-    count, n_bad_tok = R.seq_sums(mask.float(), (mask & ~finite).float())
-    bad = (n_bad_tok > 0) | ~torch.isfinite(adv)
-    if strict and bool(bad.any()):
+    maskf = float_mask(mask)
+    # Multiplying by the mask (not selecting) is the fast path: a non-finite log-prob in a
+    # sequence makes its sum non-finite, and only then do the exact per-token checks run. That
+    # decision rests on per-sequence sums (global under context parallelism), so every rank takes
+    # the same path through the collectives.
+    d = (logp.float() - old.float()) * maskf
+    count, d_sum = R.seq_sums(maskf, d.detach())
+    bad = ~torch.isfinite(adv)
+    # one host sync for all three checks
+    seq_nonfinite, any_bad, local_nonfinite = torch.stack(
+        [~torch.isfinite(d_sum).all(), bad.any(), ~torch.isfinite(d.detach().sum())]).tolist()
+    if seq_nonfinite:
+        finite = torch.isfinite(logp.detach()) & torch.isfinite(old)
+        (n_bad_tok,) = R.seq_sums(float_mask(mask & ~finite))
+        bad = bad | (n_bad_tok > 0)
+        any_bad = bool(bad.any())
+    if strict and any_bad:
         rows = bad.nonzero().flatten().tolist()
         raise ValueError(
             f"non-finite log-probs or advantages in sequences {rows[:8]}{'...' if len(rows) > 8 else ''} "
             f"({len(rows)} of {n_seq}); strict=False excludes them instead"
         )
-    mask = mask & ~R.broadcast(bad)
-    count = torch.where(bad, torch.zeros_like(count), count)
-    d = torch.where(mask, logp.float() - old.float(), torch.zeros((), device=logp.device))
-    adv = torch.where(bad, torch.zeros_like(adv), adv)
+    if any_bad:
+        mask = mask & ~R.broadcast(bad)
+        maskf = float_mask(mask)
+        count = torch.where(bad, torch.zeros_like(count), count)
+        adv = torch.where(bad, torch.zeros_like(adv), adv)
+    if any_bad or local_nonfinite:
+        # NaN/inf at padding (or tokens of no sequence) or excluded sequences: select instead, so
+        # none reaches the loss or its gradient (a local choice: no collective follows it)
+        d = torch.where(mask, logp.float() - old.float(), torch.zeros((), device=logp.device))
     return _Batch(
-        d=d, mask=mask, adv=adv, adv_tok=R.broadcast(adv), seq_valid=count > 0, seq_count=count,
+        d=d, mask=mask, maskf=maskf, adv=adv, adv_tok=R.broadcast(adv), seq_valid=count > 0, seq_count=count,
         n_nonfinite=R.total(bad.double()), reducer=R,
     )
 
@@ -323,16 +341,36 @@ def _sequence_clip(log_rho, adv, seq_valid, clip_low, clip_high, dual_clip):
     return per_seq, rho, clipped
 
 
-def _sign_aware_token_clip(d, adv_tok, clip_low, clip_high):
+class _FlaggedClamp(torch.autograd.Function):
+    """``d`` (log-ratios or ratios) clamped to ``[lo, hi]`` (tensors broadcasting against it), and
+    the clipped tokens as 0/1 float; the gradient passes where the clamp left ``d`` unchanged, as
+    ``torch.clamp``'s does. One multiply-add in backward, where clamp with tensor bounds and selects
+    by sign each take a slow element-wise path on CPU."""
+
+    @staticmethod
+    def forward(ctx, d, lo, hi):
+        d_clip = torch.maximum(torch.minimum(d, hi), lo)
+        # exactly 0 or 1; inf - inf (an overflowed ratio left unclamped) is NaN, which means kept
+        clipped = (d - d_clip).abs_().sign_().nan_to_num_(0.0)
+        ctx.save_for_backward(clipped)
+        ctx.mark_non_differentiable(clipped)
+        return d_clip, clipped
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        (clipped,) = ctx.saved_tensors
+        return torch.addcmul(grad, grad, clipped, value=-1.0), None, None
+
+
+def _sign_aware_token_clip(b: _Batch, clip_low, clip_high):
     """Per token, in log space: A > 0 keeps min(r, clip(r)) = min(r, 1+eps_h);
-    A < 0 keeps max(r, clip(r)) = max(r, 1-eps_l). ``adv_tok``: advantages broadcast to the tokens.
-    Returns (clipped d, clip-active mask)."""
+    A < 0 keeps max(r, clip(r)) = max(r, 1-eps_l). Returns (clipped d, clipped tokens as 0/1 float,
+    0 off the mask since d is 0 there)."""
     hi, lo = math.log1p(clip_high), math.log1p(-clip_low)
-    pos = adv_tok > 0
-    neg = adv_tok < 0
-    d_clip = torch.where(pos, d.clamp(max=hi), torch.where(neg, d.clamp(min=lo), d))
-    active = (pos & (d > hi)) | (neg & (d < lo))
-    return d_clip, active
+    inf = torch.full_like(b.adv, math.inf)
+    lo_seq = torch.where(b.adv < 0, torch.full_like(b.adv, lo), -inf)
+    hi_seq = torch.where(b.adv > 0, torch.full_like(b.adv, hi), inf)
+    return _FlaggedClamp.apply(b.d, b.reducer.broadcast(lo_seq), b.reducer.broadcast(hi_seq))
 
 
 def _seq_metrics(batch: _Batch, rho, clipped, p: float | None) -> LossMetrics:
@@ -385,24 +423,23 @@ def holder_policy_loss(
     R = b.reducer
 
     if variant == "token":
-        d_clip, active = _sign_aware_token_clip(b.d, b.adv_tok, clip_low, clip_high)
-        rho = torch.exp(holder_log_ratio(d_clip, b.mask, p, R))
+        d_clip, active = _sign_aware_token_clip(b, clip_low, clip_high)
+        rho = torch.exp(_holder_log_ratio_masked(d_clip, b.maskf, p, R))
         per_seq = torch.where(b.seq_valid, -b.adv * rho, torch.zeros_like(rho))
-        tok_clipped = R.seq_sum((active & b.mask).float())
+        tok_clipped = R.seq_sum(active)
         all_clipped = b.seq_valid & (tok_clipped == b.seq_count)
         metrics = _seq_metrics(b, rho, all_clipped, p)
         metrics.add_mean("token_clip_frac", R.total(tok_clipped.double()), R.total(b.seq_count.double()))
     else:
         d = b.d
         if variant == "seq_tokclip":
-            lo, hi = math.log1p(-clip_low), math.log1p(clip_high)
-            tok_active = b.mask & ((d < lo) | (d > hi))
-            d = d.clamp(lo, hi)
-        per_seq, rho, clipped = _sequence_clip(holder_log_ratio(d, b.mask, p, R), b.adv, b.seq_valid, clip_low, clip_high, dual_clip)
+            bound = torch.tensor([math.log1p(-clip_low), math.log1p(clip_high)], device=d.device)
+            d, tok_active = _FlaggedClamp.apply(d, bound[0], bound[1])
+        per_seq, rho, clipped = _sequence_clip(_holder_log_ratio_masked(d, b.maskf, p, R), b.adv, b.seq_valid, clip_low, clip_high, dual_clip)
         metrics = _seq_metrics(b, rho, clipped, p)
         if variant == "seq_tokclip":
             # per-token sums are over this shard's tokens: they add up across ranks as they are
-            metrics.add_mean("token_clip_frac", tok_active.double().sum(), b.mask.sum())
+            metrics.add_mean("token_clip_frac", tok_active.sum(), b.maskf.sum())
     return _finish(R.total(per_seq), R.total(b.seq_valid.float()), denominator, "sequence", metrics)
 
 
@@ -411,28 +448,41 @@ def holder_policy_loss(
 
 
 def _token_ppo(b: _Batch, clip: ClipOptions):
-    """Per-token PPO objective (token-shaped, 0 at masked positions), token ratios and clip mask."""
+    """Per-token PPO objective (token-shaped, 0 at masked positions), token ratios and clipped
+    tokens (0/1 float). max(-A r, -A clip(r)) is -A times r clamped sign-aware (above only for
+    A > 0, below only for A < 0), with no gradient where the clamp acts: one clamp pass."""
     ratio = torch.exp(b.d)
-    adv = b.adv_tok
-    unclipped = -adv * ratio
-    clipped_obj = -adv * ratio.clamp(1.0 - clip.clip_low, 1.0 + clip.clip_high)
-    per_tok = torch.maximum(unclipped, clipped_obj)
+    inf = torch.full_like(b.adv, math.inf)
+    lo_seq = torch.where(b.adv < 0, torch.full_like(b.adv, 1.0 - clip.clip_low), -inf)
+    hi_seq = torch.where(b.adv > 0, torch.full_like(b.adv, 1.0 + clip.clip_high), inf)
+    R = b.reducer
+    kept, clipped = _FlaggedClamp.apply(ratio, R.broadcast(lo_seq), R.broadcast(hi_seq))
+    per_tok = kept * R.broadcast(-b.adv)
     if clip.dual_clip is not None:
+        adv = b.adv_tok
         per_tok = torch.where(adv < 0, torch.minimum(per_tok, -adv * clip.dual_clip), per_tok)
-    per_tok = per_tok * b.mask
-    clipped = b.mask & (clipped_obj > unclipped)
-    return per_tok, ratio, clipped
+    # off the mask the ratio is 1, inside every bound, but a packed layout broadcasts 0 bounds to
+    # tokens of no sequence
+    return per_tok * b.maskf, ratio, clipped * b.maskf
 
 
 def _token_metrics(b: _Batch, ratio, clipped) -> LossMetrics:
     R = b.reducer
     m = LossMetrics()
-    n_tok = b.mask.sum()
-    m.add_mean("rho_mean", (ratio.detach().double() * b.mask).sum(), n_tok)
-    m.add_extreme("rho", ratio, b.mask)
-    m.add_mean("clip_frac", clipped.double().sum(), n_tok)
-    # a sequence gets no gradient when none of its valid tokens is unclipped (or A = 0)
-    n_unclipped = R.seq_sum((b.mask & ~clipped).float())
+    n_tok = b.maskf.sum(dtype=torch.float64)
+    m.add_mean("rho_mean", (ratio.detach() * b.maskf).sum(dtype=torch.float64), n_tok)
+    # ratio = exp(d) is monotone, so its extremes are those of d over valid tokens; d is finite and
+    # 0 off the mask, where a -/+ float max penalty (0 on the mask, exactly) keeps it out.
+    d = b.d.detach()
+    pen = b.maskf.mul(torch.finfo(d.dtype).max).sub_(torch.finfo(d.dtype).max)
+    none = n_tok == 0
+    inf = torch.tensor(math.inf, dtype=torch.float64, device=d.device)
+    m.add_min_max("rho", torch.where(none, inf, torch.exp((d - pen).amin()).double()),
+                  torch.where(none, -inf, torch.exp((d + pen).amax()).double()))
+    m.add_mean("clip_frac", clipped.sum(dtype=torch.float64), n_tok)
+    # a sequence gets no gradient when none of its valid tokens is unclipped (or A = 0); clipped is
+    # 0 off the mask
+    n_unclipped = R.seq_sum(b.maskf - clipped)
     zero_grad = b.seq_valid & ((n_unclipped == 0) | (b.adv == 0))
     n = R.total(b.seq_valid.double())
     m.add_mean("zero_grad_frac", R.total(zero_grad.double()), n)
@@ -451,7 +501,7 @@ def grpo_loss(logp, old_logp, advantages, mask, options: GRPOOptions, *, denomin
     per_tok, ratio, clipped = _token_ppo(b, options)
     metrics = _token_metrics(b, ratio, clipped)
     if options.aggregation == "token-mean":
-        return _finish(per_tok.sum(), b.mask.sum(), denominator, "token", metrics)
+        return _finish(per_tok.sum(), b.maskf.sum(), denominator, "token", metrics)
     per_seq = R.seq_sum(per_tok) / b.seq_count.clamp_min(1)
     return _finish(R.total(per_seq), R.total(b.seq_valid.float()), denominator, "sequence", metrics)
 
@@ -494,8 +544,8 @@ def gmpo_loss(logp, old_logp, advantages, mask, options: GMPOOptions, *, denomin
     range is wider, (e^-0.4, e^0.4): set clip_low = 1 - e^-0.4, clip_high = e^0.4 - 1 for it.)"""
     b = _prepare(logp, old_logp, advantages, mask, strict, reducer)
     R = b.reducer
-    d_clip, active = _sign_aware_token_clip(b.d, b.adv_tok, options.clip_low, options.clip_high)
-    d_sum, tok_clipped = R.seq_sums(d_clip * b.mask, (active & b.mask).float())
+    d_clip, active = _sign_aware_token_clip(b, options.clip_low, options.clip_high)
+    d_sum, tok_clipped = R.seq_sums(d_clip, active)  # both 0 off the mask
     rho = torch.exp(d_sum / b.seq_count.clamp_min(1))
     per_seq = torch.where(b.seq_valid, -b.adv * rho, torch.zeros_like(rho))
     metrics = _seq_metrics(b, rho, b.seq_valid & (tok_clipped == b.seq_count), None)

@@ -45,6 +45,11 @@ class LossMetrics:
         inf = torch.tensor(float("inf"), dtype=v.dtype, device=v.device)
         self.maxs[name] = torch.where(valid, v, -inf).amax() if v.numel() else -inf
 
+    def add_min_max(self, name: str, vmin: torch.Tensor, vmax: torch.Tensor) -> None:
+        """Record an already reduced min and max as ``name_min``/``name_max``."""
+        self.mins[name + "_min"] = vmin.detach().double()
+        self.maxs[name + "_max"] = vmax.detach().double()
+
     def add_constant(self, name: str, value: float) -> None:
         self.constants[name] = float(value)
 

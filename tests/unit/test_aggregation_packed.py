@@ -150,3 +150,30 @@ def test_cp_reducer_without_group_is_the_local_layout():
 def test_bad_layout_inputs_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("p", [2.0, 0.0, -1.0])
+def test_packed_nonfinite_at_tokens_of_no_sequence_and_in_one_sequence(p):
+    """NaN/inf at packing padding is ignored; a NaN at a valid token drops only its sequence; the
+    result equals the padded layout without that sequence, with finite gradients everywhere."""
+    logp, old, adv, mask = random_batch(6, 30, seed=4, spread=0.3)
+    red, pack = _packed(mask, rows=2, trailing_pad=4)
+    pad = ~red.token_member()
+    y_val = pack(logp).masked_fill(pad, float("nan"))
+    o_val = pack(old).masked_fill(pad, float("inf"))
+    bad_seq = 3
+    first = int((red._index == bad_seq).nonzero()[0])
+    y_val.view(-1)[first] = float("nan")
+    y = y_val.requires_grad_(True)
+    out = compute_policy_loss("holder", y, o_val, adv, pack(mask) | pad, reducer=red, p=p)
+    out.loss.backward()
+    keep = torch.ones(6, dtype=torch.bool)
+    keep[bad_seq] = False
+    x = logp.clone().requires_grad_(True)
+    ref = compute_policy_loss("holder", x, old, adv, mask & keep.unsqueeze(1), p=p)
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-7)
+    assert out.metrics.to_dict()["nonfinite_seqs"] == 1.0
+    assert torch.isfinite(y.grad).all() and torch.all(y.grad[pad] == 0)
+    torch.testing.assert_close(y.grad[~pad & (red._index.view(y.shape) != bad_seq)],
+                               pack(x.grad)[~pad & (red._index.view(y.shape) != bad_seq)], rtol=1e-5, atol=1e-8)

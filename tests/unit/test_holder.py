@@ -178,3 +178,68 @@ def test_property_gradient_weights_are_a_distribution(batch, p):
     holder_log_ratio(x, mask, p).sum().backward()
     assert torch.all(x.grad >= 0) and torch.all(x.grad[~mask] == 0)
     torch.testing.assert_close(x.grad.sum(-1), torch.ones(d.shape[0]), rtol=1e-5, atol=1e-5)
+
+
+# ---- the per-sequence choice of form (expm1 near 0, shifted exp far from it) ---------------------
+
+def _rows_by_form(forms, t=64, seed=11):
+    """One row per entry of ``forms``: "near" keeps max p*(d - mean) <= 1 (expm1 form), "far" puts
+    it well above 1 (shifted form), "empty" has no valid token. Padding holds NaN."""
+    g = torch.Generator().manual_seed(seed)
+    scale = {"near": 0.05, "far": 5.0, "empty": 1.0}
+    d = torch.stack([scale[f] * torch.randn(t, generator=g, dtype=torch.float64) for f in forms])
+    lengths = torch.randint(t // 2, t + 1, (len(forms),), generator=g)
+    lengths[[i for i, f in enumerate(forms) if f == "empty"]] = 0
+    mask = torch.arange(t) < lengths.unsqueeze(1)
+    return torch.where(mask, d, torch.full_like(d, float("nan"))), mask
+
+
+@pytest.mark.parametrize("forms", [
+    ("near", "near", "empty"), ("far", "far", "empty"), ("near", "far", "empty", "far", "near"),
+])
+@pytest.mark.parametrize("p", [-3.0, 2.0])
+def test_each_form_and_their_mix_match_float64_value_and_gradient(forms, p):
+    d, mask = _rows_by_form(forms)
+    x = d.float().requires_grad_(True)
+    upstream = torch.randn(len(forms), dtype=torch.float32, generator=torch.Generator().manual_seed(1))
+    got = holder_log_ratio(x, mask, p)
+    (got * upstream).sum().backward()
+    clean = torch.nan_to_num(d)
+    x64 = clean.clone().requires_grad_(True)
+    ref = ref_holder_log_ratio(x64, mask, p)
+    (ref * upstream.double()).sum().backward()
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-7)
+    assert torch.all(x.grad[~mask] == 0)
+    empty = torch.tensor([f == "empty" for f in forms])
+    assert torch.all(got[empty] == 0)
+
+
+@pytest.mark.parametrize("p", [-3.0, 0.0, 2.0])
+def test_packed_layout_matches_padded_in_every_form(p):
+    from holderpo_megatron.parallel.aggregation import PackedSequenceReducer
+
+    d, mask = _rows_by_form(("near", "far", "empty", "near"))
+    x = torch.nan_to_num(d).float().requires_grad_(True)
+    padded = holder_log_ratio(x, mask, p)
+    padded.sum().backward()
+    # pack the valid tokens of every row back to back, with 3 tokens of no sequence at the end
+    seg = torch.cat([torch.full((int(n),), i) for i, n in enumerate(mask.sum(-1))] + [torch.full((3,), -1)])
+    vals = torch.cat([x.detach()[mask], torch.full((3,), float("nan"))]).requires_grad_(True)
+    packed = holder_log_ratio(vals, torch.ones_like(seg, dtype=torch.bool), p, PackedSequenceReducer(seg, 4))
+    packed.sum().backward()
+    torch.testing.assert_close(packed, padded, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(vals.grad[:-3], x.grad[mask], rtol=1e-6, atol=1e-8)
+    assert torch.all(vals.grad[-3:] == 0)
+
+
+def test_padding_garbage_and_inf_at_padding_do_not_leak():
+    d, mask = _rows_by_form(("near", "far"))
+    d = d.float()
+    d[0, ~mask[0]] = float("inf")  # row 1 keeps NaN padding
+    x = d.clone().requires_grad_(True)
+    out = holder_log_ratio(x, mask, 2.0)
+    out.sum().backward()
+    torch.testing.assert_close(out.double(), ref_holder_log_ratio(torch.nan_to_num(d.double(), posinf=0.0), mask, 2.0),
+                               rtol=1e-6, atol=1e-5)
+    assert torch.isfinite(x.grad).all() and torch.all(x.grad[~mask] == 0)

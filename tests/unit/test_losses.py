@@ -126,6 +126,33 @@ def test_seq_clip_metrics_on_constructed_batch():
     assert m["p"] == 1.0 and m["num_seqs"] == 4
 
 
+@pytest.mark.parametrize("variant", ["token", "seq_tokclip"])
+def test_token_clip_values_gradient_and_clip_fraction_on_constructed_batch(variant):
+    # log1p(0.25) and log1p(-0.2) sit exactly on the bounds: kept, with gradient, as torch.clamp does
+    hi, lo = math.log1p(0.25), math.log1p(-0.2)
+    d = torch.tensor([[0.5, hi, 0.0, -0.5], [-0.5, lo, 0.5, 0.1], [0.5, -0.5, 0.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0, 0.0])
+    x = d.clone().requires_grad_(True)
+    out = holder_policy_loss(x, torch.zeros(3, 4), adv, mask, p=1.0, clip_low=0.2, clip_high=0.25, variant=variant)
+    out.loss.backward()
+    if variant == "token":  # A > 0 clips above only, A < 0 below only, A = 0 not at all
+        clipped = torch.tensor([[1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+        ref_d = torch.where(adv.unsqueeze(1) > 0, d.clamp(max=hi), torch.where(adv.unsqueeze(1) < 0, d.clamp(min=lo), d))
+    else:
+        clipped = torch.tensor([[1, 0, 0, 1], [1, 0, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+        ref_d = d.clamp(lo, hi)
+    assert out.metrics.to_dict()["token_clip_frac"] == pytest.approx(clipped.sum().item() / 11)
+    x64 = d.double().requires_grad_(True)
+    d64 = torch.where(clipped, ref_d.double(), x64)  # clipped tokens carry no gradient
+    rho = torch.stack([torch.exp(d64[i][mask[i]]).mean() for i in range(3)])
+    ref_loss = torch.maximum(-adv.double() * rho, -adv.double() * rho.clamp(0.8, 1.25)) if variant == "seq_tokclip" else -adv.double() * rho
+    ref_loss.mean().backward()
+    torch.testing.assert_close(out.loss.double(), ref_loss.mean().detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-7)
+    assert torch.all(x.grad[clipped] == 0) and x.grad[0, 1] != 0
+
+
 def test_nonfinite_logprobs_exclude_sequence_and_are_counted():
     logp, old, adv, mask = random_batch(6, 10, seed=3, spread=0.3)
     bad = logp.clone()
@@ -212,3 +239,17 @@ def test_dual_clip_bounds_negative_advantage_loss():
     d = torch.tensor([[3.0]])
     out = holder_policy_loss(d, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1, dtype=torch.bool), 1.0, dual_clip=3.0)
     assert out.loss.item() == pytest.approx(3.0)
+
+
+def test_grpo_token_metrics_on_constructed_batch():
+    # valid ratios all above 1 (padding, whose d is 0, must not pull the min to 1) and all below 1
+    d = torch.tensor([[0.5, 0.3, 7.0], [-0.4, -0.1, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.0, 1.0])
+    m = compute_policy_loss("grpo", d, torch.zeros(2, 3), adv, mask, clip_low=0.2, clip_high=0.2).metrics.to_dict()
+    assert m["rho_min"] == pytest.approx(math.exp(-0.4), rel=1e-6)
+    assert m["rho_max"] == pytest.approx(math.exp(0.5), rel=1e-6)
+    assert m["rho_mean"] == pytest.approx((math.exp(0.5) + math.exp(0.3) + math.exp(-0.4) + math.exp(-0.1)) / 4, rel=1e-6)
+    assert m["clip_frac"] == pytest.approx(0.5)  # e^0.5 and e^0.3 > 1.2 with A > 0
+    empty = compute_policy_loss("grpo", d, torch.zeros(2, 3), adv, torch.zeros(2, 3, dtype=torch.bool)).metrics.to_dict()
+    assert empty["rho_min"] == math.inf and empty["rho_max"] == -math.inf
