@@ -35,6 +35,22 @@ old log-probs with a forward-only pass right after generation, as we do. One of 
 optimizer steps (``max_steps = 2 * steps``); the prompts are given in our order with
 ``shuffle_dataset=False``.
 
+What still differs between the sides (checked for ``bench/learning_vs_trl.py``; see its results):
+
+* the sampler: SGLang's CPU sampler (softmax at the temperature, ``torch.multinomial`` from the
+  engine's RNG seeded with ``train.seed``; per-request seeds act only in SGLang's deterministic mode,
+  GPU only) vs transformers' ``generate`` (TRL's ``GenerationConfig``: top_k=0, min_p None,
+  repetition_penalty 1.0) under ``torch.manual_seed(seed)``. Same distribution, different draws: for
+  one seed the two sides see the same prompts but different completions
+  (``bench/sampling_vs_transformers.py`` checks that both sample the model's own distribution);
+* the model runs as Megatron TP1 x PP2 (1F1B, packed microbatches of <= ``train.token_budget``
+  tokens, tied embeddings kept in sync across the two stages) vs one HF model, padded rows; the
+  log-probs agree to ~1e-5 (the ``logprob_drift`` metric: trainer vs engine) and the gradients and
+  AdamW updates to float32 rounding (tests/distributed/test_megatron_actor.py);
+* the minibatch shuffle (ours ``random.Random(seed * 1_000_003 + step)``, TRL its own sampler);
+* group std: ours ``(r - mean) / (std + 1e-6)``, TRL ``/ (std + 1e-4)`` (both unbiased std; the
+  rewards here are 0/1, so a group with any spread has std >= 0.35 and the eps is immaterial).
+
 What is measured (honestly):
 
 * step time: ours = the loop's own ``time/step`` (metrics.jsonl; wall time between two step

@@ -14,7 +14,9 @@ Each (variant, side, seed) is its own subprocess run (``--launcher`` prefixes it
 ``nice``/``flock``), and its result is kept under ``--runs-dir/<variant>/<side>_seed<seed>.json``: a
 rerun skips what is already there (``--force`` reruns). A variant is a named set of extra overrides
 of our side (``--ours-override``), for swapping one difference at a time; TRL runs are shared by all
-variants (read from the ``baseline`` variant). Timing is not the point here: the machine may be shared.
+variants (read from the ``baseline`` variant). Timing is not the point here: the machine may be shared,
+so the TRL worker runs single-threaded by default (``--trl-threads``; ours sets one thread per rank
+itself): on a busy machine a two-thread OpenMP team waits at every barrier for a descheduled thread.
 
 Writes ``--out`` (JSON: every run's per-step rows + the per-step statistics over seeds) and a markdown
 table beside it (same stem, ``.md``): per step, for each side, the mean and min..max over seeds of
@@ -100,7 +102,7 @@ def markdown(stats: dict, steps: int, cmd: str, overrides: dict[str, list[str]])
         return "-" if s is None else f"{s['mean']:{fmt}} ({s['min']:{fmt}}..{s['max']:{fmt}})"
 
     sides = list(stats)
-    lines = [f"# Learning parity vs TRL (CPU): mean (min..max) over seeds per step", "", f"Command: `{cmd}`", ""]
+    lines = ["# Learning parity vs TRL (CPU): mean (min..max) over seeds per step", "", f"Command: `{cmd}`", ""]
     for side in sides:
         extra = overrides.get(side)
         lines.append(f"- `{side}`: seeds {stats[side]['seeds']}" + (f", extra overrides `{' '.join(extra)}`" if extra else ""))
@@ -131,6 +133,9 @@ def main(argv=None) -> int:
     ap.add_argument("--launcher", default="", help='prefix of each run\'s command, e.g. "nice -n 10 flock -s /tmp/quiet.lock"')
     ap.add_argument("--runs-dir", default=str(DEFAULT_RUNS))
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON result; the markdown table goes beside it (.md)")
+    ap.add_argument("--trl-threads", type=int, default=1,
+                    help="OMP_NUM_THREADS of the TRL worker (ours sets its own: cores / ranks per rank); 1 keeps a "
+                         "shared machine from stalling a multi-threaded team at every barrier; 0 = torch's default")
     ap.add_argument("--force", action="store_true", help="rerun (side, seed) results already kept")
     ap.add_argument("--no-run", action="store_true", help="only aggregate the kept results")
     ap.add_argument("--_one", nargs=4, metavar=("SIDE", "SEED", "STEPS", "OUT"), help=argparse.SUPPRESS)
@@ -171,7 +176,10 @@ def main(argv=None) -> int:
                    "--_one", side, str(seed), str(args.steps), str(p),
                    *(f"--ours-override={o}" for o in args.ours_override)]
             print(f"[{side} seed {seed}] {' '.join(cmd)}", flush=True)
-            rc = subprocess.call(cmd, cwd=ROOT)
+            env = dict(os.environ)
+            if side == "trl" and args.trl_threads > 0:
+                env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.trl_threads)
+            rc = subprocess.call(cmd, cwd=ROOT, env=env)
             if rc != 0:
                 raise SystemExit(f"[{side} seed {seed}] failed with exit code {rc}")
 
