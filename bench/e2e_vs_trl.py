@@ -307,7 +307,6 @@ OUR_PHASES = ("rollout", "score", "train", "sync")
 def run_ours(settings: dict, workdir: Path, cmd: list[str] | None = None, env: dict | None = None,
              tag: str = "ours") -> dict:
     """Our loop through ``holderpo train`` (``cmd``/``env``: another launch of the same run, for experiments)."""
-    steps = settings["steps"]
     run_dir = workdir / "ours"
     if run_dir.exists():
         shutil.rmtree(run_dir)
