@@ -35,6 +35,22 @@ old log-probs with a forward-only pass right after generation, as we do. One of 
 optimizer steps (``max_steps = 2 * steps``); the prompts are given in our order with
 ``shuffle_dataset=False``.
 
+What still differs between the sides (checked for ``bench/learning_vs_trl.py``; see its results):
+
+* the sampler: SGLang's CPU sampler (softmax at the temperature, ``torch.multinomial`` from the
+  engine's RNG seeded with ``train.seed``; per-request seeds act only in SGLang's deterministic mode,
+  GPU only) vs transformers' ``generate`` (TRL's ``GenerationConfig``: top_k=0, min_p None,
+  repetition_penalty 1.0) under ``torch.manual_seed(seed)``. Same distribution, different draws: for
+  one seed the two sides see the same prompts but different completions
+  (``bench/sampling_vs_transformers.py`` checks that both sample the model's own distribution);
+* the model runs as Megatron TP1 x PP2 (1F1B, packed microbatches of <= ``train.token_budget``
+  tokens, tied embeddings kept in sync across the two stages) vs one HF model, padded rows; the
+  log-probs agree to ~1e-5 (the ``logprob_drift`` metric: trainer vs engine) and the gradients and
+  AdamW updates to float32 rounding (tests/distributed/test_megatron_actor.py);
+* the minibatch shuffle (ours ``random.Random(seed * 1_000_003 + step)``, TRL its own sampler);
+* group std: ours ``(r - mean) / (std + 1e-6)``, TRL ``/ (std + 1e-4)`` (both unbiased std; the
+  rewards here are 0/1, so a group with any spread has std >= 0.35 and the eps is immaterial).
+
 What is measured (honestly):
 
 * step time: ours = the loop's own ``time/step`` (metrics.jsonl; wall time between two step
@@ -92,25 +108,32 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "e2e_vs_trl_cpu.json"
 
 # --------------------------------------------------------------------------- shared settings
 
-def our_overrides(steps: int, workdir: Path) -> list[str]:
-    """The recipe overrides of our side (also used to derive TRL's settings from the same config)."""
+def our_overrides(steps: int, workdir: Path, seed: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+    """The recipe overrides of our side (also used to derive TRL's settings from the same config).
+
+    ``seed``: the run's ``train.seed`` (prompt order, initial sampling seeds on both sides; None keeps the
+    recipe's); ``extra``: further overrides of our side only (e.g. ``rollout.mem_fraction_static=0.1``).
+    """
     return [
         f"output_dir={workdir}", "name=ours", f"train.steps={steps}",
+        *([f"train.seed={seed}"] if seed is not None else []),
         "model.dtype=fp32",
         "algorithm.loss=holder", "algorithm.options.variant=seq", "algorithm.regularizers.kl_coef=0.0",
         "algorithm.p_schedule.kind=constant", "algorithm.p_schedule.p_min=0.0", "algorithm.p_schedule.p_max=0.0",
         "eval.every=0", "checkpoint.every=0", "checkpoint.resume=false", "checkpoint.export_hf_at_end=false",
         "logging.tensorboard=false", "logging.wandb=false",
+        *extra,
     ]
 
 
-def shared_settings(steps: int, workdir: Path) -> dict:
-    """Everything both sides must agree on, read from the recipe + our overrides."""
+def shared_settings(steps: int, workdir: Path, seed: int | None = None, extra: tuple[str, ...] = ()) -> dict:
+    """Everything both sides must agree on, read from the recipe + our overrides (see ``our_overrides``)."""
     from holderpo_megatron.data.datasets import BatchIterator, generate_arithmetic_problems
     from holderpo_megatron.models.builtin import resolve_model_path
     from holderpo_megatron.trainer.config import load_run_config
 
-    cfg = load_run_config(RECIPE, our_overrides(steps, workdir))
+    overrides = our_overrides(steps, workdir, seed, extra)
+    cfg = load_run_config(RECIPE, overrides)
     d, r, t, a = cfg.data, cfg.rollout, cfg.train, cfg.algorithm
     o, lo = t.optimizer, a.loss_options
     if d.train != "arithmetic" or d.reward != "exact_int":
@@ -144,6 +167,7 @@ def shared_settings(steps: int, workdir: Path) -> dict:
         "clip_high": lo.clip_high,
         "truncated_reward": a.truncated_reward,
         "seed": t.seed,
+        "our_overrides": overrides,
         "prompt_template": d.prompt_template,
         "loss_ours": f"{a.loss} variant={lo.variant} p={a.p_schedule.value(0)} ({a.p_schedule.kind})",
         "loss_trl": "importance_sampling_level=sequence loss_type=grpo beta=0",
@@ -283,12 +307,11 @@ OUR_PHASES = ("rollout", "score", "train", "sync")
 def run_ours(settings: dict, workdir: Path, cmd: list[str] | None = None, env: dict | None = None,
              tag: str = "ours") -> dict:
     """Our loop through ``holderpo train`` (``cmd``/``env``: another launch of the same run, for experiments)."""
-    steps = settings["steps"]
     run_dir = workdir / "ours"
     if run_dir.exists():
         shutil.rmtree(run_dir)
     cmd = cmd or [sys.executable, "-m", "holderpo_megatron.cli", "train", "--config", str(RECIPE),
-                  *our_overrides(steps, workdir)]
+                  *settings["our_overrides"]]
     print(f"[{tag}] load average before: {os.getloadavg()}", flush=True)
     print(f"[{tag}] {' '.join(cmd)}", flush=True)
     rc, t_launch, wall, mon = _run_monitored(cmd, workdir / f"{tag}.log", env=env)
@@ -318,7 +341,7 @@ def run_ours(settings: dict, workdir: Path, cmd: list[str] | None = None, env: d
         row["other"] = row["time"] - sum(row[p] for p in OUR_PHASES)
     from holderpo_megatron.trainer.config import load_run_config
 
-    cfg = load_run_config(RECIPE, our_overrides(steps, workdir))
+    cfg = load_run_config(RECIPE, settings["our_overrides"])
     nproc = cfg.parallel.nproc_per_node
     omp = (env or os.environ).get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
     return {"rc": rc, "wall_s": wall, "startup_s": startup, "steps": rows, "load": mon.load_summary(),

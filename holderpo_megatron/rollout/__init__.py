@@ -7,11 +7,12 @@ engine is constructed, so this package imports on machines without SGLang.
 from .config import SGLangEngineConfig
 from .drift import LogprobDrift, logprob_drift
 from .interface import (EngineDiedError, EngineStartError, RolloutEngine, RolloutEngineError, Sample, SamplingParams,
-                        TensorBucket, TensorMeta)
+                        TensorBucket, TensorMeta, step_seed)
 
 __all__ = [
     "EngineDiedError", "EngineStartError", "LogprobDrift", "RolloutEngine", "RolloutEngineError", "SGLangEngine",
     "SGLangEngineConfig", "Sample", "SamplingParams", "TensorBucket", "TensorMeta", "logprob_drift",
+    "step_seed",
 ]
 
 

@@ -15,7 +15,7 @@ import torch
 
 __all__ = [
     "SamplingParams", "Sample", "TensorMeta", "TensorBucket", "RolloutEngine",
-    "RolloutEngineError", "EngineStartError", "EngineDiedError",
+    "RolloutEngineError", "EngineStartError", "EngineDiedError", "step_seed",
 ]
 
 
@@ -73,6 +73,17 @@ class SamplingParams:
 
     def sample_seed(self, prompt_index: int, sample_index: int) -> int | None:
         return None if self.seed is None else self.seed + prompt_index * self.n + sample_index
+
+
+def step_seed(run_seed: int, step: int) -> int:
+    """The ``SamplingParams.seed`` of training step ``step`` (from 0) of a run seeded ``run_seed``.
+
+    A step's requests use ``seed + prompt * n + sample`` (agents add ``turn * 1_000_003``), so step
+    bases are 2**32 apart and no two steps of a run share a request seed. (A base of ``run_seed * c +
+    step`` made step s+1 reuse all but one of step s's seeds; SGLang's deterministic sampler draws its
+    noise from (seed, position), so those samples repeated the previous step's noise.) < 2**62: int64.
+    """
+    return ((run_seed * 100_003 + step) % (1 << 30)) << 32
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from holderpo_megatron.algorithms import group_advantages
 from holderpo_megatron.envs.interface import EpisodeSpec
 from holderpo_megatron.rollout.agent import Episode, run_agent_episodes, write_transcripts
-from holderpo_megatron.rollout.interface import SamplingParams
+from holderpo_megatron.rollout.interface import SamplingParams, step_seed
 
 from .batch import StepSamples
 from .config import RunConfig
@@ -117,7 +117,7 @@ def agent_samples(ctx, items: list[EpisodeSpec], step: int) -> StepSamples:
     r = cfg.rollout
     specs = [spec for spec in items for _ in range(r.group_size)]
     params = SamplingParams(n=1, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                            max_new_tokens=r.max_new_tokens, stop=tuple(r.stop), seed=cfg.train.seed * 100_003 + step)
+                            max_new_tokens=r.max_new_tokens, stop=tuple(r.stop), seed=step_seed(cfg.train.seed, step))
     tokenize, detokenize = chat_tokenizer(ctx.tokenizer)
     episodes = run_agent_episodes(ctx.engine, ctx.env_pool, tokenize, detokenize, specs, params, cfg.agent.play,
                                   r.max_prompt_tokens)

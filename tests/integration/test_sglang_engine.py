@@ -71,7 +71,11 @@ def test_stop_token_ends_a_sample_with_finish_reason_stop(engine, reference):
     (s,), = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=8, stop_token_ids=(stop_at,)))
     first = greedy.index(stop_at)
     assert s.finish_reason == "stop"
-    assert s.output_ids[:first] == greedy[:first] and len(s.output_ids) <= first + 1
+    # the matched stop token (EOS likewise) stays in output_ids with its log-prob: the trainer's
+    # sequence is prompt + output_ids, and a policy learns to stop only if that token is trained on
+    assert s.output_ids == greedy[: first + 1] and s.logprobs.numel() == first + 1
+    ref = hf_sequence_logprobs(reference, prompt + s.output_ids)[len(prompt) - 1:]
+    assert (s.logprobs.double() - ref).abs().max().item() <= 1e-3
 
 
 def test_text_prompts_go_through_the_tokenizer(engine):

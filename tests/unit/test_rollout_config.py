@@ -67,6 +67,21 @@ def test_sample_seeds_differ_per_prompt_and_sample():
     assert SamplingParams().sample_seed(0, 0) is None
 
 
+def test_step_seeds_never_repeat_a_request_seed_across_steps():
+    # the old base (run_seed * c + step) made step s+1 reuse 31 of step s's 32 request seeds
+    from holderpo_megatron.rollout import step_seed
+
+    for run_seed in (0, 1234, 2**31 - 1):
+        seen: set[int] = set()
+        for step in range(50):
+            p = SamplingParams(n=8, seed=step_seed(run_seed, step))
+            mine = {p.sample_seed(i, j) + turn * 1_000_003 for i in range(64) for j in range(8) for turn in range(4)}
+            assert not mine & seen, f"run seed {run_seed}: step {step} reuses a request seed of an earlier step"
+            assert max(mine) < 2**63  # SGLang keeps request seeds in an int64 tensor
+            seen |= mine
+    assert step_seed(1234, 3) != step_seed(1235, 3)
+
+
 def test_sample_staleness():
     s = Sample(0, 0, [1], [2, 3], torch.zeros(2), "length", weight_version=4, weight_versions=[(3, 0, 1), (4, 1, 2)])
     assert s.is_mixed_version and s.is_stale(4)
