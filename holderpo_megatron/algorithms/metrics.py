@@ -39,6 +39,12 @@ class LossMetrics:
         self.mins[name + "_min"] = torch.where(valid, v, inf).amin() if v.numel() else inf
         self.maxs[name + "_max"] = torch.where(valid, v, -inf).amax() if v.numel() else -inf
 
+    def add_max(self, name: str, values: torch.Tensor, valid: torch.Tensor) -> None:
+        """Record the max of ``values`` over ``valid`` entries as ``name`` (-inf if none)."""
+        v = values.detach().double()
+        inf = torch.tensor(float("inf"), dtype=v.dtype, device=v.device)
+        self.maxs[name] = torch.where(valid, v, -inf).amax() if v.numel() else -inf
+
     def add_constant(self, name: str, value: float) -> None:
         self.constants[name] = float(value)
 

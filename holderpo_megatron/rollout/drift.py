@@ -36,7 +36,7 @@ class LogprobDrift:
 
 
 def logprob_drift(train_logprobs: Sequence[torch.Tensor], rollout_logprobs: Sequence[torch.Tensor], *,
-                  response_starts: Sequence[int] | None = None, threshold: float = 0.05,
+                  response_starts: Sequence[int] | None = None, threshold: float | None = 0.05,
                   logger: logging.Logger | None = None) -> LogprobDrift:
     """Compare, per sample, the trainer's log-probs of the response tokens with the engine's.
 
@@ -44,14 +44,14 @@ def logprob_drift(train_logprobs: Sequence[torch.Tensor], rollout_logprobs: Sequ
     ``train_logprobs[i]``: the same ``[R_i]`` response tokens, or, with ``response_starts``, the
     trainer's whole-sequence scores ``[n_i - 1]`` (log p(x_t | x_<t), t = 1..n-1, as the Actor's
     ``score`` returns) of which the last ``R_i`` are taken: position ``response_starts[i] - 1`` on.
-    Warns (logging) when the max exceeds ``threshold``.
+    Warns (logging) when the max exceeds ``threshold`` (None: never; the caller judges the total).
     """
     if len(train_logprobs) != len(rollout_logprobs):
         raise ValueError(f"{len(train_logprobs)} trainer rows but {len(rollout_logprobs)} rollout rows")
     if response_starts is not None and len(response_starts) != len(train_logprobs):
         raise ValueError(f"{len(response_starts)} response_starts for {len(train_logprobs)} rows")
-    if not (threshold >= 0 and math.isfinite(threshold)):
-        raise ValueError(f"threshold={threshold!r} is invalid; allowed: a finite float >= 0 (nats)")
+    if threshold is not None and not (threshold >= 0 and math.isfinite(threshold)):
+        raise ValueError(f"threshold={threshold!r} is invalid; allowed: None or a finite float >= 0 (nats)")
     diffs = []
     for i, (t, r) in enumerate(zip(train_logprobs, rollout_logprobs)):
         t = t.detach().double().reshape(-1)
@@ -67,7 +67,7 @@ def logprob_drift(train_logprobs: Sequence[torch.Tensor], rollout_logprobs: Sequ
         diffs.append((t - r).abs())
     d = torch.cat(diffs) if diffs else torch.zeros(0, dtype=torch.float64)
     out = LogprobDrift(mean_abs=float(d.mean()) if d.numel() else 0.0, max_abs=float(d.max()) if d.numel() else 0.0,
-                       num_tokens=int(d.numel()), threshold=float(threshold))
+                       num_tokens=int(d.numel()), threshold=math.inf if threshold is None else float(threshold))
     if out.exceeded:
         (logger or log).warning(
             "train/rollout log-prob drift above threshold: max |logp_train - logp_rollout| = %.4g nats "

@@ -385,7 +385,10 @@ class MegatronActor:
         ``batch`` is this DP rank's share; normalisation is global (see the module docstring);
         ``p``: the p schedule's value this step (for losses with a power). The settings'
         regularizers add a KL to a reference policy (``batch.ref_logprobs``) and an entropy bonus,
-        averaged with the policy loss's own normaliser."""
+        averaged with the policy loss's own normaliser. A sample whose ``old_logprobs`` is None takes
+        this forward's log-probs, detached, as its old ones (call it only before the policy moves
+        away from the one that generated the sample); with ``batch.rollout_logprobs`` the metrics
+        carry this forward's drift from the engine's log-probs."""
         if self.optimizer is None:
             raise RuntimeError("this actor was built without an optimizer (optimizer=None)")
         st = self.settings
@@ -405,10 +408,14 @@ class MegatronActor:
         def loss_func(mb: MicroBatch, hidden: torch.Tensor):
             # log-probs at response positions only (all the loss reads); the prompt's hold the old
             # ones, so every term there is finite (ratio 1, KL 0) before the mask zeroes it
-            old, mask = self._old_and_mask(batch, mb, hidden.device)
+            old, mask, own = self._old_and_mask(batch, mb, hidden.device)
             lp, ent = self._token_logprobs(hidden, mb, keep=mask, fill=old, entropy=True,
                                            entropy_grad=reg.entropy_coef > 0)
+            if own is not None:  # the behaviour policy is this one: old = this forward's, detached
+                old = torch.where(own, lp.detach(), old)
             out = self._microbatch_loss(batch, mb, lp, ent, options, old, mask)
+            if batch.rollout_logprobs is not None:
+                self._add_drift(out.metrics, batch, mb, lp, mask)
             collected.append(out.metrics)
             return (*megatron_loss_outputs(out), {})
 
@@ -485,11 +492,28 @@ class MegatronActor:
         return per_token if mb.token_keep is None else per_token[mb.token_keep]
 
     def _old_and_mask(self, batch: RolloutBatch, mb: MicroBatch, dev):
-        """This rank's ``[N]`` old log-probs (float32) and response mask (bool) of a microbatch."""
-        old = self._local(mb, torch.cat([batch.old_logprobs[i].float() for i in mb.seq_indices])).to(dev)
+        """This rank's ``[N]`` old log-probs (float32; 0 where a sample's are None), response mask
+        (bool), and ``own`` (bool ``[N]``: the sample's old log-probs are None, to be taken from this
+        forward; None if no sample of the microbatch has them None)."""
+        olds = [batch.old_logprobs[i] for i in mb.seq_indices]
+        sizes = [n - 1 for n in mb.seq_lengths]
+        old = self._local(mb, torch.cat([torch.zeros(k) if o is None else o.float()
+                                         for o, k in zip(olds, sizes)])).to(dev)
         mask = self._local(mb, torch.cat([loss_mask(n, batch.response_start[i])
                                           for n, i in zip(mb.seq_lengths, mb.seq_indices)])).to(dev)
-        return old, mask
+        own = None
+        if any(o is None for o in olds):
+            own = self._local(mb, torch.cat([torch.full((k,), o is None) for o, k in zip(olds, sizes)])).to(dev)
+        return old, mask, own
+
+    def _add_drift(self, metrics: LossMetrics, batch: RolloutBatch, mb: MicroBatch, logp: torch.Tensor,
+                   mask: torch.Tensor) -> None:
+        """|this forward's log-probs - the engine's| over the microbatch's response tokens (nats):
+        ``logprob_drift_mean`` (sum, count) and ``logprob_drift_max``, merged like the loss metrics."""
+        engine = self._local(mb, torch.cat([batch.rollout_logprobs[i].float() for i in mb.seq_indices]))
+        d = (logp.detach().double() - engine.to(logp.device, torch.float64)).abs()
+        metrics.add_mean("logprob_drift_mean", (d * mask).sum(), mask.sum())
+        metrics.add_max("logprob_drift_max", d, mask)
 
     def _microbatch_loss(self, batch: RolloutBatch, mb: MicroBatch, logp: torch.Tensor,
                          entropy: torch.Tensor | None, options: LossOptions, old: torch.Tensor,

@@ -91,10 +91,13 @@ class StepSamples:
         out.metrics, out.examples = self.metrics, self.examples
         return out
 
-    def to_batch(self, old_logprobs: list[torch.Tensor],
-                 ref_logprobs: list[torch.Tensor] | None = None) -> "RolloutBatch":
+    def to_batch(self, old_logprobs: list[torch.Tensor | None], ref_logprobs: list[torch.Tensor] | None = None,
+                 *, measure_drift: bool = False) -> "RolloutBatch":
+        """``measure_drift``: the batch carries the engine's log-probs, for the training forward to
+        measure its drift from them (see :class:`RolloutBatch`)."""
         return RolloutBatch(self.sequences, self.response_start, old_logprobs,
-                            torch.tensor(self.advantages, dtype=torch.float32), ref_logprobs, self.trajectory)
+                            torch.tensor(self.advantages, dtype=torch.float32), ref_logprobs, self.trajectory,
+                            self.rollout_logprobs_full() if measure_drift else None)
 
     def rollout_logprobs_full(self) -> list[torch.Tensor]:
         """The engine's log-probs at next-token positions ``[n-1]`` per sample (prompt: 0)."""
@@ -108,8 +111,12 @@ class RolloutBatch:
 
     sequences: token ids (prompt + response) per sample; response_start: index of the first
     response token per sample; old_logprobs: per sample ``[n-1]`` log-probs of the behaviour policy
-    at next-token positions; advantages: ``[num_samples]``; ref_logprobs: the reference policy's
-    log-probs, like ``old_logprobs`` (needed when the KL coefficient is > 0).
+    at next-token positions, or None where the behaviour policy is the one being trained (the first
+    update after a weight sync): the training forward's own log-probs, detached, are the old ones
+    (ratio 1); advantages: ``[num_samples]``; ref_logprobs: the reference policy's log-probs, like
+    ``old_logprobs`` (needed when the KL coefficient is > 0); rollout_logprobs: the engine's log-probs
+    at next-token positions ``[n-1]`` (:func:`rollout_logprobs_as_full`), given when the training
+    forward should measure its drift from them (metrics ``logprob_drift_mean`` / ``_max``).
 
     trajectory: for multi-turn agents, the episode of each sample (one sample per turn; the turns
     of an episode share its advantage). The loss then reduces over every response token of a
@@ -119,10 +126,11 @@ class RolloutBatch:
 
     sequences: list[list[int]]
     response_start: list[int]
-    old_logprobs: list[torch.Tensor]
+    old_logprobs: list[torch.Tensor | None]
     advantages: torch.Tensor
     ref_logprobs: list[torch.Tensor] | None = None
     trajectory: list[int] | None = None
+    rollout_logprobs: list[torch.Tensor] | None = None
 
     def __post_init__(self):
         n = len(self.sequences)
@@ -134,10 +142,16 @@ class RolloutBatch:
         for i, (s, r, lp) in enumerate(zip(self.sequences, self.response_start, self.old_logprobs)):
             if not 1 <= r < len(s):
                 raise ValueError(f"sample {i}: response_start={r} must be in [1, {len(s) - 1}]")
-            if lp.numel() != len(s) - 1:
+            if lp is not None and lp.numel() != len(s) - 1:
                 raise ValueError(f"sample {i}: old_logprobs has {lp.numel()} values, expected {len(s) - 1}")
         if self.ref_logprobs is not None and len(self.ref_logprobs) != n:
             raise ValueError(f"RolloutBatch.ref_logprobs has {len(self.ref_logprobs)} entries for {n} sequences")
+        if self.rollout_logprobs is not None:
+            if len(self.rollout_logprobs) != n:
+                raise ValueError(f"RolloutBatch.rollout_logprobs has {len(self.rollout_logprobs)} entries for {n} sequences")
+            for i, (s, lp) in enumerate(zip(self.sequences, self.rollout_logprobs)):
+                if lp.numel() != len(s) - 1:
+                    raise ValueError(f"sample {i}: rollout_logprobs has {lp.numel()} values, expected {len(s) - 1}")
         if self.trajectory is not None:
             if len(self.trajectory) != n:
                 raise ValueError(f"RolloutBatch.trajectory has {len(self.trajectory)} ids for {n} sequences")
@@ -152,10 +166,14 @@ class RolloutBatch:
         turns, or each sample alone. In order of first appearance."""
         return trajectory_units(len(self.sequences), self.trajectory)
 
-    def select(self, units: list[list[int]]) -> "RolloutBatch":
-        """The sub-batch made of these units (lists of sample indices), trajectory ids kept."""
+    def select(self, units: list[list[int]], *, measure_drift: bool = True) -> "RolloutBatch":
+        """The sub-batch made of these units (lists of sample indices), trajectory ids kept; its
+        ``rollout_logprobs`` too unless ``measure_drift`` is False."""
         idx = [i for u in units for i in u]
+
+        def pick(xs):
+            return None if xs is None else [xs[i] for i in idx]
+
         return RolloutBatch([self.sequences[i] for i in idx], [self.response_start[i] for i in idx],
-                            [self.old_logprobs[i] for i in idx], self.advantages[idx],
-                            None if self.ref_logprobs is None else [self.ref_logprobs[i] for i in idx],
-                            None if self.trajectory is None else [self.trajectory[i] for i in idx])
+                            pick(self.old_logprobs), self.advantages[idx], pick(self.ref_logprobs),
+                            pick(self.trajectory), pick(self.rollout_logprobs) if measure_drift else None)

@@ -15,6 +15,7 @@ functions derive what needs several sections: :meth:`RunConfig.actor_settings` a
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,13 +136,18 @@ class RolloutSection:
     # threads of a CPU engine's scheduler process; null: every core of the machine (the trainer ranks
     # wait while it generates). Ignored on GPU.
     engine_cpu_threads: int | None = None
-    use_rollout_logprobs: bool = False  # old log-probs from the engine instead of re-scoring
+    # old log-probs from the engine: no scoring pass at all; guarded by drift_max (required with it)
+    use_rollout_logprobs: bool = False
     weight_sync: Literal["auto", "tensor", "distributed", "disk"] = "auto"
     bucket_mb: int = 512
     # after each sync, read every tensor back from every engine and compare it with Megatron's (slow:
     # for checking a new model mapping, transport or cluster layout)
     verify_sync: bool = False
     drift_warn: float = 0.1  # warn when max |logp_train - logp_rollout| exceeds this (nats)
+    # refuse (drift_action: error) or warn about a step whose mean |logp_train - logp_rollout| (nats,
+    # the logprob_drift_mean metric) exceeds this, before its first optimizer update; null: no guard
+    drift_max: float | None = None
+    drift_action: Literal["warn", "error"] = "error"
     timeout_s: float = 600.0
     # SGLang's deterministic inference: per-request sampling seeds, batch-invariant kernels, so a
     # resumed run samples exactly what an uninterrupted one would. Needs a GPU attention backend
@@ -166,6 +172,13 @@ class RolloutSection:
         _need(self.bucket_mb >= 1, f"rollout.bucket_mb must be >= 1, got {self.bucket_mb}")
         _need(self.timeout_s > 0, f"rollout.timeout_s must be > 0, got {self.timeout_s}")
         _need(self.drift_warn > 0, f"rollout.drift_warn must be > 0, got {self.drift_warn}")
+        _need(self.drift_max is None or (self.drift_max > 0 and math.isfinite(self.drift_max)),
+              f"rollout.drift_max must be null or a finite number of nats > 0, got {self.drift_max}")
+        _need(self.drift_action in ("warn", "error"),
+              f"rollout.drift_action must be warn or error, got {self.drift_action!r}")
+        _need(not self.use_rollout_logprobs or self.drift_max is not None,
+              "rollout.use_rollout_logprobs=true trains on the engine's log-probs unchecked: set rollout.drift_max "
+              "(nats, mean |logp_train - logp_rollout|, e.g. 0.05) to guard it")
         _need(self.mode == "servers" or not self.server_urls,
               "rollout.server_urls is only used with rollout.mode=servers")
         _need(self.engines_per_node is None or self.engines_per_node >= 1,
@@ -214,6 +227,9 @@ class TrainSection:
     steps: int = 100
     prompts_per_step: int = 32
     minibatches_per_step: int = 1  # optimizer steps per rollout batch
+    # minibatch 1's old log-probs are its own training forward's, detached (before update 1 the policy is
+    # the rollout's): only minibatches 2..k are scored, none when minibatches_per_step = 1. false: score all
+    reuse_training_logprobs: bool = True
     token_budget: int = 8192  # tokens per microbatch
     pack: bool = True
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)

@@ -4,8 +4,10 @@ One step:
     prompts --(rank 0 drives every engine of the fleet)--> samples --> rewards --> group advantages
                                                                     (rank 0, broadcast to every rank)
     --> engines release their memory (colocated, GPU)
-    --> old (and reference) log-probs: Megatron forward-only on every DP rank
-    --> minibatch updates with the registered loss at p = schedule(step)
+    --> old (and reference) log-probs: Megatron forward-only on every DP rank, for the samples of
+        minibatches 2..k only (minibatch 1's are its own training forward's: :func:`old_logprobs`)
+    --> minibatch updates with the registered loss at p = schedule(step); the drift guard checks
+        |logp_train - logp_rollout| after the first forward-backward, before any update
     --> engines resume their weights; weight sync Megatron -> every engine (version = step + 1,
         declared once every engine has it); engines resume their KV cache
     --> metrics; evaluation and checkpoints every N steps
@@ -13,9 +15,11 @@ One step:
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections import Counter
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -26,11 +30,15 @@ from holderpo_megatron.rollout.interface import SamplingParams
 
 from .agent_loop import agent_samples
 from .batch import RolloutBatch, StepSamples
-from .config import RunConfig
+from .config import RolloutSection, RunConfig
 from .faults import KILL_AFTER_STEP, kill_if_asked, kill_rank_if_asked
 from .setup import TrainContext, setup_training
 
-__all__ = ["run_training", "rollout_phase", "train_phase"]
+__all__ = ["run_training", "rollout_phase", "train_phase", "train_minibatches", "minibatch_parts",
+           "old_logprob_source", "old_logprobs"]
+
+log = logging.getLogger("holderpo")
+OldLogprobSource = Literal["score", "reuse", "rollout"]
 
 
 def run_training(cfg: RunConfig) -> None:
@@ -69,15 +77,16 @@ def one_step(ctx: TrainContext, step: int) -> dict:
     metrics.update(ctx.schedule.metrics(step))
     if len(samples):
         mine = samples.share(ctx.dp_rank, ctx.dp_size)  # whole samples, or whole trajectories
+        parts = minibatch_parts(mine.units(), cfg.train.minibatches_per_step, cfg.train.seed, step)
+        source = old_logprob_source(cfg, samples)
         with timer("score"):
+            old, drift = old_logprobs(ctx.actor, mine, parts, source)
             # response tokens only: the prompt's log-probs are never read (loss, KL, drift)
-            old = ctx.actor.score(mine.sequences, mine.response_start)
             ref = ctx.ref.score(mine.sequences, mine.response_start) if ctx.ref is not None else None
-        metrics.update(_drift(ctx, old, mine.rollout_logprobs, mine.response_start))
-        if cfg.rollout.use_rollout_logprobs:
-            old = mine.rollout_logprobs_full()
         with timer("train"):
-            metrics.update(train_phase(ctx, mine.to_batch(old, ref), p, step))
+            # unscored samples: minibatch 1's forward measures its drift from the engine instead
+            batch = mine.to_batch(old, ref, measure_drift=source != "score")
+            metrics.update(train_phase(ctx, batch, parts, p, step, drift))
     else:  # dynamic sampling dropped every group; the engines still get their weights back
         metrics["skipped_update"] = 1.0
     ctx.handover.after_train()
@@ -145,28 +154,92 @@ def _prompt_samples(ctx: TrainContext, items: list, step: int) -> StepSamples:
     )
 
 
-def train_phase(ctx: TrainContext, batch: RolloutBatch, p: float, step: int) -> dict:
-    """``minibatches_per_step`` optimizer steps over this rank's share; metrics merged over DP."""
-    cfg = ctx.cfg
-    units = batch.units()
+def minibatch_parts(units: list[list[int]], k: int, seed: int, step: int) -> list[list[list[int]]]:
+    """This rank's units (lists of sample indices) shuffled, a function of (seed, step) so a resumed
+    run cuts the same minibatches, and cut into ``k`` minibatches of (nearly) equal unit counts."""
+    units = list(units)
+    random.Random(seed * 1_000_003 + step).shuffle(units)
     n = len(units)
-    random.Random(cfg.train.seed * 1_000_003 + step).shuffle(units)  # a function of the step: resumable
-    k = cfg.train.minibatches_per_step
-    merged, grad_norms = LossMetrics(), []
-    for part in range(k):
-        merged = merged.merge(ctx.actor.forward_backward(batch.select(units[part * n // k: (part + 1) * n // k]), p))
-        grad_norms.append(ctx.actor.optimizer_step()["grad_norm"])
-    merged = all_reduce_loss_metrics(merged, ctx.dp_group)
+    return [units[i * n // k: (i + 1) * n // k] for i in range(k)]
+
+
+def old_logprob_source(cfg: RunConfig, samples: StepSamples) -> OldLogprobSource:
+    """Where this step's old (behaviour-policy) log-probs come from: ``rollout`` the engine's
+    (``rollout.use_rollout_logprobs``); ``reuse`` minibatch 1's own training forward, the others scored
+    (``train.reuse_training_logprobs``); ``score`` every sample scored. Samples generated with older
+    weights than the trainer's (``stale_samples`` > 0) are never reused: their policy is not this one."""
+    if cfg.rollout.use_rollout_logprobs:
+        return "rollout"
+    if cfg.train.reuse_training_logprobs and not samples.metrics.get("stale_samples", 0.0):
+        return "reuse"
+    return "score"
+
+
+def old_logprobs(actor, samples: StepSamples, parts: list[list[list[int]]],
+                 source: OldLogprobSource) -> tuple[list[torch.Tensor | None], LossMetrics]:
+    """This rank's old log-probs per sample (``[n-1]``; None: minibatch 1's own forward gives them)
+    and the drift of the scored ones from the engine's (``logprob_drift_*`` as loss metrics, this
+    rank's, to merge with the training forward's). ``parts``: :func:`minibatch_parts`.
+
+    Before the first update the policy is the one that generated the samples (weights synced every
+    step), so a forward-only pass is redundant for minibatch 1: ``reuse`` scores minibatches 2..k only.
+    """
+    drift = LossMetrics()
+    if source == "rollout":
+        return samples.rollout_logprobs_full(), drift
+    todo = list(range(len(samples))) if source == "score" else [i for part in parts[1:] for u in part for i in u]
+    old: list[torch.Tensor | None] = [None] * len(samples)
+    scored = actor.score([samples.sequences[i] for i in todo], [samples.response_start[i] for i in todo]) if todo else []
+    for i, lp in zip(todo, scored):
+        old[i] = lp
+    from holderpo_megatron.rollout.drift import logprob_drift
+
+    # the step's drift is judged once, over every rank (train_minibatches): no per-rank warning here
+    d = logprob_drift(scored, [samples.rollout_logprobs[i] for i in todo],
+                      response_starts=[samples.response_start[i] for i in todo], threshold=None)
+    dev = actor.device
+    drift.add_mean("logprob_drift_mean", torch.tensor(d.mean_abs * d.num_tokens, device=dev),
+                   torch.tensor(d.num_tokens, device=dev))
+    drift.add_max("logprob_drift_max", torch.tensor([d.max_abs], device=dev), torch.tensor([d.num_tokens > 0], device=dev))
+    return old, drift
+
+
+def train_phase(ctx: TrainContext, batch: RolloutBatch, parts: list[list[list[int]]], p: float, step: int,
+                drift: LossMetrics) -> dict:
+    """``minibatches_per_step`` optimizer steps over this rank's share (:func:`train_minibatches`)."""
+    return train_minibatches(ctx.actor, batch, parts, p, step=step, drift=drift, rollout=ctx.cfg.rollout,
+                             dp_group=ctx.dp_group)
+
+
+def train_minibatches(actor, batch: RolloutBatch, parts: list[list[list[int]]], p: float, *, step: int,
+                      drift: LossMetrics, rollout: RolloutSection, dp_group) -> dict:
+    """One optimizer update per part of ``batch`` (lists of units); metrics merged over DP and shared
+    over the pipeline. Only the first part may hold samples whose old log-probs are None (its own
+    forward's), and only it measures drift against ``batch.rollout_logprobs``. After its
+    forward-backward, before any update, the step's drift (``drift``: the scored samples'; plus the
+    first part's forward) is judged against ``rollout.drift_warn`` and ``rollout.drift_max``."""
+    merged, grad_norms, judged = drift, [], {}
+    for i, part in enumerate(parts):
+        sub = batch.select(part, measure_drift=i == 0)
+        if i and any(o is None for o in sub.old_logprobs):
+            raise RuntimeError(f"minibatch {i + 1} of {len(parts)} has samples without old log-probs: only "
+                               "minibatch 1 (before any update) may take them from its own forward")
+        merged = merged.merge(actor.forward_backward(sub, p))
+        if i == 0:
+            judged = judge_drift(actor, merged, rollout, dp_group, step)
+        grad_norms.append(actor.optimizer_step()["grad_norm"])
+    merged = all_reduce_loss_metrics(merged, dp_group)
     out = merged.to_dict()
-    if ctx.layout.pp > 1:  # loss metrics exist on the last pipeline stage: share them with the stage
+    if actor.layout.pp > 1:  # loss metrics exist on the last pipeline stage: share them with the stage
         from megatron.core import parallel_state as ps
 
         box = [out]
         dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
                                    group=ps.get_pipeline_model_parallel_group())
         out = box[0]
+    out.update(judged)
     out["grad_norm"] = max(grad_norms) if grad_norms else math.nan
-    out["lr"] = ctx.actor.applied_lr()
+    out["lr"] = actor.applied_lr()
     return out
 
 
@@ -181,14 +254,36 @@ def engine_metrics(samples, engine_names: list[str]) -> dict[str, float]:
     return out
 
 
-def _drift(ctx: TrainContext, train_lp, rollout_lp, starts) -> dict:
-    """|logp_train - logp_rollout| over response tokens, mean and max over the global batch."""
-    from holderpo_megatron.rollout.drift import logprob_drift
+def judge_drift(actor, metrics: LossMetrics, rollout: RolloutSection, dp_group, step: int) -> dict[str, float]:
+    """The step's |logp_train - logp_rollout| over every response token measured so far (this rank's
+    ``logprob_drift_*`` in ``metrics``, summed over DP, from the last pipeline stage), the same on every
+    rank. Warns (rank 0) when its max exceeds ``rollout.drift_warn``; when its mean exceeds
+    ``rollout.drift_max``, raises on every rank (``drift_action: error``, before any update) or warns."""
+    dev = actor.device
+    n = metrics.counts.get("logprob_drift_mean")
+    sums = torch.tensor([float(metrics.sums["logprob_drift_mean"]) if n is not None else 0.0,
+                         float(n) if n is not None else 0.0], dtype=torch.float64, device=dev)
+    mx = torch.tensor([float(metrics.maxs.get("logprob_drift_max", -math.inf))], dtype=torch.float64, device=dev)
+    if dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(sums, group=dp_group)
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=dp_group)
+    both = torch.cat([sums, mx])
+    if actor.layout.pp > 1:  # the training forward's drift exists on the last stage only
+        from megatron.core import parallel_state as ps
 
-    d = logprob_drift(train_lp, rollout_lp, response_starts=starts, threshold=ctx.cfg.rollout.drift_warn)
-    sums = torch.tensor([d.mean_abs * d.num_tokens, float(d.num_tokens)], dtype=torch.float64)
-    mx = torch.tensor([d.max_abs], dtype=torch.float64)
-    if ctx.dp_size > 1:
-        dist.all_reduce(sums, group=ctx.dp_group)
-        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=ctx.dp_group)
-    return {"logprob_drift_mean": float(sums[0] / sums[1].clamp_min(1)), "logprob_drift_max": float(mx[0])}
+        dist.broadcast(both, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    total, tokens, worst = (float(v) for v in both.cpu())
+    mean, worst = (total / tokens, worst) if tokens > 0 else (0.0, 0.0)
+    rank0 = dist.get_rank() == 0
+    if rank0 and worst > rollout.drift_warn:
+        log.warning("train/rollout log-prob drift: max |logp_train - logp_rollout| = %.4g nats > rollout.drift_warn=%g "
+                    "(mean %.4g over %d response tokens)", worst, rollout.drift_warn, mean, int(tokens))
+    if rollout.drift_max is not None and mean > rollout.drift_max:
+        msg = (f"step {step + 1}: train/rollout log-prob drift, mean |logp_train - logp_rollout| = {mean:.4g} nats "
+               f"over {int(tokens)} response tokens (max {worst:.4g}), exceeds rollout.drift_max={rollout.drift_max:g}")
+        if rollout.drift_action == "error":
+            raise RuntimeError(f"{msg}; the step is refused before any update (rollout.drift_action=error)")
+        if rank0:
+            log.warning("%s; training on (rollout.drift_action=warn)", msg)
+    return {"logprob_drift_mean": mean, "logprob_drift_max": worst, "logprob_drift_tokens": tokens}
