@@ -290,7 +290,6 @@ OUR_PHASES = ("rollout", "score", "train", "sync")
 def run_ours(settings: dict, workdir: Path, cmd: list[str] | None = None, env: dict | None = None,
              tag: str = "ours") -> dict:
     """Our loop through ``holderpo train`` (``cmd``/``env``: another launch of the same run, for experiments)."""
-    steps = settings["steps"]
     run_dir = workdir / "ours"
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -328,11 +327,19 @@ def run_ours(settings: dict, workdir: Path, cmd: list[str] | None = None, env: d
     cfg = load_run_config(RECIPE, settings["our_overrides"])
     nproc = cfg.parallel.nproc_per_node
     omp = (env or os.environ).get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
-    # a forward-only old-log-prob pass ran when its timer counted time (a skipped pass records ~0 s)
-    scored = statistics.fmean(r["score"] for r in rows) > 0.05
-    return {"rc": rc, "wall_s": wall, "startup_s": startup, "steps": rows, "load": mon.load_summary(), "scored": scored,
+    return {"rc": rc, "wall_s": wall, "startup_s": startup, "steps": rows, "load": mon.load_summary(),
+            "scored_fraction": _scored_fraction(cfg),
             "threads": f"{nproc} ranks (tp{cfg.parallel.tp} x pp{cfg.parallel.pp}) x OMP_NUM_THREADS={omp}"
                        " + SGLang scheduler process"}
+
+
+def _scored_fraction(cfg) -> float:
+    """The share of a step's sequences our forward-only old-log-prob pass covers (trainer/loop.py):
+    none with the engine's log-probs, minibatches 2..k when minibatch 1 reuses its training forward."""
+    k = cfg.train.minibatches_per_step
+    if cfg.rollout.use_rollout_logprobs:
+        return 0.0
+    return (k - 1) / k if cfg.train.reuse_training_logprobs else 1.0
 
 
 # --------------------------------------------------------------------------- TRL side
@@ -539,13 +546,13 @@ def prompt_tokens_per_step(settings: dict) -> list[int]:
     return [G * sum(lens[i * P:(i + 1) * P]) for i in range(settings["steps"])]
 
 
-def add_flops(rows: list[dict], prompt_tokens: list[int], n: int, scored: bool) -> None:
+def add_flops(rows: list[dict], prompt_tokens: list[int], n: int, scored: float) -> None:
     """Per step: training 6 N (prompt + completion tokens of every trained sequence), scoring 2 N over
-    the same tokens (when the side runs a forward-only old-log-prob pass), generation 2 N per generated
+    the share ``scored`` of those tokens that a forward-only old-log-prob pass covers, generation 2 N per generated
     token (prefill of the prompts not counted: SGLang shares it across a group, HF generate does not)."""
     for row in rows:
         tokens = prompt_tokens[row["step"] - 1] + row["gen_tokens"]
-        row["flops"] = {"train": 6 * n * tokens, "score": 2 * n * tokens if scored else 0,
+        row["flops"] = {"train": 6 * n * tokens, "score": round(2 * n * tokens * scored),
                         "generate": 2 * n * row["gen_tokens"], "trained_tokens": tokens}
         row["flops"]["total"] = row["flops"]["train"] + row["flops"]["score"] + row["flops"]["generate"]
 
@@ -743,14 +750,14 @@ def main(argv=None) -> int:
     try:
         if "ours" in sides:
             r = run_ours(settings, workdir)
-            add_flops(r["steps"], prompt_tokens, params["N"], scored=r["scored"])
+            add_flops(r["steps"], prompt_tokens, params["N"], scored=r["scored_fraction"])
             _check_fixed_length("ours", r, settings)
             res["sides"]["ours"] = r
             summaries["ours"] = summarise(r, OUR_PHASES + ("other",), peak)
             print(f"[ours] done: {summaries['ours']['step_s_mean']:.2f} s/step (steady)", flush=True)
         if "trl" in sides:
             r = run_trl(settings, workdir)
-            add_flops(r["steps"], prompt_tokens, params["N"], scored=True)  # TRL always re-scores here (docstring)
+            add_flops(r["steps"], prompt_tokens, params["N"], scored=1.0)  # TRL always re-scores here (docstring)
             _check_fixed_length("trl", r, settings)
             res["sides"]["trl"] = r
             summaries["trl"] = summarise(r, TRL_PHASES, peak)
