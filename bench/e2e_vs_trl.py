@@ -1,6 +1,7 @@
 """End to end: steps/s and generated tokens/s of our loop vs TRL's ``GRPOTrainer`` on CPU, side by side.
 
-    python bench/e2e_vs_trl.py [--steps 6] [--quick] [--sides ours,trl] [--out bench/results/e2e_vs_trl_cpu.json]
+    python bench/e2e_vs_trl.py [--steps 6] [--quick] [--fixed-length] [--sides ours,trl] [--ours-override K=V]
+                               [--out bench/results/e2e_vs_trl_cpu.json]
 
 Needs TRL (bench only): ``pip install -r requirements-bench.txt -c <(pip freeze | grep -v '^-e')``.
 
@@ -34,6 +35,25 @@ on 16 each. Because ``gradient_accumulation_steps % steps_per_generation != 0``,
 old log-probs with a forward-only pass right after generation, as we do. One of our steps = two TRL
 optimizer steps (``max_steps = 2 * steps``); the prompts are given in our order with
 ``shuffle_dataset=False``.
+
+Two modes. Learning (default): completions end at EOS, so a side whose policy learns shorter answers
+does less work per step, and steps/s mixes learning with throughput. ``--fixed-length``: every
+completion is exactly ``max_new_tokens`` on both sides (ours ``rollout.ignore_eos=true``: SGLang does
+not stop at EOS; TRL ``generation_kwargs={"min_new_tokens": max_new_tokens}``: EOS is masked until the
+limit, so generate never stops early and TRL's mask-after-EOS keeps every token); the bench checks
+that every step generated completions x max_new_tokens tokens on each side, else fails. Every
+completion is then "truncated" (reward ``truncated_reward``, all advantages 0): the same work, no
+learning signal, which is what a throughput comparison wants.
+
+FLOPs per step (both sides, the same formula): N = non-embedding parameters + the output layer
+(vocab x hidden, counted though SmolLM2 ties it to the embedding; attention-score FLOPs left out);
+training 6 N x (prompt + completion tokens of every sequence), scoring 2 N x the same tokens times the
+share the side re-scores (TRL all; ours minibatches 2..k with ``train.reuse_training_logprobs``, none
+with ``rollout.use_rollout_logprobs``), generation 2 N x generated tokens (prompt prefill not counted).
+These are nominal counts: ours computes the output layer at response positions only, so it does less
+than it is credited with. Achieved FLOP/s = FLOPs / step seconds, as a fraction of the machine's matmul
+peak measured at the start of the same run (fp32 ``torch.mm`` 2048 x 2048, best of 5, on all cores and
+on 1 thread; "cores x 1-thread peak" is what two single-threaded ranks could reach).
 
 What is measured (honestly):
 
