@@ -297,6 +297,10 @@ def _run_monitored(cmd: list[str], log_path: Path, env: dict | None = None) -> t
     return rc, t_launch, time.time() - t_launch, mon
 
 
+def _tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
+
+
 def _add_cpu(rows: list[dict], mon: Monitor) -> None:
     for row in rows:
         row["cpu_s"] = mon.cpu_between(row["t_start"], row["t_end"])
@@ -319,7 +323,8 @@ def run_ours(settings: dict, workdir: Path, cmd: list[str] | None = None, env: d
     print(f"[{tag}] {' '.join(cmd)}", flush=True)
     rc, t_launch, wall, mon = _run_monitored(cmd, workdir / f"{tag}.log", env=env)
     if rc != 0:
-        raise SystemExit(f"[{tag}] failed with exit code {rc}; see {workdir / f'{tag}.log'}")
+        raise SystemExit(f"[{tag}] failed with exit code {rc}; the end of {workdir / f'{tag}.log'} (removed with the "
+                         f"scratch directory unless --keep):\n{_tail(workdir / f'{tag}.log')}")
     from holderpo_megatron.observability import read_metrics
 
     recs = [r for r in read_metrics(run_dir) if "time/step" in r]
@@ -378,7 +383,7 @@ def run_trl(settings: dict, workdir: Path) -> dict:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     rc, t_launch, wall, mon = _run_monitored(cmd, workdir / "trl.log", env=env)
     if rc != 0:
-        raise SystemExit(f"[trl] failed with exit code {rc}; see {workdir / 'trl.log'}")
+        raise SystemExit(f"[trl] failed with exit code {rc}; the end of {workdir / 'trl.log'}:\n{_tail(workdir / 'trl.log')}")
     res = json.loads(out.read_text())
     res.update(rc=rc, wall_s=wall, startup_s=res.pop("first_step_wall") - t_launch, load=mon.load_summary())
     _add_cpu(res["steps"], mon)
