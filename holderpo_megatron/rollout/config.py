@@ -60,8 +60,9 @@ class SGLangEngineConfig:
     log_level: str = "warning"
     log_dir: str | None = None
     server_args: dict = field(default_factory=dict)
-    # CPU: OpenMP threads of the engine's scheduler process (OMP_NUM_THREADS); None: every core. It
-    # otherwise inherits its starter's count, which a trainer rank sets to cores / ranks.
+    # CPU: OpenMP threads of the engine's scheduler process (OMP_NUM_THREADS); None: its starter's count
+    # (a trainer rank's cores / ranks). More threads help only on a quiet machine: on a loaded one an
+    # OpenMP team spins waiting for its descheduled threads.
     cpu_threads: int | None = None
     api_key: str | None = field(default=None, repr=False)  # given servers' key; None: a random one per launch
 
@@ -112,7 +113,7 @@ class SGLangEngineConfig:
         if self.log_level not in _LOG_LEVELS:
             bad("log_level", " | ".join(_LOG_LEVELS))
         if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
-            bad("cpu_threads", "None (every core) or an int >= 1")
+            bad("cpu_threads", "None (the starter's count) or an int >= 1")
         if not isinstance(self.server_args, dict):
             bad("server_args", "a dict of sglang ServerArgs fields")
         if "api_key" in self.server_args:
@@ -121,10 +122,6 @@ class SGLangEngineConfig:
             raise ValueError("SGLangEngineConfig.api_key is invalid; allowed: None or a non-empty string")
 
     # -- resolved values ------------------------------------------------------------------------
-    @property
-    def cpu_thread_count(self) -> int:
-        return self.cpu_threads or os.cpu_count() or 1
-
     @property
     def resolved_device(self) -> str:
         if self.device == "auto":

@@ -83,8 +83,8 @@ class EmbeddedBackend:
             raise EngineStartError(
                 f"sglang is not importable ({e}); on CPU install it with tools/install_sglang_cpu.sh") from e
         before = _child_pids()
-        # The scheduler process reads OMP_NUM_THREADS when it starts: while it generates, the trainer
-        # ranks (cores / ranks threads each) wait, so on CPU it gets cpu_threads; ours is restored after.
+        # The scheduler process reads OMP_NUM_THREADS when it starts: on CPU it gets cpu_threads (None:
+        # ours); ours is restored after.
         omp_before = os.environ.get("OMP_NUM_THREADS")
         if device == "cpu" and cpu_threads is not None:
             os.environ["OMP_NUM_THREADS"] = str(cpu_threads)

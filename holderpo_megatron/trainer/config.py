@@ -133,8 +133,8 @@ class RolloutSection:
     # generate exactly max_new_tokens per sample (an end-of-sequence token does not stop it): fixed-cost
     # steps for throughput benchmarks (bench/e2e_vs_trl.py --fixed-length); every sample is truncated
     ignore_eos: bool = False
-    # threads of a CPU engine's scheduler process; null: every core of the machine (the trainer ranks
-    # wait while it generates). Ignored on GPU.
+    # threads of a CPU engine's scheduler process (the trainer ranks wait while it generates); null: a
+    # rank's own cores / nproc_per_node. Ignored on GPU. Not measured quiet yet (README, CPU and GPU).
     engine_cpu_threads: int | None = None
     # old log-probs from the engine: no scoring pass at all; guarded by drift_max (required with it)
     use_rollout_logprobs: bool = False
