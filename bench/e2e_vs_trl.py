@@ -1,6 +1,7 @@
 """End to end: steps/s and generated tokens/s of our loop vs TRL's ``GRPOTrainer`` on CPU, side by side.
 
-    python bench/e2e_vs_trl.py [--steps 6] [--quick] [--sides ours,trl] [--out bench/results/e2e_vs_trl_cpu.json]
+    python bench/e2e_vs_trl.py [--steps 6] [--quick] [--fixed-length] [--sides ours,trl] [--ours-override K=V]
+                               [--out bench/results/e2e_vs_trl_cpu.json]
 
 Needs TRL (bench only): ``pip install -r requirements-bench.txt -c <(pip freeze | grep -v '^-e')``.
 
@@ -50,6 +51,25 @@ What still differs between the sides (checked for ``bench/learning_vs_trl.py``; 
 * the minibatch shuffle (ours ``random.Random(seed * 1_000_003 + step)``, TRL its own sampler);
 * group std: ours ``(r - mean) / (std + 1e-6)``, TRL ``/ (std + 1e-4)`` (both unbiased std; the
   rewards here are 0/1, so a group with any spread has std >= 0.35 and the eps is immaterial).
+
+Two modes. Learning (default): completions end at EOS, so a side whose policy learns shorter answers
+does less work per step, and steps/s mixes learning with throughput. ``--fixed-length``: every
+completion is exactly ``max_new_tokens`` on both sides (ours ``rollout.ignore_eos=true``: SGLang does
+not stop at EOS; TRL ``generation_kwargs={"min_new_tokens": max_new_tokens}``: EOS is masked until the
+limit, so generate never stops early and TRL's mask-after-EOS keeps every token); the bench checks
+that every step generated completions x max_new_tokens tokens on each side, else fails. Every
+completion is then "truncated" (reward ``truncated_reward``, all advantages 0): the same work, no
+learning signal, which is what a throughput comparison wants.
+
+FLOPs per step (both sides, the same formula): N = non-embedding parameters + the output layer
+(vocab x hidden, counted though SmolLM2 ties it to the embedding; attention-score FLOPs left out);
+training 6 N x (prompt + completion tokens of every sequence), scoring 2 N x the same tokens times the
+share the side re-scores (TRL all; ours minibatches 2..k with ``train.reuse_training_logprobs``, none
+with ``rollout.use_rollout_logprobs``), generation 2 N x generated tokens (prompt prefill not counted).
+These are nominal counts: ours computes the output layer at response positions only, so it does less
+than it is credited with. Achieved FLOP/s = FLOPs / step seconds, as a fraction of the machine's matmul
+peak measured at the start of the same run (fp32 ``torch.mm`` 2048 x 2048, best of 5, on all cores and
+on 1 thread; "cores x 1-thread peak" is what two single-threaded ranks could reach).
 
 What is measured (honestly):
 
@@ -108,11 +128,14 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "e2e_vs_trl_cpu.json"
 
 # --------------------------------------------------------------------------- shared settings
 
-def our_overrides(steps: int, workdir: Path, seed: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+def our_overrides(steps: int, workdir: Path, seed: int | None = None, extra: tuple[str, ...] = (),
+                  fixed_length: bool = False) -> list[str]:
     """The recipe overrides of our side (also used to derive TRL's settings from the same config).
 
     ``seed``: the run's ``train.seed`` (prompt order, initial sampling seeds on both sides; None keeps the
-    recipe's); ``extra``: further overrides of our side only (e.g. ``rollout.mem_fraction_static=0.1``).
+    recipe's); ``extra``: further overrides of our side only (``--ours-override``, e.g.
+    ``rollout.mem_fraction_static=0.1`` or a parallel layout to compare); ``fixed_length``: every
+    completion exactly max_new_tokens (ignore EOS).
     """
     return [
         f"output_dir={workdir}", "name=ours", f"train.steps={steps}",
@@ -122,17 +145,18 @@ def our_overrides(steps: int, workdir: Path, seed: int | None = None, extra: tup
         "algorithm.p_schedule.kind=constant", "algorithm.p_schedule.p_min=0.0", "algorithm.p_schedule.p_max=0.0",
         "eval.every=0", "checkpoint.every=0", "checkpoint.resume=false", "checkpoint.export_hf_at_end=false",
         "logging.tensorboard=false", "logging.wandb=false",
-        *extra,
+        *(["rollout.ignore_eos=true"] if fixed_length else []), *extra,
     ]
 
 
-def shared_settings(steps: int, workdir: Path, seed: int | None = None, extra: tuple[str, ...] = ()) -> dict:
+def shared_settings(steps: int, workdir: Path, seed: int | None = None, extra: tuple[str, ...] = (),
+                    fixed_length: bool = False) -> dict:
     """Everything both sides must agree on, read from the recipe + our overrides (see ``our_overrides``)."""
     from holderpo_megatron.data.datasets import BatchIterator, generate_arithmetic_problems
     from holderpo_megatron.models.builtin import resolve_model_path
     from holderpo_megatron.trainer.config import load_run_config
 
-    overrides = our_overrides(steps, workdir, seed, extra)
+    overrides = our_overrides(steps, workdir, seed, extra, fixed_length)
     cfg = load_run_config(RECIPE, overrides)
     d, r, t, a = cfg.data, cfg.rollout, cfg.train, cfg.algorithm
     o, lo = t.optimizer, a.loss_options
@@ -149,6 +173,9 @@ def shared_settings(steps: int, workdir: Path, seed: int | None = None, extra: t
         "model": cfg.model.hf_path,
         "dtype": "fp32",
         "steps": steps,
+        "fixed_length": fixed_length,
+        "our_overrides": overrides,
+        "layout": f"tp{cfg.parallel.tp} x pp{cfg.parallel.pp} x dp{cfg.parallel.dp}",
         "group_size": r.group_size,
         "prompts_per_step": t.prompts_per_step,
         "minibatches_per_step": t.minibatches_per_step,
@@ -294,6 +321,10 @@ def _run_monitored(cmd: list[str], log_path: Path, env: dict | None = None) -> t
     return rc, t_launch, time.time() - t_launch, mon
 
 
+def _tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
+
+
 def _add_cpu(rows: list[dict], mon: Monitor) -> None:
     for row in rows:
         row["cpu_s"] = mon.cpu_between(row["t_start"], row["t_end"])
@@ -316,7 +347,8 @@ def run_ours(settings: dict, workdir: Path, cmd: list[str] | None = None, env: d
     print(f"[{tag}] {' '.join(cmd)}", flush=True)
     rc, t_launch, wall, mon = _run_monitored(cmd, workdir / f"{tag}.log", env=env)
     if rc != 0:
-        raise SystemExit(f"[{tag}] failed with exit code {rc}; see {workdir / f'{tag}.log'}")
+        raise SystemExit(f"[{tag}] failed with exit code {rc}; the end of {workdir / f'{tag}.log'} (removed with the "
+                         f"scratch directory unless --keep):\n{_tail(workdir / f'{tag}.log')}")
     from holderpo_megatron.observability import read_metrics
 
     recs = [r for r in read_metrics(run_dir) if "time/step" in r]
@@ -345,8 +377,18 @@ def run_ours(settings: dict, workdir: Path, cmd: list[str] | None = None, env: d
     nproc = cfg.parallel.nproc_per_node
     omp = (env or os.environ).get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
     return {"rc": rc, "wall_s": wall, "startup_s": startup, "steps": rows, "load": mon.load_summary(),
+            "scored_fraction": _scored_fraction(cfg),
             "threads": f"{nproc} ranks (tp{cfg.parallel.tp} x pp{cfg.parallel.pp}) x OMP_NUM_THREADS={omp}"
                        " + SGLang scheduler process"}
+
+
+def _scored_fraction(cfg) -> float:
+    """The share of a step's sequences our forward-only old-log-prob pass covers (trainer/loop.py):
+    none with the engine's log-probs, minibatches 2..k when minibatch 1 reuses its training forward."""
+    k = cfg.train.minibatches_per_step
+    if cfg.rollout.use_rollout_logprobs:
+        return 0.0
+    return (k - 1) / k if cfg.train.reuse_training_logprobs else 1.0
 
 
 # --------------------------------------------------------------------------- TRL side
@@ -365,7 +407,7 @@ def run_trl(settings: dict, workdir: Path) -> dict:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     rc, t_launch, wall, mon = _run_monitored(cmd, workdir / "trl.log", env=env)
     if rc != 0:
-        raise SystemExit(f"[trl] failed with exit code {rc}; see {workdir / 'trl.log'}")
+        raise SystemExit(f"[trl] failed with exit code {rc}; the end of {workdir / 'trl.log'}:\n{_tail(workdir / 'trl.log')}")
     res = json.loads(out.read_text())
     res.update(rc=rc, wall_s=wall, startup_s=res.pop("first_step_wall") - t_launch, load=mon.load_summary())
     _add_cpu(res["steps"], mon)
@@ -420,6 +462,8 @@ def trl_worker(spec_path: str, out_path: str) -> int:
         gradient_checkpointing=False, use_vllm=False,
         report_to="none", save_strategy="no", logging_strategy="steps", logging_steps=1, disable_tqdm=True,
         log_completions=False, dataloader_num_workers=0,
+        # fixed length: EOS is masked until max_new tokens, so generate never stops early (ours: ignore_eos)
+        generation_kwargs={"min_new_tokens": max_new} if s["fixed_length"] else None,
     )
     phases: dict[str, float] = {}
     gens: list[dict] = []
@@ -517,6 +561,70 @@ def trl_worker(spec_path: str, out_path: str) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- FLOPs and the matmul peak
+
+def flop_params(model_dir: str) -> dict:
+    """N for the FLOP count: every parameter that does a matmul per token, i.e. all but the input
+    embedding (a lookup), plus the output layer (counted even when tied to the embedding)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    named = dict(model.named_parameters())  # tied weights appear once, under the embedding's name
+    embed = sum(p.numel() for n, p in named.items() if "embed_tokens" in n)
+    body = sum(p.numel() for n, p in named.items() if "embed_tokens" not in n and "lm_head" not in n)
+    output = hf.vocab_size * hf.hidden_size
+    return {"N": body + output, "non_embedding": body, "output_layer": output, "embedding": embed,
+            "tied": bool(getattr(hf, "tie_word_embeddings", False)),
+            "what": "non-embedding parameters + output layer (vocab x hidden); attention score FLOPs not counted"}
+
+
+def prompt_tokens_per_step(settings: dict) -> list[int]:
+    """Prompt tokens of each step's completions (every completion carries its prompt): G x sum over the
+    step's prompts, tokenised as both sides do (the chat template through the model's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from holderpo_megatron.data.templates import get_prompt_template, prompt_token_lengths
+
+    tok = AutoTokenizer.from_pretrained(settings["model_dir"])
+    lens = prompt_token_lengths(get_prompt_template(settings["prompt_template"]), tok,
+                                [x["problem"] for x in settings["problems"]])
+    P, G = settings["prompts_per_step"], settings["group_size"]
+    return [G * sum(lens[i * P:(i + 1) * P]) for i in range(settings["steps"])]
+
+
+def add_flops(rows: list[dict], prompt_tokens: list[int], n: int, scored: float) -> None:
+    """Per step: training 6 N (prompt + completion tokens of every trained sequence), scoring 2 N over
+    the share ``scored`` of those tokens that a forward-only old-log-prob pass covers, generation 2 N per generated
+    token (prefill of the prompts not counted: SGLang shares it across a group, HF generate does not)."""
+    for row in rows:
+        tokens = prompt_tokens[row["step"] - 1] + row["gen_tokens"]
+        row["flops"] = {"train": 6 * n * tokens, "score": round(2 * n * tokens * scored),
+                        "generate": 2 * n * row["gen_tokens"], "trained_tokens": tokens}
+        row["flops"]["total"] = row["flops"]["train"] + row["flops"]["score"] + row["flops"]["generate"]
+
+
+def matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """fp32 ``torch.mm`` of two n x n matrices on ``threads`` threads: the best of ``repeats``, FLOP/s."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)  # warm-up (thread pool start, page faults)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return 2 * n ** 3 / best
+
+
 # --------------------------------------------------------------------------- summary
 
 def _cpu_summary(steady: list[dict], total_time: float) -> dict:
@@ -529,7 +637,20 @@ def _cpu_summary(steady: list[dict], total_time: float) -> dict:
             "cores_busy": sum(c["total"] for c in cpus) / total_time}
 
 
-def summarise(side: dict, phase_names: tuple[str, ...]) -> dict:
+def _flop_summary(steady: list[dict], total_time: float, peak: dict | None) -> dict:
+    if not steady or "flops" not in steady[0]:
+        return {}
+    per = {k: statistics.fmean(r["flops"][k] for r in steady) for k in ("train", "score", "generate", "total",
+                                                                          "trained_tokens")}
+    achieved = sum(r["flops"]["total"] for r in steady) / total_time
+    out = {"flops_per_step": per, "flops_per_s": achieved}
+    if peak:
+        out["flops_fraction_of_peak"] = {"all_cores": achieved / peak["all_cores"],
+                                         "one_thread_x_cores": achieved / (peak["one_thread"] * peak["cores"])}
+    return out
+
+
+def summarise(side: dict, phase_names: tuple[str, ...], peak: dict | None = None) -> dict:
     rows = side["steps"]
     steady = rows[1:] if len(rows) > 1 else rows
     t = [r["time"] for r in steady]
@@ -546,6 +667,7 @@ def summarise(side: dict, phase_names: tuple[str, ...]) -> dict:
         "gen_tokens_per_step": statistics.fmean(r["gen_tokens"] for r in steady),
         "gen_tokens_per_s": sum(r["gen_tokens"] for r in steady) / tot,
         "phases_s": {p: statistics.fmean(r[p] for r in steady) for p in phase_names},
+        **_flop_summary(steady, tot, peak),
         **_cpu_summary(steady, tot),
         "reward_mean": [r.get("reward_mean") for r in rows],
         "wall_s": side["wall_s"],
@@ -554,7 +676,7 @@ def summarise(side: dict, phase_names: tuple[str, ...]) -> dict:
     }
 
 
-def table(s_ours: dict | None, s_trl: dict | None) -> str:
+def table(s_ours: dict | None, s_trl: dict | None, peak: dict | None = None) -> str:
     def cell(s, key, fmt):
         return format(s[key], fmt) if s and s.get(key) is not None else "-"
 
@@ -574,6 +696,18 @@ def table(s_ours: dict | None, s_trl: dict | None) -> str:
         if s_ours and s_trl and higher is not None and s_trl.get(key) and s_ours.get(key):
             ratio = f"{s_ours[key] / s_trl[key]:.2f}x" if higher else f"{s_trl[key] / s_ours[key]:.2f}x"
         lines.append(f"{label:28}{cell(s_ours, key, fmt):>12}{cell(s_trl, key, fmt):>12}{ratio:>10}")
+    if peak:
+        lines.append(f"matmul peak (fp32 torch.mm {peak['n']}^2): all {peak['cores']} cores "
+                     f"{peak['all_cores'] / 1e9:.1f} GFLOP/s, 1 thread {peak['one_thread'] / 1e9:.1f} GFLOP/s")
+    for name, s in (("ours", s_ours), ("TRL", s_trl)):
+        if s and s.get("flops_per_step"):
+            f = s["flops_per_step"]
+            frac = s.get("flops_fraction_of_peak") or {}
+            lines.append(f"FLOPs  {name:5} (per step, TFLOP): train {f['train'] / 1e12:.2f}  score {f['score'] / 1e12:.2f}"
+                         f"  generate {f['generate'] / 1e12:.3f}  total {f['total'] / 1e12:.2f}"
+                         f" ({f['trained_tokens']:.0f} trained tokens); achieved {s['flops_per_s'] / 1e9:.1f} GFLOP/s = "
+                         f"{100 * frac.get('all_cores', float('nan')):.1f}% of the all-core peak, "
+                         f"{100 * frac.get('one_thread_x_cores', float('nan')):.1f}% of cores x 1-thread peak")
     for name, s, phs in (("ours", s_ours, OUR_PHASES + ("other",)), ("TRL", s_trl, TRL_PHASES)):
         if not s:
             continue
@@ -591,6 +725,16 @@ def table(s_ours: dict | None, s_trl: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _check_fixed_length(name: str, side: dict, settings: dict) -> None:
+    """Fixed length: every step generated exactly completions x max_new_tokens tokens, else not the same work."""
+    if not settings["fixed_length"]:
+        return
+    want = settings["prompts_per_step"] * settings["group_size"] * settings["max_new_tokens"]
+    bad = [(r["step"], r["gen_tokens"]) for r in side["steps"] if r["gen_tokens"] != want]
+    if bad:
+        raise SystemExit(f"[{name}] --fixed-length: steps generated {bad} tokens (step, count), expected {want}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6, help="steps per side (the first is warm-up)")
@@ -599,6 +743,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON result (a .log with the same stem is written beside it)")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a new temp dir, removed at the end)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--fixed-length", action="store_true",
+                    help="every completion exactly max_new_tokens on both sides (EOS ignored): the same work per step")
+    ap.add_argument("--ours-override", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more recipe override for our side (repeatable), e.g. parallel.pp=1")
     ap.add_argument("--_trl-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._trl_worker:
@@ -619,7 +767,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    settings = shared_settings(steps, workdir)
+    settings = shared_settings(steps, workdir, extra=tuple(args.ours_override), fixed_length=args.fixed_length)
     res: dict = {"bench": "e2e_vs_trl", "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                                    "python": platform.python_version()},
                  "settings": {k: v for k, v in settings.items() if k != "problems"}, "sides": {}}
@@ -636,18 +784,32 @@ def main(argv=None) -> int:
         import trl
         res["versions"]["trl"] = trl.__version__
     print(f"{steps} steps per side, {settings['prompts_per_step']} prompts x {settings['group_size']} completions, "
-          f"<= {settings['max_new_tokens']} new tokens; scratch {workdir}", flush=True)
+          f"{'exactly' if args.fixed_length else '<='} {settings['max_new_tokens']} new tokens; ours "
+          f"{settings['layout']}; scratch {workdir}", flush=True)
+    cores = os.cpu_count() or 1
+    peak = {"n": 2048, "cores": cores, "all_cores": matmul_peak(cores), "one_thread": matmul_peak(1),
+            "load1": os.getloadavg()[0]}
+    print(f"matmul peak: {peak['all_cores'] / 1e9:.1f} GFLOP/s on {cores} threads, "
+          f"{peak['one_thread'] / 1e9:.1f} on 1", flush=True)
+    res["matmul_peak_flops"] = peak
+    params = flop_params(settings["model_dir"])
+    res["flop_params"] = params
+    prompt_tokens = prompt_tokens_per_step(settings)
     summaries = {}
     try:
         if "ours" in sides:
             r = run_ours(settings, workdir)
+            add_flops(r["steps"], prompt_tokens, params["N"], scored=r["scored_fraction"])
+            _check_fixed_length("ours", r, settings)
             res["sides"]["ours"] = r
-            summaries["ours"] = summarise(r, OUR_PHASES + ("other",))
+            summaries["ours"] = summarise(r, OUR_PHASES + ("other",), peak)
             print(f"[ours] done: {summaries['ours']['step_s_mean']:.2f} s/step (steady)", flush=True)
         if "trl" in sides:
             r = run_trl(settings, workdir)
+            add_flops(r["steps"], prompt_tokens, params["N"], scored=1.0)  # TRL always re-scores here (docstring)
+            _check_fixed_length("trl", r, settings)
             res["sides"]["trl"] = r
-            summaries["trl"] = summarise(r, TRL_PHASES)
+            summaries["trl"] = summarise(r, TRL_PHASES, peak)
             print(f"[trl] done: {summaries['trl']['step_s_mean']:.2f} s/step (steady)", flush=True)
     finally:
         logs = {n: (workdir / f"{n}.log").read_text(errors="replace") for n in ("ours", "trl")
@@ -660,7 +822,7 @@ def main(argv=None) -> int:
             "steps_per_s": summaries["ours"]["steps_per_s"] / summaries["trl"]["steps_per_s"],
             "gen_tokens_per_s": summaries["ours"]["gen_tokens_per_s"] / summaries["trl"]["gen_tokens_per_s"],
         }
-    text = table(summaries.get("ours"), summaries.get("trl"))
+    text = table(summaries.get("ours"), summaries.get("trl"), peak)
     print("\n" + text, flush=True)
     out.write_text(json.dumps(res, indent=2, default=str) + "\n")
     with open(out.with_suffix(".log"), "w") as f:

@@ -60,6 +60,10 @@ class SGLangEngineConfig:
     log_level: str = "warning"
     log_dir: str | None = None
     server_args: dict = field(default_factory=dict)
+    # CPU: OpenMP threads of the engine's scheduler process (OMP_NUM_THREADS); None: its starter's count
+    # (a trainer rank's cores / ranks). More threads help only on a quiet machine: on a loaded one an
+    # OpenMP team spins waiting for its descheduled threads.
+    cpu_threads: int | None = None
     api_key: str | None = field(default=None, repr=False)  # given servers' key; None: a random one per launch
 
     def __post_init__(self):
@@ -108,6 +112,8 @@ class SGLangEngineConfig:
             bad("max_inflight_per_server", "an int >= 1")
         if self.log_level not in _LOG_LEVELS:
             bad("log_level", " | ".join(_LOG_LEVELS))
+        if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
+            bad("cpu_threads", "None (the starter's count) or an int >= 1")
         if not isinstance(self.server_args, dict):
             bad("server_args", "a dict of sglang ServerArgs fields")
         if "api_key" in self.server_args:

@@ -66,7 +66,7 @@ def _check(result, what: str, where: str):
 class EmbeddedBackend:
     """``sglang.Engine`` in this process (its scheduler and detokenizer are child processes)."""
 
-    def __init__(self, server_args: dict):
+    def __init__(self, server_args: dict, cpu_threads: int | None = None):
         from .sglang_launcher import sglang_env
 
         device = server_args.get("device", "cpu")
@@ -83,6 +83,11 @@ class EmbeddedBackend:
             raise EngineStartError(
                 f"sglang is not importable ({e}); on CPU install it with tools/install_sglang_cpu.sh") from e
         before = _child_pids()
+        # The scheduler process reads OMP_NUM_THREADS when it starts: on CPU it gets cpu_threads (None:
+        # ours); ours is restored after.
+        omp_before = os.environ.get("OMP_NUM_THREADS")
+        if device == "cpu" and cpu_threads is not None:
+            os.environ["OMP_NUM_THREADS"] = str(cpu_threads)
         try:
             self.engine = sglang.Engine(**server_args)
             # the processes this engine started (scheduler, detokenizer, ...), to stop only them
@@ -92,6 +97,11 @@ class EmbeddedBackend:
                 f"sglang.Engine failed to start for {server_args['model_path']!r} on {device}: {e!r}. "
                 "Its scheduler's log lines are above this error on stderr."
             ) from e
+        finally:
+            if omp_before is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = omp_before
 
     # -- requests -------------------------------------------------------------------------------
     def generate(self, items: list[dict]) -> list[dict]:

@@ -68,7 +68,7 @@ class SGLangEngine(RolloutEngine):
         self._lock = threading.Lock()
         self._closed = False
         if config.mode == "embedded":
-            self._backends = [EmbeddedBackend(config.server_args_dict())]
+            self._backends = [EmbeddedBackend(config.server_args_dict(), cpu_threads=config.cpu_threads)]
         else:
             self._backends = self._start_servers(config)
             if config.router_url:
@@ -89,7 +89,8 @@ class SGLangEngine(RolloutEngine):
             for i in range(cfg.num_servers):
                 procs.append(SGLangServerProcess(
                     cfg.server_args_dict(), host=cfg.host, port=(cfg.base_port + i if cfg.base_port else 0),
-                    log_dir=cfg.log_dir, startup_timeout_s=cfg.startup_timeout_s, api_key=cfg.api_key))
+                    log_dir=cfg.log_dir, startup_timeout_s=cfg.startup_timeout_s, api_key=cfg.api_key,
+                    cpu_threads=cfg.cpu_threads))
         except BaseException:
             for p in procs:
                 p.kill()

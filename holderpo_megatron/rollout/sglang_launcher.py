@@ -69,14 +69,17 @@ def log_tail(path: str | os.PathLike | None, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def sglang_env(device: str, base: dict | None = None) -> dict:
-    """Environment for a process running SGLang on ``device``: on CPU, the CPU engine switch and
-    the stand-in modules (see :mod:`.sglang_cpu_shims`) on ``PYTHONPATH``."""
+def sglang_env(device: str, base: dict | None = None, cpu_threads: int | None = None) -> dict:
+    """Environment for a process running SGLang on ``device``: on CPU, the CPU engine switch, the
+    stand-in modules (see :mod:`.sglang_cpu_shims`) on ``PYTHONPATH`` and ``cpu_threads`` OpenMP
+    threads (None: inherited)."""
     env = dict(os.environ if base is None else base)
     if device == "cpu":
         from .sglang_cpu_shims import SITE, needed
 
         env["SGLANG_USE_CPU_ENGINE"] = "1"
+        if cpu_threads is not None:
+            env["OMP_NUM_THREADS"] = str(cpu_threads)
         if needed():
             parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != SITE]
             env["PYTHONPATH"] = os.pathsep.join([SITE] + parts)
@@ -103,7 +106,8 @@ class SGLangServerProcess:
     """One ``python -m sglang.launch_server`` child, its URL and its log file."""
 
     def __init__(self, server_args: dict, *, host: str = "127.0.0.1", port: int = 0,
-                 log_dir: str | None = None, startup_timeout_s: float = 300.0, api_key: str | None = None):
+                 log_dir: str | None = None, startup_timeout_s: float = 300.0, api_key: str | None = None,
+                 cpu_threads: int | None = None):
         self.host = host
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
@@ -123,7 +127,7 @@ class SGLangServerProcess:
                                            "--host", host, "--port", str(self.port))
         self._log = open(self.log_path, "ab")
         try:
-            self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=sglang_env(device),
+            self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=sglang_env(device, cpu_threads=cpu_threads),
                                          start_new_session=True)
             self._wait_ready(startup_timeout_s)
         finally:  # read at start-up: a key file on disk is a key another process could read later

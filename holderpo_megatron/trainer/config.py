@@ -130,6 +130,12 @@ class RolloutSection:
     max_new_tokens: int = 1024
     max_prompt_tokens: int = 1024
     stop: list[str] = field(default_factory=list)
+    # generate exactly max_new_tokens per sample (an end-of-sequence token does not stop it): fixed-cost
+    # steps for throughput benchmarks (bench/e2e_vs_trl.py --fixed-length); every sample is truncated
+    ignore_eos: bool = False
+    # threads of a CPU engine's scheduler process (the trainer ranks wait while it generates); null: a
+    # rank's own cores / nproc_per_node. Ignored on GPU. Not measured quiet yet (README, CPU and GPU).
+    engine_cpu_threads: int | None = None
     # old log-probs from the engine: no scoring pass at all; guarded by drift_max (required with it)
     use_rollout_logprobs: bool = False
     # generate step t+1 while step t trains (trainer/overlap.py): one step off-policy, needs engines on
@@ -164,6 +170,8 @@ class RolloutSection:
         _need(self.mem_fraction_static is None or 0 < self.mem_fraction_static < 1,
               f"rollout.mem_fraction_static must be null or in (0, 1), got {self.mem_fraction_static}")
         _need(self.engine_tp >= 1, f"rollout.engine_tp must be >= 1, got {self.engine_tp}")
+        _need(self.engine_cpu_threads is None or self.engine_cpu_threads >= 1,
+              f"rollout.engine_cpu_threads must be null or >= 1, got {self.engine_cpu_threads}")
         _need(self.bucket_mb >= 1, f"rollout.bucket_mb must be >= 1, got {self.bucket_mb}")
         _need(self.timeout_s > 0, f"rollout.timeout_s must be > 0, got {self.timeout_s}")
         _need(self.drift_warn > 0, f"rollout.drift_warn must be > 0, got {self.drift_warn}")
@@ -469,6 +477,7 @@ def engine_config(cfg: RunConfig, model_path: str | os.PathLike):
     return SGLangEngineConfig(
         model_path=str(model_path), mode=r.mode, tp_size=r.engine_tp, mem_fraction_static=r.mem_fraction_static,
         server_urls=tuple(r.server_urls), request_timeout_s=r.timeout_s, random_seed=cfg.train.seed,
+        cpu_threads=r.engine_cpu_threads,
         context_length=cfg.engine_context_length, log_dir=str(cfg.run_dir / "sglang_logs"),
         # a key for servers someone else runs; servers we launch get the run's own random key (trainer/fleet.py)
         api_key=(r.api_key or os.environ.get("HOLDERPO_SGLANG_API_KEY")) if r.server_urls else None,

@@ -153,7 +153,8 @@ def _prompt_samples(ctx: TrainContext, items: list, step: int, *, train_version:
     prompts = [ctx.prompt_ids(item.prompt) for item in items]
     params = SamplingParams(n=cfg.rollout.group_size, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                            max_new_tokens=cfg.rollout.max_new_tokens, seed=step_seed(cfg.train.seed, step))
+                            max_new_tokens=cfg.rollout.max_new_tokens, ignore_eos=cfg.rollout.ignore_eos,
+                            seed=step_seed(cfg.train.seed, step))
     groups = ctx.engine.generate(prompts, params)
     samples = [s for g in groups for s in g]
     texts = [ctx.tokenizer.decode(s.output_ids, skip_special_tokens=True) for s in samples]

@@ -4,6 +4,7 @@ One engine for the whole module (start-up ~20-40 s on CPU). The model is a tiny 
 float32, so greedy decoding and log-probs must match transformers closely.
 """
 
+import os
 import time
 
 import pytest
@@ -18,6 +19,7 @@ require_sglang()
 from holderpo_megatron.rollout import SamplingParams, SGLangEngine, SGLangEngineConfig  # noqa: E402
 
 PROMPTS = [[1, 5, 6, 7], [1, 9, 10], [1, 200, 31, 77, 12, 19], [44]]
+CPU_THREADS = 3  # not this process's count, so the test sees it reach the engine
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,11 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(model_dir):
     t0 = time.perf_counter()
-    eng = SGLangEngine(SGLangEngineConfig(model_path=str(model_dir), dtype="float32"))
+    omp_before = os.environ.get("OMP_NUM_THREADS")
+    eng = SGLangEngine(SGLangEngineConfig(model_path=str(model_dir), dtype="float32", cpu_threads=CPU_THREADS))
     print(f"embedded SGLang engine started in {time.perf_counter() - t0:.1f} s")
+    # the engine's OMP_NUM_THREADS is its children's, not ours
+    assert os.environ.get("OMP_NUM_THREADS") == omp_before
     yield eng
     eng.shutdown()
 
@@ -37,6 +42,15 @@ def engine(model_dir):
 @pytest.fixture(scope="module")
 def reference(model_dir):
     return hf_model(model_dir)
+
+
+def test_cpu_engine_processes_get_their_thread_count(engine):
+    envs = []
+    for pid in engine._backends[0]._engine_pids:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            envs.append(dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv))
+    assert envs and all(e.get(b"OMP_NUM_THREADS") == str(CPU_THREADS).encode() for e in envs), \
+        [e.get(b"OMP_NUM_THREADS") for e in envs]
 
 
 def test_greedy_tokens_and_logprobs_equal_transformers(engine, reference):

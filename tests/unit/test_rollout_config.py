@@ -26,6 +26,7 @@ def model_dir(tmp_path):
     ("request_timeout_s", float("nan"), "a finite number of seconds > 0"),
     ("max_retries", -1, "an int >= 0"),
     ("log_level", "loud", "debug | info | warning | error"),
+    ("cpu_threads", 0, r"None \(the starter's count\) or an int >= 1"),
 ])
 def test_bad_engine_config_names_the_field_and_what_is_allowed(model_dir, field, value, allowed):
     with pytest.raises(ValueError, match=rf"SGLangEngineConfig\.{field}=.* is invalid; allowed: {allowed}"):

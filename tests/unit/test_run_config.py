@@ -104,6 +104,8 @@ BAD = [
      "rollout.server_urls\\[1\\] 'http//h:30001' is not a server URL"),
     ({"rollout": {"mode": "servers", "server_urls": ["http://h:port"]}}, "rollout.server_urls\\[0\\]"),
     ({"rollout": {"api_key": ""}}, "rollout.api_key must be null or a non-empty key"),
+    ({"rollout": {"engine_cpu_threads": 0}}, "rollout.engine_cpu_threads must be null or >= 1, got 0"),
+    ({"rollout": {"ignore_eos": "sometimes"}}, "rollout.ignore_eos: expected true/false"),
     ({"train": {"recompute": "selective"}}, "train.recompute='selective' is not supported; supported: none, full"),
     # the engine's log-probs as old ones only behind the drift guard (issue 17)
     ({"rollout": {"use_rollout_logprobs": True}}, "rollout.use_rollout_logprobs=true trains on the engine's "
@@ -162,6 +164,19 @@ def test_actor_settings_carry_the_run_constants_and_the_rollout_temperature():
     # the per-step p reaches the holder options only
     holder = load_run_config("examples/recipes/tiny-cpu.yaml").actor_settings().loss_options
     assert holder.at_p(-1.0).p == -1.0 and s.loss_options.at_p(-1.0) is s.loss_options
+
+
+def test_engine_threads_and_ignore_eos_reach_the_engine_and_its_environment():
+    from holderpo_megatron.rollout.sglang_launcher import sglang_env
+    from holderpo_megatron.trainer.config import engine_config
+
+    cfg = load_run_config("examples/recipes/tiny-cpu.yaml", ["rollout.ignore_eos=true"])
+    assert cfg.rollout.ignore_eos is True
+    assert engine_config(cfg, ".").cpu_threads is None
+    e = engine_config(load_run_config("examples/recipes/tiny-cpu.yaml", ["rollout.engine_cpu_threads=3"]), ".")
+    assert e.cpu_threads == 3
+    assert sglang_env("cpu", base={"OMP_NUM_THREADS": "1"}, cpu_threads=3)["OMP_NUM_THREADS"] == "3"
+    assert sglang_env("cpu", base={"OMP_NUM_THREADS": "1"})["OMP_NUM_THREADS"] == "1"
 
 
 def test_embedded_mode_is_one_engine_a_fleet_needs_servers():
