@@ -29,7 +29,7 @@ def test_overlap_forces_the_engines_logprobs_as_old():
     cfg = from_dict(RunConfig, {"rollout": {**SEPARATE, "overlap": True}})
     assert cfg.rollout.overlap and not cfg.rollout.use_rollout_logprobs and cfg.rollout.old_logprobs_from_engine
     assert not from_dict(RunConfig, {"rollout": SEPARATE}).rollout.old_logprobs_from_engine
-    assert from_dict(RunConfig, {"rollout": {"use_rollout_logprobs": True}}).rollout.old_logprobs_from_engine
+    assert from_dict(RunConfig, {"rollout": {"use_rollout_logprobs": True, "drift_max": 0.05}}).rollout.old_logprobs_from_engine
     assert not load_run_config("examples/recipes/tiny-cpu.yaml").rollout.overlap  # off by default
 
 
