@@ -123,6 +123,10 @@ class RolloutSection:
     # the sum
     release_memory_during_train: bool = True
     mem_fraction_static: float | None = None  # None: the engine's per-device default
+    # a fixed KV-cache size per engine in tokens (SGLang's max_total_tokens), instead of the share of free
+    # memory; on CPU the share counts RAM taken by other processes while the engine loads (two runs side
+    # by side, `holderpo sweep --parallel 2`), a cap does not. null: the share alone
+    kv_cache_tokens: int | None = None
     group_size: int = 8  # samples per prompt
     temperature: float = 1.0
     top_p: float = 1.0
@@ -170,6 +174,8 @@ class RolloutSection:
         _need(self.mem_fraction_static is None or 0 < self.mem_fraction_static < 1,
               f"rollout.mem_fraction_static must be null or in (0, 1), got {self.mem_fraction_static}")
         _need(self.engine_tp >= 1, f"rollout.engine_tp must be >= 1, got {self.engine_tp}")
+        _need(self.kv_cache_tokens is None or (isinstance(self.kv_cache_tokens, int) and self.kv_cache_tokens >= 1),
+              f"rollout.kv_cache_tokens must be null or an int >= 1, got {self.kv_cache_tokens!r}")
         _need(self.engine_cpu_threads is None or self.engine_cpu_threads >= 1,
               f"rollout.engine_cpu_threads must be null or >= 1, got {self.engine_cpu_threads}")
         _need(self.bucket_mb >= 1, f"rollout.bucket_mb must be >= 1, got {self.bucket_mb}")
@@ -483,7 +489,8 @@ def engine_config(cfg: RunConfig, model_path: str | os.PathLike):
         api_key=(r.api_key or os.environ.get("HOLDERPO_SGLANG_API_KEY")) if r.server_urls else None,
         # colocated engines hand their GPU memory to training (trainer/fleet.py MemoryHandover)
         enable_memory_saver=r.placement == "colocated" and r.release_memory_during_train,
-        server_args={"enable_deterministic_inference": True} if r.deterministic else {})
+        server_args=({"enable_deterministic_inference": True} if r.deterministic else {})
+        | ({"max_total_tokens": r.kv_cache_tokens} if r.kv_cache_tokens else {}))
 
 
 def _is_server_url(url) -> bool:

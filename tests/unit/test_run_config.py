@@ -105,6 +105,7 @@ BAD = [
     ({"rollout": {"mode": "servers", "server_urls": ["http://h:port"]}}, "rollout.server_urls\\[0\\]"),
     ({"rollout": {"api_key": ""}}, "rollout.api_key must be null or a non-empty key"),
     ({"rollout": {"engine_cpu_threads": 0}}, "rollout.engine_cpu_threads must be null or >= 1, got 0"),
+    ({"rollout": {"kv_cache_tokens": 0}}, "rollout.kv_cache_tokens must be null or an int >= 1, got 0"),
     ({"rollout": {"ignore_eos": "sometimes"}}, "rollout.ignore_eos: expected true/false"),
     ({"train": {"recompute": "selective"}}, "train.recompute='selective' is not supported; supported: none, full"),
     # the engine's log-probs as old ones only behind the drift guard (issue 17)
@@ -177,6 +178,10 @@ def test_engine_threads_and_ignore_eos_reach_the_engine_and_its_environment():
     assert e.cpu_threads == 3
     assert sglang_env("cpu", base={"OMP_NUM_THREADS": "1"}, cpu_threads=3)["OMP_NUM_THREADS"] == "3"
     assert sglang_env("cpu", base={"OMP_NUM_THREADS": "1"})["OMP_NUM_THREADS"] == "1"
+    # a fixed KV cache reaches SGLang as max_total_tokens; unset, SGLang sizes it from mem_fraction_static
+    assert "max_total_tokens" not in engine_config(cfg, ".").server_args_dict()
+    kv = engine_config(load_run_config("examples/recipes/arith-hard-cpu.yaml"), ".").server_args_dict()
+    assert kv["max_total_tokens"] == 16384 and kv["mem_fraction_static"] == 0.3
 
 
 def test_embedded_mode_is_one_engine_a_fleet_needs_servers():
