@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.tiny_llama import require_sglang, save_tiny_llama
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,12 +26,6 @@ RECIPE = ROOT / "examples" / "recipes" / "tiny-cpu.yaml"
 # (loss, its options) for every registered loss and every HölderPO variant
 LOSSES = [("grpo", "{aggregation: seq-mean-token-mean}"), ("dr_grpo", "{}"), ("gspo", "{}"), ("gmpo", "{}"),
           ("holder", "{variant: seq}"), ("holder", "{variant: token}"), ("holder", "{variant: seq_tokclip}")]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    require_sglang()
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def _overrides(model: Path, out: Path, name: str, *extra: str) -> list[str]:

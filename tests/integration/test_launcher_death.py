@@ -19,17 +19,10 @@ from pathlib import Path
 import pytest
 
 from holderpo_megatron.trainer.run_guard import acquire_run_lock
-from tests.integration.tiny_llama import require_sglang, save_tiny_llama
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 TAG = "HOLDERPO_TEST_RUN_TAG"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    require_sglang()
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def _recipe(tmp: Path, model: Path, mode: str) -> Path:

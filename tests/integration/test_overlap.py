@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_resume import _records, _train
-from tests.integration.tiny_llama import require_sglang, save_tiny_llama
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +45,6 @@ logging: {{tensorboard: false, progress: false}}
 
 def _rho_off_one(r: dict) -> float:
     return max(r["rho_max"] - 1.0, 1.0 - r["rho_min"])
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    require_sglang()
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def test_overlap_trains_on_one_step_old_samples_and_resume_regenerates_the_batch_in_flight(tiny_model, tmp_path):

@@ -20,16 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_launcher_death import TAG, _cmd, _run_processes
-from tests.integration.tiny_llama import require_sglang, save_tiny_llama
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    require_sglang()
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def _recipe(tmp: Path, model: Path) -> Path:

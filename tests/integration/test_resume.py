@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.tiny_llama import require_sglang, save_tiny_llama
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,12 +86,6 @@ def _flatten(obj, prefix=""):
 
 def _records(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    require_sglang()
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def test_kill9_after_step_and_during_checkpoint_then_resume_equals_uninterrupted(tiny_model, tmp_path):

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tests.integration.tiny_llama import (EOS, VOCAB, hf_greedy, hf_model, hf_sequence_logprobs, require_sglang,
+from tests.integration.tiny_llama import (EOS, hf_greedy, hf_model, hf_sequence_logprobs, require_sglang,
                                           save_tiny_llama)
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.tiny_llama import require_sglang, save_tiny_llama
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,12 +69,6 @@ def _train(recipe: Path, *overrides, env=None, check=True):
     if check:
         assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-6000:]
     return res
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    require_sglang()
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def test_three_steps_metrics_weights_and_drift(tiny_model, tmp_path):

@@ -17,17 +17,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.tiny_llama import require_sglang, save_tiny_llama
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "examples" / "recipes" / "tiny-cpu.yaml"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    require_sglang()
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def _free_port() -> int:
