@@ -5,6 +5,10 @@ A sweep directory holds one run directory per (config, seed): ``DIR/<config>/see
 Confidence intervals are Student-t 95% intervals of the mean over seeds (mean +- t_{0.975, n-1} *
 std / sqrt(n), std with n-1 degrees of freedom): with 3 seeds t = 4.30, so they are wide on
 purpose; a single seed has none.
+
+Configs are compared with the first one (the baseline, e.g. GRPO) seed by seed: runs of one seed share
+their prompts and their first rollout, so the per-seed difference removes the part of the seed noise
+they share (a paired t interval). A difference whose 95% interval excludes 0 is beyond seed noise.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 from .logger import METRICS_FILE, read_metrics
 
 __all__ = ["RunSummary", "Aggregate", "ConfigSummary", "summarize_run", "summarize_sweep", "sweep_runs",
-           "write_summary", "t_quantile_975", "SUMMARY_JSON", "SUMMARY_MD", "SPIKE_FACTOR"]
+           "write_summary", "t_quantile_975", "Paired", "paired_differences", "SUMMARY_JSON", "SUMMARY_MD", "SPIKE_FACTOR"]
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
@@ -171,6 +175,56 @@ def _config_summary(config: str, runs: list[RunSummary]) -> ConfigSummary:
     return ConfigSummary(config=config, seeds=[r.seed for r in runs], stats=stats, reward_curve=curve)
 
 
+# quantities compared with the baseline config, seed by seed: (RunSummary field, table header, in %)
+_PAIRED = (("held_out", "Δ held-out acc (pp)", True), ("mean_reward", "Δ mean reward", False),
+           ("final_reward", "Δ final reward", False))
+
+
+@dataclass
+class Paired:
+    """One config against the baseline: per quantity the Aggregate of (config - baseline) over the seeds
+    both ran."""
+
+    config: str
+    baseline: str
+    seeds: list[int]
+    diffs: dict[str, Aggregate]
+
+
+def paired_differences(runs: list[RunSummary], baseline: str) -> list[Paired]:
+    """Each other config's per-seed difference from ``baseline`` (seeds both have), in run order."""
+    by = {(r.config, r.seed): r for r in runs}
+    out = []
+    for config in dict.fromkeys(r.config for r in runs):
+        if config == baseline:
+            continue
+        seeds = sorted(s for c, s in by if c == config and (baseline, s) in by)
+        diffs = {}
+        for name, _, _ in _PAIRED:
+            pairs = [(getattr(by[config, s], name), getattr(by[baseline, s], name)) for s in seeds]
+            diffs[name] = Aggregate.of(a - b for a, b in pairs if a is not None and b is not None)
+        out.append(Paired(config, baseline, seeds, diffs))
+    return out
+
+
+def paired_table(paired: list[Paired]) -> str:
+    head = ["config", "seeds"] + [h for _, h, _ in _PAIRED] + ["beyond seed noise"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in paired:
+        cells, beyond = [p.config, str(len(p.seeds))], []
+        for name, header, pct in _PAIRED:
+            a = p.diffs[name]
+            cell = _cell(a, "mean", pct)
+            if a.ci95:
+                cell += f" [{_fmt(a.ci95[0], pct)}, {_fmt(a.ci95[1], pct)}]"
+                if a.ci95[0] > 0 or a.ci95[1] < 0:
+                    beyond.append(header.removeprefix("Δ ").removesuffix(" (pp)"))
+            cells.append(cell)
+        cells.append(", ".join(beyond) or ("no" if any(p.diffs[n].ci95 for n, _, _ in _PAIRED) else "-"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def sweep_runs(sweep_dir: str | os.PathLike) -> dict[str, list[tuple[int, Path]]]:
     """``{config: [(seed, run_dir), ...]}`` of the run directories under a sweep directory that hold
     metrics (configs in name order, seeds ascending)."""
@@ -239,8 +293,10 @@ def write_summary(sweep_dir: str | os.PathLike, configs: list[str] | None = None
     """Write ``summary.json`` (every run, every config's aggregates) and ``summary.md`` (the table)."""
     root = Path(sweep_dir)
     runs, per_config = summarize_sweep(root, configs)
+    paired = paired_differences(runs, per_config[0].config) if per_config else []
     data = {"spike_factor": SPIKE_FACTOR, "ci": "Student-t 95% interval of the mean over seeds",
-            "command": command, "configs": [asdict(c) for c in per_config], "runs": [asdict(r) for r in runs]}
+            "command": command, "configs": [asdict(c) for c in per_config], "runs": [asdict(r) for r in runs],
+            "paired": [asdict(p) for p in paired]}
     jpath, mpath = root / SUMMARY_JSON, root / SUMMARY_MD
     jpath.write_text(json.dumps(data, indent=1) + "\n")
     md = [f"# Sweep {root.name}", ""]
@@ -252,5 +308,10 @@ def write_summary(sweep_dir: str | os.PathLike, configs: list[str] | None = None
            f"with grad_norm > {SPIKE_FACTOR:g}x the run's median, summed over seeds; rho min/max, clip frac max: "
            "the extreme over every step and seed; skipped / non-finite: skipped updates and non-finite losses, "
            "grad norms or sequences, summed over seeds. first/last: the first and last logged step.", ""]
+    if paired:
+        md += [f"## Against {paired[0].baseline}, seed by seed", "", paired_table(paired), "",
+               f"Each cell: the mean ± std over seeds of (config - {paired[0].baseline}) in runs of the same seed, "
+               "and its paired Student-t 95% interval; beyond seed noise: the quantities whose interval excludes 0.",
+               ""]
     mpath.write_text("\n".join(md))
     return jpath, mpath

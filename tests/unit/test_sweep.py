@@ -176,6 +176,23 @@ def test_aggregate_over_seeds():
     assert Aggregate.of([0.5]).ci95 is None and Aggregate.of([None]).n == 0
 
 
+def test_paired_differences_use_the_seeds_both_configs_ran():
+    from holderpo_megatron.observability.sweep_summary import RunSummary, paired_differences, paired_table
+
+    def run(config, seed, held_out, reward):
+        return RunSummary(config=config, seed=seed, run_dir="", steps=3, held_out=held_out, held_out_step=3,
+                          final_reward=reward, mean_reward=reward)
+
+    runs = [run("grpo", 1, 0.2, 0.1), run("grpo", 2, 0.4, 0.2), run("grpo", 3, 0.3, 0.3),
+            run("p1", 1, 0.1, 0.3), run("p1", 3, None, 0.1), run("p1", 4, 0.9, 0.9)]
+    (p,) = paired_differences(runs, "grpo")
+    assert p.config == "p1" and p.seeds == [1, 3]  # seed 2 has no p1 run, seed 4 no grpo run
+    assert p.diffs["held_out"].n == 1 and p.diffs["held_out"].mean == pytest.approx(-0.1)  # seed 3: no held-out
+    assert p.diffs["mean_reward"].n == 2 and p.diffs["mean_reward"].mean == pytest.approx(0.0)
+    table = paired_table([p])
+    assert "| p1 | 2 | -10.0 | 0 ± 0.283 [-2.54, 2.54] |" in table and table.endswith("| no |")
+
+
 def _sweep_dir(root: Path) -> Path:
     for config, finals in (("grpo", (0.2, 0.4, 0.3)), ("p2", (0.5, 0.6, 0.7))):
         for seed, final in zip((1, 2, 3), finals):
@@ -200,6 +217,13 @@ def test_sweep_summary_and_plot(tmp_path, capsys):
     assert [c["config"] for c in data["configs"]] == ["grpo", "p2"] and len(data["runs"]) == 6
     md = mpath.read_text()
     assert "| p2 | 3 | 30.0 ± 5.0 | 0.6 ± 0.1 |" in md and "holderpo sweep ..." in md
+    # p2 - grpo per seed: held-out (0.25, 0.3, 0.35) - (0.1, 0.2, 0.15) = (0.15, 0.1, 0.2)
+    (paired,) = data["paired"]
+    d = [0.15, 0.1, 0.2]
+    half = 4.303 * statistics.stdev(d) / math.sqrt(3)
+    assert paired["baseline"] == "grpo" and paired["seeds"] == [1, 2, 3]
+    assert paired["diffs"]["held_out"]["ci95"] == pytest.approx([0.15 - half, 0.15 + half], abs=1e-3)
+    assert "| p2 | 3 | 15.0 ± 5.0 [2.6, 27.4] |" in md and md.count("held-out acc, mean reward, final reward") == 1
     assert is_sweep_dir(root) and not is_sweep_dir(root / "p2" / "seed1")
     png = plot_sweep(root)
     assert png == root / "sweep.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
