@@ -225,14 +225,21 @@ class EmbeddedBackend:
             engine_module.kill_process_tree = original
 
 
+# helpers of this process that may first start while an engine starts, and are never the engine's:
+# torch's shared-memory manager, and multiprocessing's resource tracker (killed with the engine, it
+# is relaunched at exit and prints a KeyError traceback for every shared-memory name it lost)
+_NOT_ENGINE = ("torch_shm_manager", "multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
 def _child_pids() -> set[int]:
-    """Direct children of this process, less torch's shared-memory manager (never the engine's)."""
+    """Direct children of this process, less the helpers in ``_NOT_ENGINE``."""
     import psutil
 
     out = set()
     for c in psutil.Process().children():
         try:
-            if "torch_shm_manager" not in " ".join(c.cmdline()):
+            cmd = " ".join(c.cmdline())
+            if not any(name in cmd for name in _NOT_ENGINE):
                 out.add(c.pid)
         except psutil.Error:
             pass
