@@ -88,6 +88,31 @@ def test_gspo_equals_holder_at_p0_and_gmpo_equals_token_variant_at_p0():
         torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
 
 
+def test_holder_p0_is_trl_gspo_sequence_level_loss():
+    """The peer of bench/e2e_vs_trl.py: TRL's GRPOTrainer with importance_sampling_level="sequence",
+    loss_type="grpo", beta=0, written as TRL 1.16's _compute_loss computes it (coef = exp of the
+    masked mean log-ratio per sequence, broadcast over tokens, min with the clipped coef, token mean per
+    sequence, mean over sequences). Our holder loss at p = 0 gives the same value and gradient."""
+    logp, old, adv, mask = random_batch(16, 24, seed=11, spread=0.4)
+    mask[:, 0] = True  # a TRL completion holds at least its EOS (ours leaves empty rows out of the mean)
+
+    def trl_gspo(lp):
+        m = mask.to(lp.dtype)
+        log_w = ((lp - old.to(lp.dtype)) * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+        coef_1 = torch.exp(log_w).unsqueeze(-1)
+        coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.2)
+        a = adv.to(lp.dtype).unsqueeze(1)
+        per_token = -torch.min(coef_1 * a, coef_2 * a)
+        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+
+    ours = compute_policy_loss("holder", logp, old, adv, mask, p=0.0, variant="seq", clip_low=0.2, clip_high=0.2)
+    torch.testing.assert_close(ours.loss.double(), trl_gspo(logp.double()), rtol=1e-6, atol=1e-7)
+    g = _grad(lambda x: compute_policy_loss("holder", x, old, adv, mask, p=0.0, variant="seq").loss, logp)
+    torch.testing.assert_close(g.double(), _grad(trl_gspo, logp.double()), rtol=1e-5, atol=1e-8)
+    r = torch.exp(((logp - old) * mask).sum(-1) / mask.sum(-1))
+    assert ((r < 0.8) & (adv < 0)).any() or ((r > 1.2) & (adv > 0)).any()  # the clip branch is exercised
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("holder", {"p": 2.0}), ("holder", {"p": -1.0, "variant": "token"}), ("holder", {"p": 0.5, "variant": "seq_tokclip"}),
     ("grpo", {}), ("grpo", {"aggregation": "seq-mean-token-mean"}), ("dr_grpo", {"max_len": 40}), ("gspo", {}), ("gmpo", {}),
