@@ -131,6 +131,17 @@ def plot_sweep(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     FigureCanvasAgg(fig)
     for i, (key, title, ylabel) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
+        if all(len(pts) == 1 for pts in curves[key].values()):
+            # one point per config (e.g. held-out accuracy at the end only): configs side by side, the
+            # mean with a min..max bar over seeds, instead of a band of zero width
+            for j, (config, ((step, mean, lo, hi, n),)) in enumerate(curves[key].items()):
+                ax.errorbar([j], [mean], yerr=[[mean - lo], [hi - mean]], fmt="o", capsize=5,
+                            label=f"{config} ({n} seed{'s' if n > 1 else ''})")
+            ax.set_xticks(range(len(curves[key])), list(curves[key]), rotation=20, fontsize=8)
+            ax.set_title(f"{title} at step {step}: mean over seeds, bar min..max")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            continue
         for config, pts in curves[key].items():
             xs = [p[0] for p in pts]
             seeds = max(p[4] for p in pts)
