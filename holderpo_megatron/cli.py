@@ -111,16 +111,14 @@ def _sweep(args, argv: list[str] | None) -> int:
 
     command = "holderpo " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if args.summary_only:
-        import json
         from pathlib import Path
+
+        from holderpo_megatron.trainer.sweep import summary_order
 
         if not Path(args.out).is_dir():
             raise ConfigError(f"--out {args.out!r} is not a directory (a sweep's --out)")
-        # the sweep's own config order (its first config is the baseline) and command, where it wrote them
-        plan = Path(args.out) / "sweep.json"
-        known = json.loads(plan.read_text()) if plan.is_file() else {}
-        configs = list(dict.fromkeys(r["config"] for r in known.get("runs", []))) or None
-        _, md = write_summary(args.out, configs, command=known.get("command"))
+        configs, planned = summary_order(args.out)
+        _, md = write_summary(args.out, configs, command=planned)
         print(md.read_text())
         return 0
     grid = parse_grid(args.grid)

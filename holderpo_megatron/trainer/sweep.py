@@ -273,6 +273,17 @@ class _Runner:
                 p.kill()
 
 
+PLAN_FILE = "sweep.json"  # DIR/sweep.json: the recipe, the command and every run, in order
+
+
+def summary_order(out: str | os.PathLike) -> tuple[list[str] | None, str | None]:
+    """The configs of the sweep in ``out`` in its own order (the first is the summary's baseline) and
+    its command, from ``DIR/sweep.json``; (None, None) where the sweep wrote none."""
+    plan = Path(out) / PLAN_FILE
+    known = json.loads(plan.read_text()) if plan.is_file() else {}
+    return list(dict.fromkeys(r["config"] for r in known.get("runs", []))) or None, known.get("command")
+
+
 def run_sweep(recipe: str, runs: list[SweepRun], out: str | os.PathLike, parallel: int = 1,
               command: str | None = None) -> int:
     """Run what is not done yet (``parallel`` at a time), then write the summary. 0: every run finished."""
@@ -290,7 +301,7 @@ def run_sweep(recipe: str, runs: list[SweepRun], out: str | os.PathLike, paralle
         if r not in todo:
             print(f"sweep: {r.label}: finished earlier, skipped", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({"recipe": str(Path(recipe).absolute()), "command": command,
+    (out / PLAN_FILE).write_text(json.dumps({"recipe": str(Path(recipe).absolute()), "command": command,
                                                 "runs": [{"config": r.config, "seed": r.seed, "run_dir": str(r.run_dir),
                                                           "overrides": r.overrides} for r in runs]}, indent=1))
     runner = _Runner(recipe)
