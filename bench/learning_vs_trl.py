@@ -47,6 +47,31 @@ DEFAULT_RUNS = ROOT / "bench" / "results" / "learning_vs_trl_cpu_runs"
 NOTES_MARK = "<!-- notes -->"
 # Our side only: the KV cache size does not change what is sampled, and a small one saves RAM.
 OURS_DEFAULT_EXTRA = ("rollout.mem_fraction_static=0.1",)
+# Overrides that size the engine's memory only (all 32 requests of a step fit either way): runs that
+# differ only in these are the same experiment (e.g. a larger fraction where another job holds RAM).
+MEMORY_ONLY = ("rollout.mem_fraction_static", "rollout.kv_cache_tokens")
+
+
+def sampling_overrides(extra: list[str]) -> list[str]:
+    """``extra`` without the memory-only overrides: what must match for two runs to be compared."""
+    return [o for o in extra if o.split("=", 1)[0] not in MEMORY_ONLY]
+
+
+def permutation_test(a: list[float], b: list[float]) -> float:
+    """Two-sided exact permutation p-value of mean(a) - mean(b): the share of all relabellings of the
+    pooled values into groups of len(a) and len(b) whose |difference| is at least the observed one."""
+    import itertools
+
+    pooled, n = a + b, len(a)
+    observed = abs(statistics.fmean(a) - statistics.fmean(b))
+    hits = total = 0
+    for idx in itertools.combinations(range(len(pooled)), n):
+        chosen = set(idx)
+        x = [pooled[i] for i in idx]
+        y = [pooled[i] for i in range(len(pooled)) if i not in chosen]
+        total += 1
+        hits += abs(statistics.fmean(x) - statistics.fmean(y)) >= observed - 1e-12
+    return hits / total
 
 
 def run_one(side: str, seed: int, steps: int, extra: list[str], out: Path) -> int:
@@ -94,6 +119,9 @@ def aggregate(runs: dict[str, list[dict]], steps: int) -> dict:
                 per_step.append(_stats(vals) if vals else None)
             out[side][key] = per_step
         out[side]["seeds"] = [r["seed"] for r in rs]
+        # one number per seed: its mean reward over all steps (the area under its curve)
+        out[side]["seed_mean_reward"] = {r["seed"]: statistics.fmean(x["reward_mean"] for x in r["rows"][:steps])
+                                         for r in rs}
     return out
 
 
@@ -105,7 +133,8 @@ def markdown(stats: dict, steps: int, cmd: str, overrides: dict[str, list[str]])
     lines = ["# Learning parity vs TRL (CPU): mean (min..max) over seeds per step", "", f"Command: `{cmd}`", ""]
     for side in sides:
         extra = overrides.get(side)
-        lines.append(f"- `{side}`: seeds {stats[side]['seeds']}" + (f", extra overrides `{' '.join(extra)}`" if extra else ""))
+        lines.append(f"- `{side}`: seeds {stats[side]['seeds']}"
+                     + (", extra overrides " + " / ".join(f"`{e}`" for e in extra) if extra else ""))
     lines += ["", "| step | " + " | ".join(f"{s} reward" for s in sides) + " | "
               + " | ".join(f"{s} length" for s in sides) + " |",
               "|---|" + "---|" * (2 * len(sides))]
@@ -119,6 +148,20 @@ def markdown(stats: dict, steps: int, cmd: str, overrides: dict[str, list[str]])
             last = r[-3:]
             lines.append(f"- `{side}` mean reward over the last {len(last)} steps: "
                          f"{statistics.fmean(x['mean'] for x in last):.3f}")
+    # per seed, the mean reward over all steps; each side's seeds against the first side's
+    lines += ["", f"Per seed, the mean reward over steps 1..{steps} (one number per run):", ""]
+    for side in sides:
+        per = stats[side].get("seed_mean_reward", {})
+        if per:
+            vals = list(per.values())
+            lines.append(f"- `{side}`: " + ", ".join(f"{s}: {v:.3f}" for s, v in per.items())
+                         + f"; mean {statistics.fmean(vals):.3f}" + (f" ± {statistics.stdev(vals):.3f} (std)" if len(vals) > 1 else ""))
+    base = sides[0] if sides else None
+    for side in sides[1:]:
+        a, b = list(stats[side].get("seed_mean_reward", {}).values()), list(stats[base].get("seed_mean_reward", {}).values())
+        if len(a) > 1 and len(b) > 1:
+            lines.append(f"- `{side}` - `{base}`: {statistics.fmean(a) - statistics.fmean(b):+.3f}; exact two-sided "
+                         f"permutation test over the {len(a)} + {len(b)} seeds: p = {permutation_test(a, b):.3f}")
     return "\n".join(lines) + "\n"
 
 
@@ -165,7 +208,8 @@ def main(argv=None) -> int:
             p = path(side, seed)
             if p.exists() and not args.force:
                 kept = json.loads(p.read_text())
-                if kept["steps"] != args.steps or (side == "ours" and kept["extra"] != extra):
+                if kept["steps"] != args.steps or (side == "ours" and sampling_overrides(kept["extra"])
+                                                   != sampling_overrides(extra)):
                     raise SystemExit(f"{p} holds a run with other settings ({kept['steps']} steps, overrides "
                                      f"{kept['extra']}); pass --force or another --variant")
                 print(f"[{side} seed {seed}] kept: {p}", flush=True)
@@ -194,7 +238,8 @@ def main(argv=None) -> int:
         if got:
             runs[name] = got
     stats = aggregate(runs, args.steps)
-    overrides = {k: v[0]["extra"] for k, v in runs.items() if k.startswith("ours")}
+    # each distinct set of overrides of a side (memory-only ones may differ between its seeds)
+    overrides = {k: list(dict.fromkeys(" ".join(r["extra"]) for r in v)) for k, v in runs.items() if k.startswith("ours")}
     cmd = "python bench/learning_vs_trl.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

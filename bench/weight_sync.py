@@ -110,13 +110,18 @@ def _rank_main(rank, world, store, model_dir, tp, pp, transports, bucket_bytes, 
         initialize_model_parallel(layout)
         actor = MegatronActor(arch, layout, optimizer=None)
         load_hf_weights_into_model(actor.unwrapped(), arch, SafetensorsReader(model_dir))
-        source = MegatronWeightSource(actor.unwrapped(), arch)
+        source = MegatronWeightSource(actor.unwrapped(), arch)  # TP > 1 on CPU: the shared TP gather
         results = []
         version = 0
         for transport in transports:
-            # "tensor-packed": the tensor transport without zero-copy (every bucket packed flat)
+            # "tensor-packed": the tensor transport without zero-copy (every bucket packed flat);
+            # "tensor-p2p": TP shards sent point to point (the GPU path) instead of read in place
+            if transport == "tensor-p2p" and tp == 1:
+                continue
             kw = dict(zero_copy=False) if transport == "tensor-packed" else {}
-            sync = make_weight_synchronizer(source, engine, dtype=torch.float32, transport=transport.split("-")[0],
+            src = MegatronWeightSource(actor.unwrapped(), arch, tp_gather="p2p") if transport == "tensor-p2p" \
+                else source
+            sync = make_weight_synchronizer(src, engine, dtype=torch.float32, transport=transport.split("-")[0],
                                             bucket_bytes=bucket_bytes, **kw)
             try:
                 for r in range(repeats):
@@ -290,8 +295,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="0.5b")
     ap.add_argument("--layouts", default="1x1,2x2", help="comma-separated TPxPP, e.g. 1x1,2x2")
-    ap.add_argument("--transports", default="tensor,tensor-packed,distributed,disk",
-                    help="tensor (zero-copy on CPU), tensor-packed (flat buckets), distributed, disk")
+    ap.add_argument("--transports", default="tensor,tensor-p2p,tensor-packed,distributed,disk",
+                    help="tensor (zero-copy on CPU; TP>1: shards read in place from shared memory), tensor-p2p "
+                         "(TP>1: shards sent point to point, the GPU path), tensor-packed (flat buckets), "
+                         "distributed, disk")
     ap.add_argument("--bucket-mb", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--fleet", type=int, default=0, help="also N engines fed in parallel vs through one owner")

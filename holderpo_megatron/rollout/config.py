@@ -9,6 +9,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from .engine_weights import HOLDING_LOADER
+
 __all__ = ["SGLangEngineConfig"]
 
 _MODES = ("embedded", "servers")
@@ -162,6 +164,7 @@ class SGLangEngineConfig:
         )
         if not cpu:  # SGLang's memory saver is CUDA-only
             kw["enable_memory_saver"] = self.enable_memory_saver
+
         if cpu:
             # sleep_on_idle: an idle scheduler waits on its sockets instead of polling, so it does not
             # take a core from the trainer ranks during score/train (bench/e2e_vs_trl.py: scheduler
@@ -173,6 +176,9 @@ class SGLangEngineConfig:
         if self.context_length:
             kw["context_length"] = self.context_length
         kw.update(self.server_args)
+        # our loader for update_weights_from_tensor (engine_weights: CPU mappings kept between syncs),
+        # beside any the caller names
+        kw["custom_weight_loader"] = list(dict.fromkeys([HOLDING_LOADER, *(kw.get("custom_weight_loader") or [])]))
         return kw
 
     def to_dict(self) -> dict:

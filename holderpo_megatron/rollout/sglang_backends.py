@@ -13,6 +13,7 @@ import urllib.request
 
 import torch
 
+from .engine_weights import HOLDING_LOADER
 from .interface import EngineStartError, RolloutEngineError, TensorBucket, TensorMeta
 from .shared_memory import file_system_sharing
 
@@ -133,6 +134,8 @@ class EmbeddedBackend:
     def update_weights_from_bucket(self, bucket: TensorBucket, flush_cache: bool = False):
         from sglang.srt.managers.io_struct import UpdateWeightsFromTensorReqInput
 
+        if bucket.flat.device.type == "cpu":  # views of the shared bucket, to our holding loader
+            return self.update_weights_from_tensors(list(bucket.tensors()), flush_cache=flush_cache)
         obj = UpdateWeightsFromTensorReqInput(serialized_named_tensors=bucket_payload(bucket, self.tp_size),
                                               load_format="flattened_bucket", flush_cache=flush_cache)
         _check(self._run(self._tm.update_weights_from_tensor(obj, None)), "update_weights_from_tensor", self.name)
@@ -141,7 +144,7 @@ class EmbeddedBackend:
         from sglang.srt.managers.io_struct import UpdateWeightsFromTensorReqInput
 
         obj = UpdateWeightsFromTensorReqInput(serialized_named_tensors=tensors_payload(named_tensors, self.tp_size),
-                                              flush_cache=flush_cache)
+                                              load_format=HOLDING_LOADER, flush_cache=flush_cache)
         _check(self._run(self._tm.update_weights_from_tensor(obj, None)), "update_weights_from_tensor", self.name)
 
     def init_weights_update_group(self, master_address, master_port, rank_offset, world_size, group_name, backend):
@@ -257,6 +260,7 @@ class ServerBackend:
         self.timeout_s = timeout_s
         self.tp_size = tp_size
         self._headers = {"Content-Type": "application/json"}
+        self._holding: bool | None = None  # see _has_holding_loader
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
 
@@ -298,6 +302,21 @@ class ServerBackend:
         out = self._request("/generate", payload)
         return out if isinstance(out, list) else [out]
 
+    def _has_holding_loader(self) -> bool:
+        """The server was started with our weight loader: one we launched, or (asked once) one a fleet
+        rank launched; a server someone else started keeps SGLang's own."""
+        if self._holding is None:
+            self._holding = self.process is not None
+            if not self._holding:
+                for path in ("/server_info", "/get_server_info"):  # the newer name, then the older
+                    try:
+                        info = self._request(path, timeout=30.0)
+                    except (RolloutEngineError, ServerUnreachable):
+                        continue
+                    self._holding = isinstance(info, dict) and HOLDING_LOADER in (info.get("custom_weight_loader") or [])
+                    break
+        return self._holding
+
     def begin_weight_update(self):
         _check(self._request("/begin_weight_update", {}), "begin_weight_update", self.name)
 
@@ -305,6 +324,8 @@ class ServerBackend:
         _check(self._request("/end_weight_update", {}), "end_weight_update", self.name)
 
     def update_weights_from_bucket(self, bucket: TensorBucket, flush_cache: bool = False):
+        if bucket.flat.device.type == "cpu" and self._has_holding_loader():  # as the embedded engine does
+            return self.update_weights_from_tensors(list(bucket.tensors()), flush_cache=flush_cache)
         payload = {"serialized_named_tensors": [base64.b64encode(p).decode() for p in bucket_payload(bucket, self.tp_size)],
                    "load_format": "flattened_bucket", "flush_cache": flush_cache}
         _check(self._request("/update_weights_from_tensor", payload), "update_weights_from_tensor", self.name)
@@ -313,6 +334,8 @@ class ServerBackend:
         payload = {"serialized_named_tensors": [base64.b64encode(p).decode()
                                                 for p in tensors_payload(named_tensors, self.tp_size)],
                    "flush_cache": flush_cache}
+        if self._has_holding_loader():
+            payload["load_format"] = HOLDING_LOADER
         _check(self._request("/update_weights_from_tensor", payload), "update_weights_from_tensor", self.name)
 
     def init_weights_update_group(self, master_address, master_port, rank_offset, world_size, group_name, backend):

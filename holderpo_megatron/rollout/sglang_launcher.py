@@ -95,8 +95,10 @@ def _cli_args(server_args: dict) -> list[str]:
                 out.append(flag)
         elif v is None:
             continue
-        elif isinstance(v, (dict, list)):
+        elif isinstance(v, dict):
             out += [flag, json.dumps(v)]
+        elif isinstance(v, (list, tuple)):  # SGLang's list options take their values one by one (nargs)
+            out += [flag, *map(str, v)]
         else:
             out += [flag, str(v)]
     return out

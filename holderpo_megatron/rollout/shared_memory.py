@@ -50,15 +50,34 @@ def share_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def unlink_created_segments() -> None:
-    """Remove the names of the shared-memory files this process created (at exit)."""
+    """Remove the names of the shared-memory files this process created (at exit).
+
+    A torch shared-memory file starts with a reference count (``MapInfo``: one int32, the data 64
+    bytes further on); the process whose close takes it to zero unlinks the name, and aborts if the
+    name is already gone. So before removing a name we add one reference of our own to the count,
+    which no close takes away: every later close (this process's own tensors freed during
+    interpreter teardown, a peer that still maps the file) only unmaps, and the memory goes with
+    the last mapping. (The add is not atomic with a concurrent open or close of the same file: at
+    exit, a window of microseconds.)"""
     import os
 
     while _CREATED:
-        name = _CREATED.pop()
+        path = "/dev/shm/" + _CREATED.pop().lstrip("/")
         try:
-            os.unlink("/dev/shm/" + name.lstrip("/"))
+            fd = os.open(path, os.O_RDWR)
         except OSError:
+            continue
+        try:
+            import mmap
+            import sys
+
+            with mmap.mmap(fd, 4) as m:
+                m[0:4] = (int.from_bytes(m[0:4], sys.byteorder, signed=True) + 1).to_bytes(4, sys.byteorder, signed=True)
+            os.unlink(path)
+        except (OSError, ValueError):
             pass
+        finally:
+            os.close(fd)
 
 
 def dumps_shared(obj) -> bytes:

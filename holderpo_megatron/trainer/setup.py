@@ -127,7 +127,7 @@ class TrainContext:
                 from .agent_loop import build_env_pool
 
                 self.env_pool = build_env_pool(cfg)
-        source = MegatronWeightSource(self.actor.unwrapped(), self.arch, feeds=bool(self.fleet.fed))
+        source = MegatronWeightSource(self.actor.unwrapped(), self.arch, feeds=bool(self.fleet.fed), hosts=hosts)
         self.synchronizer = make_weight_synchronizer(
             source, self.fleet.feed if source.is_owner else None, dtype=engine_cfg.torch_dtype,
             transport=r.weight_sync, topology=sync_topology(self.fleet.fed, source.stage_senders, hosts, self.layout.tp),

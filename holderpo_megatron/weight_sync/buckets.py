@@ -11,7 +11,7 @@ from ..rollout.interface import TensorBucket, TensorMeta
 from ..rollout.shared_memory import share_tensor
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "BucketBuffer", "group_into_buckets", "pack_bucket", "pack_unshared", "is_shared",
-           "SyncLedger"]
+           "share_all", "SyncLedger"]
 
 DEFAULT_BUCKET_BYTES = 512 * 1024**2
 
@@ -74,6 +74,14 @@ def pack_bucket(group: list[tuple[str, torch.Tensor]], buffer: BucketBuffer) -> 
 def is_shared(t: torch.Tensor) -> bool:
     """A CPU tensor whose storage is in shared memory (an engine process can map it)."""
     return t.device.type == "cpu" and t.untyped_storage().is_shared()
+
+
+def share_all(tensors: Iterable[torch.Tensor]) -> None:
+    """Move every CPU tensor's storage into shared memory, in place (views keep pointing into it);
+    tensors already shared, and device tensors, are left alone."""
+    for t in tensors:
+        if t.device.type == "cpu" and not t.untyped_storage().is_shared():
+            share_tensor(t)
 
 
 def pack_unshared(group: list[tuple[str, torch.Tensor]], buffer: BucketBuffer) -> list[tuple[str, torch.Tensor]]:

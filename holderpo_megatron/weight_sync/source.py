@@ -13,8 +13,8 @@ from typing import Iterator, Mapping
 import torch
 
 from ..checkpoint.mapping import expected_hf_shapes, export_hf_weights, export_params
-from .buckets import group_into_buckets
-from .tp_gather import GatheredBucket, TPGroup, gathered_buckets
+from .buckets import group_into_buckets, share_all
+from .tp_gather import GatheredBucket, PeerShards, TPGroup, gathered_buckets
 
 __all__ = ["WeightSource", "MegatronWeightSource", "StateDictSource"]
 
@@ -57,23 +57,24 @@ class WeightSource:
         reads them in place: the tensor transport then copies only what the export creates."""
 
 
-def _share_all(tensors) -> None:
-    from ..rollout.shared_memory import share_tensor
-
-    for t in tensors:
-        if t.device.type == "cpu" and not t.untyped_storage().is_shared():
-            share_tensor(t)
-
-
 class MegatronWeightSource(WeightSource):
     """``model``: the Actor's model chunks (``actor.unwrapped()``); ``arch``: its ModelArch.
     ``feeds``: this rank's data-parallel replica feeds an engine (a fleet: every replica with an
-    engine of its own); None: only the first replica does (one engine). Construct on every rank after
-    model-parallel initialisation."""
+    engine of its own); None: only the first replica does (one engine). ``hosts``: every global
+    rank's host identity, as the launch names it (None: one host). ``tp_gather`` (TP > 1): how a
+    stage's TP peers hand their shards to its sender: ``"shared"`` as shared-memory handles (CPU,
+    the TP group on one host), ``"p2p"`` as bytes sent point to point over the TP group (NCCL on
+    GPU), ``"auto"`` the first where it can. Construct on every rank after model-parallel
+    initialisation."""
 
-    def __init__(self, model, arch, feeds: bool | None = None):
+    TP_GATHERS = ("auto", "shared", "p2p")
+
+    def __init__(self, model, arch, feeds: bool | None = None, hosts=None, tp_gather: str = "auto"):
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
+
+        if tp_gather not in self.TP_GATHERS:
+            raise ValueError(f"tp_gather={tp_gather!r} is invalid; allowed: {' | '.join(map(repr, self.TP_GATHERS))}")
 
         self.model = model
         self.arch = arch
@@ -104,6 +105,21 @@ class MegatronWeightSource(WeightSource):
         tp_group = ps.get_tensor_model_parallel_group()
         self.tp = TPGroup(tuple(dist.get_process_group_ranks(tp_group)), ps.get_tensor_model_parallel_rank(),
                           tp_group) if self.tp_size > 1 else None
+        self.tp_gather = "p2p"
+        if self.tp is not None and tp_gather != "p2p":
+            one_host = hosts is None or len({hosts[r] for r in self.tp.ranks}) == 1
+            if tp_gather == "shared" and not (one_host and self.device.type == "cpu"):
+                where = "on GPU" if self.device.type != "cpu" else \
+                    "across hosts " + str(sorted({hosts[r] for r in self.tp.ranks}))
+                raise ValueError(f"tp_gather='shared' needs the TP group's CPU tensors on one host, but it runs {where}; "
+                                 "allowed there: 'p2p' or 'auto'")
+            if one_host and self.device.type == "cpu":
+                self.tp_gather = "shared"
+        self._peer_shards = PeerShards() if self.tp_gather == "shared" else None
+        if self._peer_shards is not None and self.participates and not self.is_sender:
+            # a peer's parameters move into shared memory now, in place (one copy, once), so its
+            # sender can read them without a copy of its own
+            share_all(p.local for p in export_params(model, arch) if p.mapping.tp_dim is not None)
 
     def named_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         """Every TP rank yields the full tensors (all-gathered); syncs use :meth:`buckets`."""
@@ -112,14 +128,15 @@ class MegatronWeightSource(WeightSource):
     def buckets(self, dtype: torch.dtype, bucket_bytes: int):
         if self.tp is None:
             return super().buckets(dtype, bucket_bytes)
-        return gathered_buckets(export_params(self.model, self.arch), dtype, bucket_bytes, self.tp, self.arch)
+        return gathered_buckets(export_params(self.model, self.arch), dtype, bucket_bytes, self.tp, self.arch,
+                                self._peer_shards)
 
     def share_memory(self) -> None:
         # In place: the parameters' storages move to shared memory (one copy, once); the optimizer
         # and DDP keep the same Parameter objects. With the non-distributed optimizer (the CPU
         # case) every parameter owns its storage.
         chunks = self.model if isinstance(self.model, (list, tuple)) else [self.model]
-        _share_all(p.data for c in chunks for p in c.parameters())
+        share_all(p.data for c in chunks for p in c.parameters())
 
 
 class StateDictSource(WeightSource):
@@ -141,4 +158,4 @@ class StateDictSource(WeightSource):
             yield name, self.state[name].detach().to(dtype).contiguous()
 
     def share_memory(self) -> None:
-        _share_all(self.state.values())
+        share_all(self.state.values())

@@ -18,7 +18,15 @@ def _entry(rank: int, fn, world_size: int, store: str, args: tuple) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
     )
-    fn(rank, world_size, *args)  # an exception propagates to mp.spawn with this rank's traceback
+    try:
+        fn(rank, world_size, *args)  # an exception propagates to mp.spawn with this rank's traceback
+    except BaseException:
+        # also said at once: a rank that raises may hang in its exit (gloo's threads) while the others
+        # time out in their next collective, and mp.spawn then reports one of those timeouts instead
+        import traceback
+
+        print(f"rank {rank} raised:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        raise
     # Tear down together, then skip interpreter finalisation: gloo's worker threads tearing down
     # alongside Python's own finalisation abort the process about one run in a few hundred
     # ("terminate called without an active exception", SIGABRT) after every assertion passed.

@@ -137,6 +137,34 @@ def test_weight_sync_from_a_state_dict_every_transport(engine, reference, model_
     assert (s.logprobs.double() - ref).abs().max().item() <= 1e-3
 
 
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["in-place", "packed"])
+def test_repeated_syncs_deliver_memory_changed_in_place(engine, reference, model_dir, zero_copy):
+    """Three syncs from the same tensors, changed in place between them as an optimizer changes
+    parameters. The engine's loader (``rollout/engine_weights.py``) keeps each sync's mappings of
+    the trainer's shared memory for the next one, so later syncs reuse them: every sync must still
+    deliver the current values exactly, sent in place (zero copy) or packed into the reused buckets."""
+    from holderpo_megatron.models import ModelArch
+    from holderpo_megatron.weight_sync import StateDictSource, make_weight_synchronizer
+
+    arch = ModelArch.from_pretrained_dir(model_dir)
+    g = torch.Generator().manual_seed(11)
+    src = StateDictSource({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in reference.state_dict().items()},
+                          arch)
+    sync = make_weight_synchronizer(src, engine, dtype=torch.float32, transport="tensor", bucket_bytes=64 * 1024,
+                                    zero_copy=zero_copy)
+    names = ("model.embed_tokens.weight", "model.layers.3.self_attn.k_proj.weight", "model.norm.weight")
+    try:
+        for k in range(3):
+            if k:
+                for t in src.state.values():
+                    t.mul_(-1.5 if k == 1 else 0.5)  # the same memory, new values
+            sync.sync(engine.weight_version + 1)
+            for name in names:
+                assert torch.equal(engine.get_weight(name), src.state[name]), f"sync {k}: {name}"
+    finally:
+        sync.close()
+
+
 def test_bad_requests_are_refused(engine):
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         engine.generate([[1, 2], []], SamplingParams())

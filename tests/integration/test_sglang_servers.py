@@ -71,6 +71,18 @@ def test_weight_sync_into_a_server(servers, model_dir, transport):
     assert s.weight_version == version and s.output_ids == hf_greedy(ref, [1, 5, 6, 7], 6)
 
 
+def test_a_client_by_url_finds_our_weight_loader_on_a_server_we_started(servers):
+    """A fleet's feeding rank reaches a server another rank launched by URL only: it asks the server
+    whether it has our holding loader (``rollout/engine_weights.py``), and uses it if so."""
+    from holderpo_megatron.rollout.sglang_backends import ServerBackend
+
+    launched = servers._backends[0]
+    by_url = ServerBackend(launched.url, timeout_s=60, api_key=launched.process.api_key)
+    assert by_url.process is None and by_url._has_holding_loader()
+    nowhere = ServerBackend(f"http://127.0.0.1:{free_port()}", timeout_s=5)
+    assert not nowhere._has_holding_loader()  # unreachable: SGLang's own loader
+
+
 def test_requests_on_a_dead_server_are_retried_on_a_live_one(servers, model_dir):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     # a given server (ours, launched with a random key): reached with that key, as rollout.api_key would

@@ -51,6 +51,16 @@ def test_engine_config_resolves_cpu_defaults(model_dir):
     assert cfg.torch_dtype == torch.float32  # "auto": the checkpoint's dtype
     assert kw["attention_backend"] == "torch_native" and kw["disable_overlap_schedule"] is True
     assert kw["mem_fraction_static"] == 0.3 and kw["device"] == "cpu" and kw["chunked_prefill_size"] == 512
+    # every engine we start has our holding weight loader, beside any the caller names
+    from holderpo_megatron.rollout.engine_weights import HOLDING_LOADER
+    from holderpo_megatron.rollout.sglang_launcher import _cli_args
+
+    assert kw["custom_weight_loader"] == [HOLDING_LOADER]
+    mine = SGLangEngineConfig(model_path=model_dir, device="cpu", server_args={"custom_weight_loader": ["my.loader"]})
+    assert mine.server_args_dict()["custom_weight_loader"] == [HOLDING_LOADER, "my.loader"]
+    # a list option reaches the server's command line value by value (argparse nargs), a dict as JSON
+    assert _cli_args({"custom_weight_loader": ["a.b", "c.d"], "json_model_override_args": {"x": 1}}) == [
+        "--custom-weight-loader", "a.b", "c.d", "--json-model-override-args", '{"x": 1}']
 
 
 @pytest.mark.parametrize("kw,field", [

@@ -173,7 +173,9 @@ def test_engine_threads_and_ignore_eos_reach_the_engine_and_its_environment():
 
     cfg = load_run_config("examples/recipes/tiny-cpu.yaml", ["rollout.ignore_eos=true"])
     assert cfg.rollout.ignore_eos is True
-    assert engine_config(cfg, ".").cpu_threads is None
+    assert engine_config(cfg, ".").cpu_threads == 2  # the recipe's: both cores while the ranks wait
+    assert engine_config(load_run_config("examples/recipes/tiny-cpu.yaml", ["rollout.engine_cpu_threads=null"]),
+                         ".").cpu_threads is None  # unset: the rank's own count
     e = engine_config(load_run_config("examples/recipes/tiny-cpu.yaml", ["rollout.engine_cpu_threads=3"]), ".")
     assert e.cpu_threads == 3
     assert sglang_env("cpu", base={"OMP_NUM_THREADS": "1"}, cpu_threads=3)["OMP_NUM_THREADS"] == "3"

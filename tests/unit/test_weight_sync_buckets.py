@@ -6,7 +6,7 @@ import torch
 
 from holderpo_megatron.rollout.shared_memory import dumps_shared, loads_shared
 from holderpo_megatron.weight_sync import SyncLedger, make_weight_synchronizer
-from holderpo_megatron.weight_sync.buckets import BucketBuffer, group_into_buckets, pack_bucket
+from holderpo_megatron.weight_sync.buckets import BucketBuffer, group_into_buckets, pack_bucket, share_all
 
 
 def _tensors():
@@ -69,7 +69,7 @@ def test_ledger_counts_each_tensor_exactly_once():
 
 
 def test_factory_errors():
-    from holderpo_megatron.weight_sync import StateDictSource
+    from holderpo_megatron.weight_sync import MegatronWeightSource, StateDictSource
 
     src = StateDictSource({"a": torch.zeros(2)})
     with pytest.raises(ValueError, match="transport='nccl2' is invalid; allowed: 'auto' | 'tensor'"):
@@ -78,3 +78,16 @@ def test_factory_errors():
         make_weight_synchronizer(src, None, dtype=torch.float32)
     with pytest.raises(ValueError, match="bucket_bytes=0 is invalid"):
         make_weight_synchronizer(src, None, dtype=torch.float32, bucket_bytes=0)
+    with pytest.raises(ValueError, match="tp_gather='nvlink' is invalid; allowed: 'auto' | 'shared' | 'p2p'"):
+        MegatronWeightSource(None, None, tp_gather="nvlink")
+
+
+def test_share_all_moves_cpu_storages_in_place_once():
+    t = torch.arange(6.0)
+    view = t[2:4]
+    share_all([view])  # a view moves its whole storage; the base sees the same memory
+    assert t.untyped_storage().is_shared() and view.data_ptr() == t.data_ptr() + 8
+    ptr = t.data_ptr()
+    share_all([t])  # already shared: left where it is
+    t[3] = 7.0
+    assert t.data_ptr() == ptr and view[1].item() == 7.0
