@@ -164,7 +164,6 @@ class SGLangEngineConfig:
         )
         if not cpu:  # SGLang's memory saver is CUDA-only
             kw["enable_memory_saver"] = self.enable_memory_saver
-
         if cpu:
             # sleep_on_idle: an idle scheduler waits on its sockets instead of polling, so it does not
             # take a core from the trainer ranks during score/train (bench/e2e_vs_trl.py: scheduler

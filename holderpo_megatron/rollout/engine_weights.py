@@ -6,7 +6,7 @@ keeps them until the same update call of the next sync has arrived. On CPU those
 mappings of the trainer's shared memory (its parameters, or its reused bucket buffers), and torch
 looks a handle up in its storage cache before mapping it: held, the next sync's handles find their
 mapping there, so a sync neither maps the memory again nor faults every page in, and no sync ends
-unmapping it (together about as long as the copy itself: ``bench/weight_sync.py``). Device
+unmapping it (together about as long as the copy itself: ``bench/shared_memory_mapping.py``). Device
 tensors (CUDA IPC) are not held: a held IPC mapping would keep the trainer's buffers from being
 freed while it trains.
 """
