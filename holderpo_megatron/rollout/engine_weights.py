@@ -22,6 +22,6 @@ _HELD: dict[str, list] = {}
 def load_and_hold(model, named_tensors) -> None:
     named_tensors = list(named_tensors)
     model.load_weights(named_tensors)
-    cpu = [t for _, t in named_tensors if getattr(t, "device", None) is not None and t.device.type == "cpu"]
+    cpu = [t for _, t in named_tensors if t.device.type == "cpu"]
     if named_tensors and cpu:
         _HELD[named_tensors[0][0]] = cpu  # the previous sync's call of the same name is released now

@@ -59,7 +59,9 @@ def unlink_created_segments() -> None:
     interpreter teardown, a peer that still maps the file) only unmaps, and the memory goes with
     the last mapping. (The add is not atomic with a concurrent open or close of the same file: at
     exit, a window of microseconds.)"""
+    import mmap
     import os
+    import sys
 
     while _CREATED:
         path = "/dev/shm/" + _CREATED.pop().lstrip("/")
@@ -68,9 +70,6 @@ def unlink_created_segments() -> None:
         except OSError:
             continue
         try:
-            import mmap
-            import sys
-
             with mmap.mmap(fd, 4) as m:
                 m[0:4] = (int.from_bytes(m[0:4], sys.byteorder, signed=True) + 1).to_bytes(4, sys.byteorder, signed=True)
             os.unlink(path)
