@@ -14,6 +14,7 @@ from .engine_weights import HOLDING_LOADER
 __all__ = ["SGLangEngineConfig"]
 
 _MODES = ("embedded", "servers")
+_BACKENDS = ("sglang", "transformers")
 _DEVICES = ("auto", "cpu", "cuda")
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -41,6 +42,9 @@ class SGLangEngineConfig:
 
     model_path: str
     mode: str = "embedded"
+    # what generates: "sglang", or "transformers" (transformers' generate() in this process, the reference
+    # sampler TRL uses; embedded mode, one engine, no TP: rollout/transformers_backend.py)
+    backend: str = "sglang"
     device: str = "auto"
     dtype: str = "auto"
     tp_size: int = 1
@@ -80,6 +84,11 @@ class SGLangEngineConfig:
             bad("model_path", "an existing directory (config.json + safetensors)")
         if self.mode not in _MODES:
             bad("mode", " | ".join(_MODES))
+        if self.backend not in _BACKENDS:
+            bad("backend", " | ".join(_BACKENDS))
+        if self.backend == "transformers" and (self.mode != "embedded" or self.tp_size != 1):
+            bad("backend", f"'sglang' with mode={self.mode!r} tp_size={self.tp_size} "
+                           "('transformers' runs embedded, tp_size 1)")
         if self.device not in _DEVICES:
             bad("device", " | ".join(_DEVICES))
         if self.device == "cuda" and not torch.cuda.is_available():

@@ -49,6 +49,15 @@ def assign_groups(costs: Sequence[int], n_engines: int) -> list[int]:
     return home
 
 
+def _embedded_backend(name: str):
+    """The in-process backend class of ``SGLangEngineConfig.backend``."""
+    if name == "transformers":
+        from .transformers_backend import TransformersBackend
+
+        return TransformersBackend
+    return EmbeddedBackend
+
+
 class SGLangEngine(RolloutEngine):
     """See the module docstring. Construct with a validated :class:`SGLangEngineConfig`."""
 
@@ -68,7 +77,7 @@ class SGLangEngine(RolloutEngine):
         self._lock = threading.Lock()
         self._closed = False
         if config.mode == "embedded":
-            self._backends = [EmbeddedBackend(config.server_args_dict(), cpu_threads=config.cpu_threads)]
+            self._backends = [_embedded_backend(config.backend)(config.server_args_dict(), cpu_threads=config.cpu_threads)]
         else:
             self._backends = self._start_servers(config)
             if config.router_url:

@@ -104,7 +104,9 @@ class ParallelSection:
 
 @dataclass
 class RolloutSection:
-    backend: Literal["sglang"] = "sglang"
+    # sglang; or transformers: transformers' generate() on rank 0 in place of SGLang (the reference sampler
+    # TRL uses, for parity checks: bench/learning_vs_trl.py; slow; mode embedded, engine_tp 1)
+    backend: Literal["sglang", "transformers"] = "sglang"
     mode: Literal["embedded", "servers"] = "embedded"  # embedded: one in-process sglang.Engine on rank 0
     server_urls: list[str] = field(default_factory=list)  # mode=servers: given URLs; empty = we launch them
     engine_tp: int = 1
@@ -188,6 +190,9 @@ class RolloutSection:
         _need(not self.use_rollout_logprobs or self.drift_max is not None,
               "rollout.use_rollout_logprobs=true trains on the engine's log-probs unchecked: set rollout.drift_max "
               "(nats, mean |logp_train - logp_rollout|, e.g. 0.05) to guard it")
+        _need(self.backend == "sglang" or (self.mode == "embedded" and self.engine_tp == 1),
+              f"rollout.backend={self.backend} runs in rank 0's process: it needs rollout.mode=embedded and "
+              f"rollout.engine_tp=1, got mode={self.mode}, engine_tp={self.engine_tp}")
         _need(self.mode == "servers" or not self.server_urls,
               "rollout.server_urls is only used with rollout.mode=servers")
         _need(self.engines_per_node is None or self.engines_per_node >= 1,
@@ -481,7 +486,7 @@ def engine_config(cfg: RunConfig, model_path: str | os.PathLike):
 
     r = cfg.rollout
     return SGLangEngineConfig(
-        model_path=str(model_path), mode=r.mode, tp_size=r.engine_tp, mem_fraction_static=r.mem_fraction_static,
+        model_path=str(model_path), mode=r.mode, backend=r.backend, tp_size=r.engine_tp, mem_fraction_static=r.mem_fraction_static,
         server_urls=tuple(r.server_urls), request_timeout_s=r.timeout_s, random_seed=cfg.train.seed,
         cpu_threads=r.engine_cpu_threads,
         context_length=cfg.engine_context_length, log_dir=str(cfg.run_dir / "sglang_logs"),
