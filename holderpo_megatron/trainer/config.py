@@ -105,7 +105,8 @@ class ParallelSection:
 @dataclass
 class RolloutSection:
     # sglang; or transformers: transformers' generate() on rank 0 in place of SGLang (the reference sampler
-    # TRL uses, for parity checks: bench/learning_vs_trl.py; slow; mode embedded, engine_tp 1)
+    # TRL uses, for parity checks: bench/learning_vs_trl.py; on CPU faster than SGLang for a 135M model; mode
+    # embedded, engine_tp 1, weight_sync not distributed)
     backend: Literal["sglang", "transformers"] = "sglang"
     mode: Literal["embedded", "servers"] = "embedded"  # embedded: one in-process sglang.Engine on rank 0
     server_urls: list[str] = field(default_factory=list)  # mode=servers: given URLs; empty = we launch them
@@ -190,9 +191,11 @@ class RolloutSection:
         _need(not self.use_rollout_logprobs or self.drift_max is not None,
               "rollout.use_rollout_logprobs=true trains on the engine's log-probs unchecked: set rollout.drift_max "
               "(nats, mean |logp_train - logp_rollout|, e.g. 0.05) to guard it")
-        _need(self.backend == "sglang" or (self.mode == "embedded" and self.engine_tp == 1),
-              f"rollout.backend={self.backend} runs in rank 0's process: it needs rollout.mode=embedded and "
-              f"rollout.engine_tp=1, got mode={self.mode}, engine_tp={self.engine_tp}")
+        _need(self.backend == "sglang" or (self.mode == "embedded" and self.engine_tp == 1
+                                           and self.weight_sync != "distributed"),
+              f"rollout.backend={self.backend} runs in rank 0's process: it needs rollout.mode=embedded, "
+              f"rollout.engine_tp=1 and rollout.weight_sync tensor, disk or auto, got mode={self.mode}, "
+              f"engine_tp={self.engine_tp}, weight_sync={self.weight_sync}")
         _need(self.mode == "servers" or not self.server_urls,
               "rollout.server_urls is only used with rollout.mode=servers")
         _need(self.engines_per_node is None or self.engines_per_node >= 1,

@@ -75,6 +75,16 @@ def test_refused_outside_embedded_mode(tmp_path):
         SGLangEngineConfig(model_path=str(tmp_path), backend="nope")
 
 
+def test_run_config_refuses_what_the_backend_cannot_do(tmp_path):
+    from holderpo_megatron.trainer.config import RolloutSection
+
+    with pytest.raises(ValueError, match=r"rollout.backend=transformers .*weight_sync=distributed"):
+        RolloutSection(backend="transformers", weight_sync="distributed")
+    with pytest.raises(ValueError, match=r"rollout.backend=transformers .*mode=servers"):
+        RolloutSection(backend="transformers", mode="servers")
+    assert RolloutSection(backend="transformers").weight_sync == "auto"
+
+
 def test_loop_syncs_weights_into_the_transformers_sampler(tmp_path):
     model = save_tiny_llama(tmp_path / "model", seed=0)
     out = tmp_path / "runs"
