@@ -43,7 +43,9 @@ What still differs between the sides (checked for ``bench/learning_vs_trl.py``; 
   GPU only) vs transformers' ``generate`` (TRL's ``GenerationConfig``: top_k=0, min_p None,
   repetition_penalty 1.0) under ``torch.manual_seed(seed)``. Same distribution, different draws: for
   one seed the two sides see the same prompts but different completions
-  (``bench/sampling_vs_transformers.py`` checks that both sample the model's own distribution);
+  (``bench/sampling_vs_transformers.py`` checks that both sample the model's own distribution). With
+  ``--ours-override rollout.backend=transformers`` ours samples the HF model by its own decode loop
+  instead (one prefill per distinct prompt, finished rows dropped, one inverse-CDF draw per token);
 * the model runs as Megatron TP1 x PP2 (1F1B, packed microbatches of <= ``train.token_budget``
   tokens, tied embeddings kept in sync across the two stages) vs one HF model, padded rows; the
   log-probs agree to ~1e-5 (the ``logprob_drift`` metric: trainer vs engine) and the gradients and
@@ -379,7 +381,7 @@ def run_ours(settings: dict, workdir: Path, cmd: list[str] | None = None, env: d
     return {"rc": rc, "wall_s": wall, "startup_s": startup, "steps": rows, "load": mon.load_summary(),
             "scored_fraction": _scored_fraction(cfg),
             "threads": f"{nproc} ranks (tp{cfg.parallel.tp} x pp{cfg.parallel.pp}) x OMP_NUM_THREADS={omp}"
-                       " + SGLang scheduler process"}
+                       f", rollout.backend={cfg.rollout.backend} (sglang: its own scheduler process)"}
 
 
 def _scored_fraction(cfg) -> float:

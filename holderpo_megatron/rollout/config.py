@@ -42,8 +42,8 @@ class SGLangEngineConfig:
 
     model_path: str
     mode: str = "embedded"
-    # what generates: "sglang", or "transformers" (transformers' generate() in this process, the reference
-    # sampler TRL uses; embedded mode, one engine, no TP: rollout/transformers_backend.py)
+    # what generates: "sglang", or "transformers" (the HF model in this process, sampled by our decode loop;
+    # embedded mode, one engine, no TP: rollout/transformers_backend.py)
     backend: str = "sglang"
     device: str = "auto"
     dtype: str = "auto"

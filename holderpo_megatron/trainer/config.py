@@ -104,9 +104,9 @@ class ParallelSection:
 
 @dataclass
 class RolloutSection:
-    # sglang; or transformers: transformers' generate() on rank 0 in place of SGLang (the reference sampler
-    # TRL uses, for parity checks: bench/learning_vs_trl.py; on CPU faster than SGLang for a 135M model; mode
-    # embedded, engine_tp 1, weight_sync not distributed)
+    # sglang; or transformers: the HF model on rank 0 in place of SGLang, sampled by our decode loop
+    # (rollout/transformers_backend.py; for parity checks, bench/learning_vs_trl.py, and small CPU runs: on CPU
+    # faster than SGLang for a 135M model; mode embedded, engine_tp 1, weight_sync not distributed)
     backend: Literal["sglang", "transformers"] = "sglang"
     mode: Literal["embedded", "servers"] = "embedded"  # embedded: one in-process sglang.Engine on rank 0
     server_urls: list[str] = field(default_factory=list)  # mode=servers: given URLs; empty = we launch them

@@ -1,5 +1,6 @@
-"""``rollout.backend: transformers``: transformers' generate() behind the engine interface (the reference
-sampler of bench/learning_vs_trl.py), against an independent transformers forward of the same weights,
+"""``rollout.backend: transformers``: the HF model under our decode loop behind the engine interface (the
+sampler of bench/learning_vs_trl.py's parity variants), against an independent transformers forward of the
+same weights (log-probs, greedy paths, the draw's frequencies),
 and inside the real loop (Megatron TP2 under gloo), where the engine's log-probs after every sync must
 equal Megatron's re-scoring."""
 
@@ -48,8 +49,42 @@ def test_samples_logprobs_greedy_scores_and_weight_updates(tmp_path):
     other = _engine(a, seed=1).generate(prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=10))
     assert [[s.output_ids for s in g] for g in other] != [[s.output_ids for s in g] for g in out]
 
+    # rows leave the batch at different steps (a stop set of half the vocabulary): the rest still score right
+    stops = tuple(range(3, 160))
+    early = eng.generate(prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=10, stop_token_ids=stops))
+    lengths = {len(s.output_ids) for g in early for s in g}
+    assert len(lengths) > 2, lengths
+    for i, group in enumerate(early):
+        for s in group:
+            assert (s.finish_reason == "stop") == (s.output_ids[-1] in stops + (EOS,))
+            assert not set(s.output_ids[:-1]) & set(stops + (EOS,))
+            want = hf_sequence_logprobs(ref_a, prompts[i] + s.output_ids)[len(prompts[i]) - 1:]
+            torch.testing.assert_close(s.logprobs.double(), want, atol=1e-5, rtol=0)
+
+    # the draw: first-token frequencies over 4000 samples against the model's softmax (at T 0.7, and
+    # renormalised over the top 5), each frequent token within 4.5 standard errors
+    with torch.no_grad():
+        logits = ref_a(torch.tensor([prompts[0]])).logits[0, -1].double()
+    for sp, probs in ((SamplingParams(n=4000, temperature=0.7, max_new_tokens=1), torch.softmax(logits / 0.7, -1)),
+                      (SamplingParams(n=4000, temperature=1.0, top_k=5, max_new_tokens=1),
+                       torch.zeros_like(logits).scatter(0, logits.topk(5).indices, torch.softmax(logits.topk(5).values, -1)))):
+        drawn = torch.tensor([s.output_ids[0] for s in eng.generate(prompts[:1], sp)[0]])
+        freq = torch.bincount(drawn, minlength=len(probs)).double() / len(drawn)
+        assert freq[probs == 0].sum() == 0
+        big = probs * len(drawn) >= 20  # tokens expected 20+ times each, the rest as one bin
+        want, got = torch.cat([probs[big], probs[~big].sum()[None]]), torch.cat([freq[big], freq[~big].sum()[None]])
+        se = (want * (1 - want) / len(drawn)).sqrt()
+        assert big.sum() >= 3 and ((got - want).abs() <= 4.5 * se).all(), ((got - want).abs() / se).max()
+
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=8)
     assert [g[0].output_ids for g in eng.generate(prompts, greedy)] == [hf_greedy(ref_a, p, 8) for p in prompts]
+    # a group shares its prompt's prefill: every sample of it is still the greedy one; so is top-k 1, and a
+    # nucleus smaller than the top token's probability
+    for sp in (SamplingParams(n=3, temperature=0.0, max_new_tokens=8),
+               SamplingParams(n=3, temperature=1.0, top_k=1, max_new_tokens=8),
+               SamplingParams(n=3, temperature=1.0, top_p=1e-6, max_new_tokens=8)):
+        assert [[s.output_ids for s in g] for g in eng.generate(prompts, sp)] == \
+            [[hf_greedy(ref_a, p, 8)] * 3 for p in prompts]
     fixed = eng.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=6, ignore_eos=True))
     assert all(len(s.output_ids) == 6 and s.finish_reason == "length" for g in fixed for s in g)
 
