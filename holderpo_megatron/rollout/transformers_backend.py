@@ -30,6 +30,11 @@ from .interface import RolloutEngineError, TensorBucket, TensorMeta
 __all__ = ["TransformersBackend"]
 
 
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Token positions of left-padded rows, as transformers' generate counts them (padding at 0)."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
 class TransformersBackend:
     """One HF causal LM in this process; see the module docstring."""
 
@@ -112,7 +117,7 @@ class TransformersBackend:
         return results
 
     def _decode(self, ids: torch.Tensor, mask: torch.Tensor, max_new: int, temperature: float, top_k: int,
-                top_p: float, stops: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                top_p: float, stops: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Up to ``max_new`` tokens per row (left-padded ``ids``): tokens ``[B, max_new]``, their log-probs under
         ``log_softmax(logits / T)`` before top-k / top-p (what SGLang returns), and each row's length. A row
         leaves the batch at its first stop token (its cache rows are dropped, as SGLang drops a finished
@@ -120,11 +125,11 @@ class TransformersBackend:
         rows = ids.shape[0]
         toks = torch.full((rows, max_new), self.pad_id, dtype=torch.long)
         lps = torch.zeros((rows, max_new), dtype=torch.float32)
-        lengths = [0] * rows
+        lengths = torch.zeros(rows, dtype=torch.long)
         live = torch.arange(rows)  # output rows still generating, in batch order
         cache = self._prefill_once(ids, mask)  # every prompt but its last token; None for 1-token prompts
         x, attn, pos = (ids[:, -1:], mask, mask.sum(-1, keepdim=True) - 1) if cache is not None else \
-            (ids, mask, (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0))
+            (ids, mask, _positions(mask))
         stop_ids = torch.tensor(stops, device=ids.device, dtype=torch.long)
         for t in range(max_new):
             out = self.model(input_ids=x, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
@@ -134,8 +139,7 @@ class TransformersBackend:
             nxt = logp.argmax(-1) if temperature <= 0 else self._draw(logp.exp(), top_k, top_p)
             toks[live, t] = nxt.cpu()
             lps[live, t] = logp.gather(-1, nxt[:, None]).squeeze(-1).cpu()
-            for r in live.tolist():
-                lengths[r] = t + 1
+            lengths[live] = t + 1
             going = ~torch.isin(nxt, stop_ids)
             if t + 1 == max_new or not bool(going.any()):
                 break
@@ -180,8 +184,7 @@ class TransformersBackend:
             first.setdefault(r, k)
         uniq = list(first.values())
         u_ids, u_mask = ids[uniq, :-1], mask[uniq, :-1]
-        pos = (u_mask.cumsum(-1) - 1).masked_fill(u_mask == 0, 0)
-        cache = self.model(input_ids=u_ids, attention_mask=u_mask, position_ids=pos, use_cache=True,
+        cache = self.model(input_ids=u_ids, attention_mask=u_mask, position_ids=_positions(u_mask), use_cache=True,
                            logits_to_keep=1).cache
         if len(uniq) < len(rows):
             slot = {r: j for j, r in enumerate(first)}
