@@ -23,7 +23,8 @@ TRL), for the same number of steps, from the same recipe (examples/recipes/tiny-
              clip 0.2 / 0.2 (``epsilon``, ``epsilon_high``), ``beta=0`` (no KL, no reference model),
              group-normalised advantages (``scale_rewards="group"``)
 * optimiser  Adam(W) at the recipe's lr (constant; TRL ``lr_scheduler_type="constant"``), weight decay 0,
-             grad-norm clip 1.0
+             grad-norm clip 1.0; torch's fused CPU kernel on both sides (TRL's default ``optim``,
+             ``adamw_torch_fused``; ours through the CPU layer, ``parallel/cpu_compat.fuse_cpu_adam``)
 
 Step mapping. Our step = one rollout of 32 completions, one forward-only re-score (old log-probs),
 then ``train.minibatches_per_step = 2`` optimizer updates on 16 completions each, then the weight

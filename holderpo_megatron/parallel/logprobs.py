@@ -25,7 +25,9 @@ returned in the logits' dtype; padding columns get 0.
 ``[N, H]`` of the positions whose log-probs are wanted and the output weight shard ``[V/TP, H]``,
 each chunk's logits ``h W^T`` are made in the float32 working buffer, used and dropped; backward
 recomputes them and turns the chunk's logit gradient into ``grad_h = d W`` and ``grad_W += d^T h``.
-No tensor of ``[N, V/TP]`` ever exists, in forward or backward (the cost: one more matmul).
+No tensor of ``[N, V/TP]`` ever exists, in forward or backward (the cost: one more matmul). With
+``gradient_accumulation_fusion`` the weight's gradient goes straight into Megatron's ``main_grad``
+buffer, as Megatron's own linear layers do with that flag (no ``[V/TP, H]`` gradient tensor either).
 :func:`output_layer_input` is the output layer's input-side communication (Megatron's mappings).
 """
 
@@ -180,14 +182,20 @@ def _logits_backward(shard: _Shard, logits, logz, ez, g_lp, g_ent, out_dtype):
     return grad
 
 
-def _output_layer_backward(shard: _Shard, h, w, logz, ez, g_lp, g_ent, need_h: bool, need_w: bool):
+def _output_layer_backward(shard: _Shard, h, w, logz, ez, g_lp, g_ent, need_h: bool, need_w: bool,
+                           main_grad: torch.Tensor | None = None):
     """(grad_h [N, H] in h's dtype or None, grad_W [V_local, H] in W's dtype or None). grad_W is
-    accumulated over chunks in float32; padding rows of W get 0."""
+    accumulated over chunks in float32; padding rows of W get 0. With ``main_grad`` (float32, W's
+    shape) grad_W is added into it in place instead, and no grad_W tensor is made (None)."""
     n, n_real = h.shape[0], shard.n_real
     w_real = w[:n_real]
     grad_h = torch.zeros_like(h) if need_h else None
-    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-    gw_real = grad_w[:n_real] if need_w else None
+    grad_w = None
+    if need_w and main_grad is not None:
+        gw_real = main_grad[:n_real]
+    else:
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        gw_real = grad_w[:n_real] if need_w else None
 
     def store(i, j, d):
         if need_h:
@@ -199,7 +207,7 @@ def _output_layer_backward(shard: _Shard, h, w, logz, ez, g_lp, g_ent, need_h: b
             gw_real.addmm_(d.t(), h[i:j].float())
 
     _backward(shard, n, _matmul_loader(h, w_real), store, logz, ez, g_lp, g_ent, h.device)
-    if need_w and w.dtype != torch.float32:
+    if grad_w is not None and w.dtype != torch.float32:
         grad_w = grad_w.to(w.dtype)
     return grad_h, grad_w
 
@@ -240,11 +248,16 @@ class VocabParallelOutputLogProbs(torch.autograd.Function):
     never logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, shard: _Shard, group, entropy_mode: int):
+    def forward(ctx, hidden, weight, shard: _Shard, group, entropy_mode: int, fuse_wgrad: bool):
         logp, ent, logz, ez = _forward(shard, hidden.shape[0], _matmul_loader(hidden, weight[: shard.n_real]), group,
                                        entropy_mode > 0, hidden.device)
         ctx.shard = shard
         ctx.entropy_grad = entropy_mode == 2
+        # as Megatron's fused linear layers: hold main_grad in ctx (not saved: it is written in place),
+        # and the parameter object itself, whose DDP flag backward sets (a saved tensor comes back
+        # from saved-tensor hooks as another object, without the parameter's attributes)
+        ctx.main_grad = weight.main_grad if fuse_wgrad else None
+        ctx.param = weight if fuse_wgrad else None
         ctx.save_for_backward(hidden, weight, logz, ez if ctx.entropy_grad else None)
         if ent is None:
             ent = logp.new_empty(0)
@@ -257,8 +270,14 @@ class VocabParallelOutputLogProbs(torch.autograd.Function):
         hidden, weight, logz, ez = ctx.saved_tensors
         g_ent = g_ent.float().reshape(-1) if (ctx.entropy_grad and g_ent is not None) else None
         grad_h, grad_w = _output_layer_backward(ctx.shard, hidden, weight, logz, ez, g_lp, g_ent,
-                                                ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return grad_h, grad_w, None, None, None
+                                                ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.main_grad)
+        if ctx.main_grad is not None and ctx.needs_input_grad[1] and hasattr(ctx.param, "grad_added_to_main_grad"):
+            # Megatron's protocol (tensor_parallel.layers): an unread placeholder as the autograd
+            # gradient, and the flag that tells DDP's hook the gradient is already in main_grad
+            # (without DDP's flag, no gradient at all: main_grad already holds it)
+            grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+            ctx.param.grad_added_to_main_grad = True
+        return grad_h, grad_w, None, None, None, None
 
 
 def _prepare(target: torch.Tensor, v_local: int, *, vocab_start, vocab_size, temperature, group, chunk_size,
@@ -380,6 +399,7 @@ def output_layer_logprobs(
     entropy_grad: bool = False,
     chunk_size: int | None = None,
     check_targets: bool = True,
+    gradient_accumulation_fusion: bool = False,
 ) -> TokenLogProbs:
     """The output layer and :func:`vocab_parallel_logprobs` in one, chunked over tokens: the same
     values and gradients as ``vocab_parallel_logprobs(hidden @ weight.T, target, ...)`` without the
@@ -393,6 +413,11 @@ def output_layer_logprobs(
         target, vocab_start, vocab_size, temperature, group, entropy, entropy_grad, check_targets:
             as for :func:`vocab_parallel_logprobs`.
         chunk_size: tokens per chunk (default: float32 working buffers of at most 64 MiB each).
+        gradient_accumulation_fusion: as Megatron's config flag of that name for its linear layers:
+            the weight's gradient is added in place into ``weight.main_grad`` (float32, the weight's
+            shape: Megatron DDP's buffer), with no [vocab_local, H] gradient tensor made; autograd
+            gets an unread placeholder, and ``weight.grad_added_to_main_grad`` is set where DDP
+            defines it, so its hook does not add again.
 
     Returns:
         :class:`TokenLogProbs` ``(logprobs [N] float32, entropy [N] float32 or None)``; gradients
@@ -420,7 +445,12 @@ def output_layer_logprobs(
                                    entropy, hidden.device)
         return TokenLogProbs(logp, ent)
     mode = 2 if entropy_grad else (1 if entropy else 0)
-    logp, ent = VocabParallelOutputLogProbs.apply(hidden, weight, shard, group, mode)
+    fuse = gradient_accumulation_fusion and weight.requires_grad
+    if fuse and (getattr(weight, "main_grad", None) is None or weight.main_grad.dtype != torch.float32
+                 or weight.main_grad.shape != weight.shape):
+        raise ValueError(f"gradient_accumulation_fusion needs weight.main_grad, a float32 tensor of the weight's shape "
+                         f"{tuple(weight.shape)} (Megatron DDP's buffer), got {_describe(getattr(weight, 'main_grad', None))}")
+    logp, ent = VocabParallelOutputLogProbs.apply(hidden, weight, shard, group, mode, fuse)
     return TokenLogProbs(logp, ent if entropy else None)
 
 

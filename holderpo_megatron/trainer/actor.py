@@ -48,6 +48,7 @@ from holderpo_megatron.parallel.aggregation import (
     PackedSequenceReducer,
     load_balanced_cp_index,
 )
+from holderpo_megatron.parallel.cpu_compat import fuse_cpu_adam
 from holderpo_megatron.parallel.layout import ParallelLayout
 from holderpo_megatron.parallel.logprobs import output_layer_input, output_layer_logprobs
 from holderpo_megatron.parallel.loss_scaling import all_reduce_loss_metrics, megatron_loss_outputs
@@ -130,6 +131,14 @@ class ActorSettings:
             raise ValueError(f"loss {self.loss!r} takes {cls.__name__}, got {type(self.loss_options).__name__}")
 
 
+def _wgrad_fusion_available() -> bool:
+    """Megatron's own test for its gradient-accumulation fusion kernel (apex's
+    fused_weight_gradient_mlp_cuda; the CPU layer provides it on CPU)."""
+    from megatron.core.tensor_parallel import layers
+
+    return bool(layers._grad_accum_fusion_available)
+
+
 def _thd_params(mb: MicroBatch, device):
     """Megatron's PackedSeqParams (THD) for one packed row: a segment per sequence, plus one for
     the row's tail padding (which then attends only to itself); under context parallelism each
@@ -165,6 +174,9 @@ class MegatronActor:
             # gloo matches batched isend/irecv pairs out of order in the interleaved schedule
             batch_p2p_comm=torch.cuda.is_available(),
             virtual_pipeline_model_parallel_size=layout.vpp,
+            # weight gradients straight into DDP's main_grad where the kernel exists (apex on GPU, the
+            # CPU layer's addmm_); only a trained (DDP-wrapped) model has main_grad
+            gradient_accumulation_fusion=optimizer is not None and _wgrad_fusion_available(),
         )
         chunks = layout.vpp or 1
         # Packed rows go to the model as THD (segment boundaries, no [S, S] mask): TE's flash varlen
@@ -224,6 +236,7 @@ class MegatronActor:
             ),
             self.model,
         )
+        fuse_cpu_adam(self.optimizer)
 
     def unwrapped(self) -> list[torch.nn.Module]:
         return [getattr(m, "module", m) for m in self.model]
@@ -272,6 +285,7 @@ class MegatronActor:
             picked, output_weight(head), targets.to(flat.device), group=self.tp_group if self.layout.tp > 1 else None,
             vocab_start=self.vocab_start, vocab_size=self.arch.vocab_size, temperature=self.settings.temperature,
             entropy=entropy, entropy_grad=entropy_grad,
+            gradient_accumulation_fusion=self.config.gradient_accumulation_fusion,
         )
         lp, ent = out.logprobs, out.entropy
         if keep is not None:

@@ -19,6 +19,7 @@ from holderpo_megatron.models import ModelArch
 from holderpo_megatron.models.builtin import resolve_model_path
 from holderpo_megatron.observability import MetricsLogger
 from holderpo_megatron.observability.host_memory import RankMemoryMonitor
+from holderpo_megatron.parallel.cpu_compat import fuse_cpu_adam
 from holderpo_megatron.parallel.layout import ParallelLayout, init_distributed, initialize_model_parallel
 from holderpo_megatron.rewards import RewardConfig, build_reward
 
@@ -199,6 +200,7 @@ class TrainContext:
         info = load_latest_train_state(self.ckpt_root, model=self.actor.model, optimizer=self.actor.optimizer)
         if info is None:
             return
+        fuse_cpu_adam(self.actor.optimizer)  # the loaded param groups carry the saving run's kernel choice
         self.start_step = info.step
         self.data.load_state_dict(info.extra["data"])
         if self.rank == 0:

@@ -337,6 +337,11 @@ def _response_only_worker(rank, world, cfg, sd, seqs, starts, old, adv):
 
     arch, actor = _setup(dict(tp=1, pp=1), cfg, sd, optimizer=True)
     actor.settings = actor_settings(token_budget=80, pack=True)
+    # on CPU a trained actor adds weight gradients straight into main_grad (the CPU layer's kernel for
+    # Megatron's gradient-accumulation fusion) and steps torch's fused Adam kernel
+    assert actor.config.gradient_accumulation_fusion
+    groups = [g for o in getattr(actor.optimizer, "chained_optimizers", [actor.optimizer]) for g in o.optimizer.param_groups]
+    assert groups and all(g["fused"] for g in groups)
     full = actor.score(seqs)
     part = actor.score(seqs, starts)
     for lp_full, lp_part, n, r in zip(full, part, map(len, seqs), starts):

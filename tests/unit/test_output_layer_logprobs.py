@@ -3,6 +3,8 @@ plain torch in float64: full logits ``h @ W.T``, log_softmax, gather; gradients 
 temperature, padding rows and the entropy's gradient; nothing of ``[tokens, vocab]`` saved for
 backward. TP = 2 (with and without sequence parallelism) is in tests/distributed."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -65,6 +67,34 @@ def test_entropy_without_its_gradient_and_no_grad_path():
         fast = output_layer_logprobs(h, w, target, vocab_size=V, temperature=1.3)
     assert fast.logprobs.grad_fn is None and fast.entropy is None
     torch.testing.assert_close(fast.logprobs, out.logprobs.detach(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("ddp_flag", [True, False])
+@pytest.mark.parametrize("hooked", [False, True])
+def test_gradient_accumulation_fusion_adds_into_main_grad(ddp_flag, hooked):
+    """Megatron's protocol: the weight gradient is added into ``main_grad`` in place, over two
+    microbatches; autograd gets an unread placeholder only where DDP's flag exists (which is then
+    set, on the parameter itself even when saved-tensor hooks hand back other objects), else None."""
+    h64, w64, target, g_lp, g_ent = _case(seed=2)
+    _, _, _, ref_gw = _reference(h64, w64, target, 0.7, g_lp, g_ent)
+    w = torch.nn.Parameter(w64.float())
+    before = torch.randn(w.shape, generator=torch.Generator().manual_seed(5))
+    w.main_grad = before.clone()
+    if ddp_flag:
+        w.grad_added_to_main_grad = False
+    for _ in range(2):  # two microbatches accumulate
+        h = h64.float().requires_grad_(True)
+        hooks = (torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t) if hooked
+                 else contextlib.nullcontext())
+        with hooks:
+            out = output_layer_logprobs(h, w, target, vocab_size=V, temperature=0.7, entropy_grad=True,
+                                        chunk_size=7, gradient_accumulation_fusion=True)
+        (g_lp.float() * out.logprobs + g_ent.float() * out.entropy).sum().backward()
+        assert (w.grad is not None) == ddp_flag and (not ddp_flag or w.grad_added_to_main_grad)
+        w.grad = None
+    torch.testing.assert_close(w.main_grad.double(), before.double() + 2 * ref_gw, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"gradient_accumulation_fusion needs weight.main_grad, a float32 tensor"):
+        output_layer_logprobs(h, torch.nn.Parameter(w64.float()), target, gradient_accumulation_fusion=True)
 
 
 def test_bf16_matches_the_unfused_path_on_bf16_logits():
