@@ -1,7 +1,8 @@
 """The example task of your own (examples/custom_task: a JSONL with its own field names, a reward
 function of its own, a recipe) trains through ``holderpo train``: its recipe, with a tiny random
 Llama in place of SmolLM2 (so the raw ``plain`` prompt template: the tiny tokenizer has no chat
-template), Megatron TP1 x PP2 under gloo and a CPU SGLang engine, 2 steps.
+template), Megatron under gloo and the in-process transformers sampler (``rollout.backend:
+transformers``: the reward, not the engine, is under test; no engine start-up to pay), 2 steps.
 
 The reward is the example's, wrapped to hang on one row and raise on another (both in the first
 step's batch: the data is not shuffled): each costs a counted outcome in that step's metrics, and
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.tiny_llama import require_sglang, save_tiny_llama
+from tests.integration.tiny_llama import save_tiny_llama
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,12 +34,11 @@ def _train(*overrides: str) -> subprocess.CompletedProcess:
 
 
 def test_example_task_trains_with_a_hanging_and_a_raising_reward_counted(tmp_path):
-    require_sglang()
     model = save_tiny_llama(tmp_path / "tiny_llama")
     out = tmp_path / "runs"
     res = _train(f"model.hf_path={model}", f"output_dir={out}", "train.steps=2", "rollout.group_size=4",
-                 "rollout.max_new_tokens=8", "train.token_budget=256", "data.prompt_template=plain",
-                 "data.shuffle=false", "data.reward=tests.integration.custom_task_rewards:hang_raise_or_keyword",
+                 "rollout.backend=transformers", "rollout.max_new_tokens=8", "train.token_budget=256",
+                 "data.prompt_template=plain", "data.shuffle=false", "data.reward=tests.integration.custom_task_rewards:hang_raise_or_keyword",
                  "data.reward_timeout_s=1.0", "logging.progress=false")
     log = res.stdout + res.stderr
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]

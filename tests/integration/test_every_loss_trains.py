@@ -1,8 +1,10 @@
 """Every policy loss the config accepts trains a step through the real loop: ``holderpo train`` on
 the tiny CPU recipe (``examples/recipes/tiny-cpu.yaml``) with a tiny random Llama in place of
-SmolLM2, Megatron under gloo and a CPU SGLang engine. A run at temperature 0.7 stays on-policy (the
-Actor scores at the rollout's temperature), and the engine config the run started with is the one
-``engine_config`` builds from the recipe (the same builder ``holderpo eval`` uses).
+SmolLM2 and Megatron under gloo; the losses sample with the in-process transformers sampler
+(``rollout.backend: transformers``: no engine start-up to pay seven times). A run through a CPU SGLang
+engine at temperature 0.7 stays on-policy (the Actor scores at the rollout's temperature), and the
+engine config the run started with is the one ``engine_config`` builds from the recipe (the same
+builder ``holderpo eval`` uses).
 
 The random model earns no reward, so every advantage is 0: a small entropy bonus gives each step a
 non-zero gradient through the same loss function and schedule. That the policy losses' own gradients
@@ -48,9 +50,11 @@ def _train(overrides: list[str]) -> list[dict]:
 @pytest.mark.parametrize("loss,options", LOSSES, ids=[f"{n}-{o.strip('{}').split(': ')[-1] or 'default'}"
                                                       for n, o in LOSSES])
 def test_loss_trains_one_step_through_the_loop(tiny_model, tmp_path, loss, options):
-    # one rank (TP1 x PP1): the loss, not the layout, is under test here
+    # one rank (TP1 x PP1) and the in-process transformers sampler (no SGLang start-up, ~20 s each): the
+    # loss, not the layout or the engine, is under test here; the run at T 0.7 below goes through SGLang
     (rec,) = _train(_overrides(tiny_model, tmp_path, "loss", "train.steps=1", "parallel.pp=1",
-                               "parallel.nproc_per_node=1", f"algorithm.loss={loss}", f"algorithm.options={options}",
+                               "parallel.nproc_per_node=1", "rollout.backend=transformers",
+                               f"algorithm.loss={loss}", f"algorithm.options={options}",
                                "algorithm.regularizers={entropy_coef: 0.01}"))
     assert rec["step"] == 1
     assert math.isfinite(rec["grad_norm"]) and rec["grad_norm"] > 0, rec
@@ -63,7 +67,7 @@ def test_temperature_07_stays_on_policy_and_engine_config_is_the_recipes(tiny_mo
     from holderpo_megatron.trainer.config import engine_config, load_run_config
 
     overrides = _overrides(tiny_model, tmp_path, "t07", "train.steps=2", "rollout.temperature=0.7")
-    records = _train(overrides)  # the recipe's layout: PP2 over 2 ranks
+    records = _train(overrides)  # the recipe's layout: DP2 over 2 ranks
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
         # engine log-probs are log_softmax(logits / 0.7); so are the Actor's (2.33 nats when it scored at T=1)

@@ -78,6 +78,8 @@ def test_samples_logprobs_greedy_scores_and_weight_updates(tmp_path):
 
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=8)
     assert [g[0].output_ids for g in eng.generate(prompts, greedy)] == [hf_greedy(ref_a, p, 8) for p in prompts]
+    # one-token prompts: no prefill, the first decode step builds the cache
+    assert [g[0].output_ids for g in eng.generate([[5], [9]], greedy)] == [hf_greedy(ref_a, p, 8) for p in ([5], [9])]
     # a group shares its prompt's prefill: every sample of it is still the greedy one; so is top-k 1, and a
     # nucleus smaller than the top token's probability
     for sp in (SamplingParams(n=3, temperature=0.0, max_new_tokens=8),
