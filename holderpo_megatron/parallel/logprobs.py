@@ -25,7 +25,10 @@ returned in the logits' dtype; padding columns get 0.
 ``[N, H]`` of the positions whose log-probs are wanted and the output weight shard ``[V/TP, H]``,
 each chunk's logits ``h W^T`` are made in the float32 working buffer, used and dropped; backward
 recomputes them and turns the chunk's logit gradient into ``grad_h = d W`` and ``grad_W += d^T h``.
-No tensor of ``[N, V/TP]`` ever exists, in forward or backward (the cost: one more matmul). With
+No tensor of ``[N, V/TP]`` ever exists, in forward or backward (the cost: one more matmul), except
+when all N tokens fit one chunk (a microbatch's responses, often): that chunk's buffer, already made,
+is then kept for backward instead of recomputed (peak memory unchanged: backward holds it and one
+more buffer, as forward held two). With
 ``gradient_accumulation_fusion`` the weight's gradient goes straight into Megatron's ``main_grad``
 buffer, as Megatron's own linear layers do with that flag (no ``[V/TP, H]`` gradient tensor either).
 :func:`output_layer_input` is the output layer's input-side communication (Megatron's mappings).
@@ -73,8 +76,10 @@ class _Shard(NamedTuple):
 # store(i, j, d): consume d [j-i, n_real] float32, the gradient of those raw logits (a reused buffer)
 
 
-def _forward(shard: _Shard, n: int, load, group, entropy: bool, dev):
-    """Returns (logp [N], entropy [N] or None, logZ [N], E_p[z] [N] or None), all float32."""
+def _forward(shard: _Shard, n: int, load, group, entropy: bool, dev, keep: bool = False):
+    """Returns (logp [N], entropy [N] or None, logZ [N], E_p[z] [N] or None), all float32; with
+    ``keep``, a fifth: when the tokens fit one chunk, ``(z - m_r, m_r)`` (the working buffer
+    ``[N, n_real]`` after the pass, and this rank's row maxima ``[N]``) for :func:`_backward`, else None."""
     n_real, T = shard.n_real, shard.temperature
     m = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
     s = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -99,6 +104,7 @@ def _forward(shard: _Shard, n: int, load, group, entropy: bool, dev):
                 # row-wise dot product without a [rows, vocab] temporary
                 q[i:j] = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).reshape(-1)
             m[i:j] = mc.squeeze(1)
+    kept = (zbuf, m.clone()) if keep and 0 < n <= shard.chunk and n_real > 0 else None
     zt = torch.where(shard.owned, zt, torch.zeros_like(zt))
     world, _ = _group_size_rank(group)
     if world > 1:
@@ -114,26 +120,37 @@ def _forward(shard: _Shard, n: int, load, group, entropy: bool, dev):
     logz = m + log_s
     logp = zt - logz
     if not entropy:
-        return logp, None, logz, None
-    q_over_s = q / s
-    return logp, log_s - q_over_s, logz, m + q_over_s
+        out = logp, None, logz, None
+    else:
+        q_over_s = q / s
+        out = logp, log_s - q_over_s, logz, m + q_over_s
+    return (*out, kept) if keep else out
 
 
-def _backward(shard: _Shard, n: int, load, store, logz, ez, g_lp, g_ent, dev) -> None:
-    """Feeds ``store`` the gradient of the raw logits, chunk by chunk (see the module docstring)."""
+def _backward(shard: _Shard, n: int, load, store, logz, ez, g_lp, g_ent, dev, kept=None) -> None:
+    """Feeds ``store`` the gradient of the raw logits, chunk by chunk (see the module docstring).
+    ``kept``: the forward's ``(z - m_r, m_r)`` of a single chunk (:func:`_forward`), used in place of
+    loading the logits again (and overwritten where the entropy has a gradient); logZ and E_p[z] are
+    shifted by m_r to match."""
     n_real, T = shard.n_real, shard.temperature
     if n_real == 0 or n == 0:
         return
     g_lp = torch.zeros_like(logz) if g_lp is None else g_lp.float().reshape(-1)
-    rows = min(shard.chunk, n)
-    zbuf = torch.empty(rows, n_real, dtype=torch.float32, device=dev)
+    rows = n if kept is not None else min(shard.chunk, n)
+    if kept is not None:
+        zbuf, m_local = kept
+        logz = logz - m_local
+        ez = None if ez is None else ez - m_local
+    else:
+        zbuf = torch.empty(rows, n_real, dtype=torch.float32, device=dev)
     pbuf = torch.empty(rows, n_real, dtype=torch.float32, device=dev)
     for i in range(0, n, rows):
         j = min(i + rows, n)
         z, p = zbuf[: j - i], pbuf[: j - i]
-        load(i, j, z)
-        if T != 1.0:
-            z.div_(T)
+        if kept is None:
+            load(i, j, z)
+            if T != 1.0:
+                z.div_(T)
         torch.sub(z, logz[i:j, None], out=p)
         p.exp_()
         if g_ent is None:
@@ -183,7 +200,7 @@ def _logits_backward(shard: _Shard, logits, logz, ez, g_lp, g_ent, out_dtype):
 
 
 def _output_layer_backward(shard: _Shard, h, w, logz, ez, g_lp, g_ent, need_h: bool, need_w: bool,
-                           main_grad: torch.Tensor | None = None):
+                           main_grad: torch.Tensor | None = None, kept=None):
     """(grad_h [N, H] in h's dtype or None, grad_W [V_local, H] in W's dtype or None). grad_W is
     accumulated over chunks in float32; padding rows of W get 0. With ``main_grad`` (float32, W's
     shape) grad_W is added into it in place instead, and no grad_W tensor is made (None)."""
@@ -206,7 +223,7 @@ def _output_layer_backward(shard: _Shard, h, w, logz, ez, g_lp, g_ent, need_h: b
         if need_w:
             gw_real.addmm_(d.t(), h[i:j].float())
 
-    _backward(shard, n, _matmul_loader(h, w_real), store, logz, ez, g_lp, g_ent, h.device)
+    _backward(shard, n, _matmul_loader(h, w_real), store, logz, ez, g_lp, g_ent, h.device, kept)
     if grad_w is not None and w.dtype != torch.float32:
         grad_w = grad_w.to(w.dtype)
     return grad_h, grad_w
@@ -249,8 +266,8 @@ class VocabParallelOutputLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, shard: _Shard, group, entropy_mode: int, fuse_wgrad: bool):
-        logp, ent, logz, ez = _forward(shard, hidden.shape[0], _matmul_loader(hidden, weight[: shard.n_real]), group,
-                                       entropy_mode > 0, hidden.device)
+        logp, ent, logz, ez, kept = _forward(shard, hidden.shape[0], _matmul_loader(hidden, weight[: shard.n_real]),
+                                             group, entropy_mode > 0, hidden.device, keep=True)
         ctx.shard = shard
         ctx.entropy_grad = entropy_mode == 2
         # as Megatron's fused linear layers: hold main_grad in ctx (not saved: it is written in place),
@@ -258,7 +275,9 @@ class VocabParallelOutputLogProbs(torch.autograd.Function):
         # from saved-tensor hooks as another object, without the parameter's attributes)
         ctx.main_grad = weight.main_grad if fuse_wgrad else None
         ctx.param = weight if fuse_wgrad else None
-        ctx.save_for_backward(hidden, weight, logz, ez if ctx.entropy_grad else None)
+        # tokens that fit one chunk: its working buffer (already made, at most one: _CHUNK_BYTES by
+        # default) is kept for backward instead of multiplied again; more tokens are recomputed
+        ctx.save_for_backward(hidden, weight, logz, ez if ctx.entropy_grad else None, *(kept or (None, None)))
         if ent is None:
             ent = logp.new_empty(0)
         if not ctx.entropy_grad:
@@ -267,15 +286,26 @@ class VocabParallelOutputLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
-        hidden, weight, logz, ez = ctx.saved_tensors
+        hidden, weight, logz, ez, kz, km = ctx.saved_tensors
         g_ent = g_ent.float().reshape(-1) if (ctx.entropy_grad and g_ent is not None) else None
+        # the entropy's gradient is built in z's buffer: a copy then, so a second backward finds it intact
+        kept = None if kz is None else (kz if g_ent is None else kz.clone(), km)
         grad_h, grad_w = _output_layer_backward(ctx.shard, hidden, weight, logz, ez, g_lp, g_ent,
-                                                ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.main_grad)
+                                                ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.main_grad, kept)
         if ctx.main_grad is not None and ctx.needs_input_grad[1] and hasattr(ctx.param, "grad_added_to_main_grad"):
             # Megatron's protocol (tensor_parallel.layers): an unread placeholder as the autograd
             # gradient, and the flag that tells DDP's hook the gradient is already in main_grad
-            # (without DDP's flag, no gradient at all: main_grad already holds it)
-            grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+            # (without DDP's flag, no gradient at all: main_grad already holds it). A weight tied
+            # to this stage's embedding gets its placeholder from the embedding's fused backward
+            # (parallel.embedding), which runs last: none here, so none is summed with it. Tied to
+            # an unfused embedding (Megatron's zero_out_wgrad), the placeholder is summed with that
+            # one's dense gradient, which DDP's hook adds: zeros, not garbage from torch.empty.
+            if getattr(ctx.param, "wgrad_from_embedding", False):
+                grad_w = None
+            elif getattr(ctx.param, "zero_out_wgrad", False):
+                grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+            else:
+                grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
             ctx.param.grad_added_to_main_grad = True
         return grad_h, grad_w, None, None, None, None
 

@@ -49,6 +49,7 @@ from holderpo_megatron.parallel.aggregation import (
     load_balanced_cp_index,
 )
 from holderpo_megatron.parallel.cpu_compat import fuse_cpu_adam
+from holderpo_megatron.parallel.embedding import fuse_embedding_wgrad
 from holderpo_megatron.parallel.layout import ParallelLayout
 from holderpo_megatron.parallel.logprobs import output_layer_input, output_layer_logprobs
 from holderpo_megatron.parallel.loss_scaling import all_reduce_loss_metrics, megatron_loss_outputs
@@ -227,6 +228,9 @@ class MegatronActor:
             DistributedDataParallel(self.config, ddp_config, module=m) for m in self.model
         ]
         self.config.finalize_model_grads_func = finalize_model_grads
+        if self.config.gradient_accumulation_fusion:  # the embedding too writes main_grad in place
+            for m in self.model:
+                fuse_embedding_wgrad(m.module)
         bf16 = self.config.bf16
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(

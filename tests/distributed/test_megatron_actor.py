@@ -93,6 +93,7 @@ def _grad_worker(rank, world, cfg, sd, seqs, starts, old, adv, refs, layouts, re
     for layout_kw, run_kw in layouts:
         arch, actor = _setup(layout_kw, cfg, sd, optimizer=True)
         assert actor.config.sequence_parallel == layout_kw.get("sequence_parallel", False)
+        assert actor.config.gradient_accumulation_fusion  # the fused wgrad paths are under test
         mine = _my_share(len(seqs))
         if ref_lp is not None:  # score(): every rank gets whole sequences' log-probs
             actor.settings = actor_settings(**run_kw)
@@ -136,8 +137,11 @@ def test_gradients_equal_single_process_full_batch_llama():
     ])
 
 
-def test_gradients_equal_single_process_full_batch_qwen2_pipelines():
+def test_gradients_equal_single_process_full_batch_qwen2_tied():
     _grad_case("qwen2", [
+        # DP2 x TP2: embedding and output layer share one weight on the stage, both writing main_grad
+        # (the embedding's fused backward hands autograd the placeholder; parallel.embedding)
+        (dict(tp=2, pp=1), dict(token_budget=128, max_sequences_per_microbatch=2)),
         # DP2 x PP2 with packing, tied embeddings across the pipeline
         (dict(tp=1, pp=2), dict(token_budget=64, pack=True)),
         # DP2 x PP2 x interleaved virtual pipeline (2 chunks), 4 microbatches per rank
@@ -347,24 +351,28 @@ def _response_only_worker(rank, world, cfg, sd, seqs, starts, old, adv):
     for lp_full, lp_part, n, r in zip(full, part, map(len, seqs), starts):
         keep = torch.arange(1, n) >= r  # next-token positions predicting response tokens
         assert torch.equal(lp_part[keep], lp_full[keep]) and torch.all(lp_part[~keep] == 0)
-    # a training step keeps no [tokens, vocab] tensor for backward: only parameters are vocab-sized
-    vocab = padded_vocab_size(arch.vocab_size, 1)
+    # a training step keeps no [tokens, vocab] logits for backward: besides parameters, the only
+    # vocab-sized tensors saved are each microbatch's one working buffer of its response positions'
+    # logits (they fit one chunk here: kept instead of recomputed, parallel.logprobs)
+    vocab = {padded_vocab_size(arch.vocab_size, 1), arch.vocab_size}
     params = {p.untyped_storage().data_ptr() for m in actor.unwrapped() for p in m.parameters()}
     big = []
 
     def pack(t):
-        if vocab in t.shape and t.untyped_storage().data_ptr() not in params:
+        if vocab & set(t.shape) and t.untyped_storage().data_ptr() not in params:
             big.append(tuple(t.shape))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         actor.forward_backward(RolloutBatch(seqs, starts, old, adv))
-    assert big == [], f"tensors with a vocab-sized dim saved for backward: {big}"
+    responses = sum(len(s) - r for s, r in zip(seqs, starts))  # positions that predict a response token
+    assert all(s[1:] == (arch.vocab_size,) for s in big) and sum(s[0] for s in big) == responses, \
+        f"vocab-sized tensors saved for backward: {big}, for {responses} response positions"
     with pytest.raises(ValueError, match="response_start has 1 entries for 8 sequences"):
         actor.score(seqs, starts[:1])
 
 
-def test_response_only_scores_and_no_vocab_sized_saved_tensors():
+def test_response_only_scores_and_logits_kept_only_at_response_positions():
     model = make_hf_model("llama")
     seqs = ragged_sequences(model.config.vocab_size, 8, seed=3)
     with torch.no_grad():

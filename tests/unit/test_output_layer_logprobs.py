@@ -112,9 +112,9 @@ def test_bf16_matches_the_unfused_path_on_bf16_logits():
     torch.testing.assert_close(w.grad.double(), ref_gw, rtol=2e-2, atol=2e-2)
 
 
-def test_no_saved_tensor_has_a_vocab_sized_row_per_token():
-    # what autograd keeps for backward: h [N, H], W (the parameter itself) and [N] vectors; the
-    # [N, vocab] logits the unfused path saves (and their gradient) never exist
+def test_over_several_chunks_no_saved_tensor_has_a_vocab_sized_row_per_token():
+    # what autograd keeps for backward over several chunks: h [N, H], W (the parameter itself) and
+    # [N] vectors; the [N, vocab] logits the unfused path saves (and their gradient) never exist
     n, hid, v = 512, 16, 4096
     g = torch.Generator().manual_seed(3)
     h = torch.randn(n, hid, generator=g).requires_grad_(True)
@@ -138,6 +138,33 @@ def test_no_saved_tensor_has_a_vocab_sized_row_per_token():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         vocab_parallel_logprobs(h @ w.t(), target)
     assert any(shape == (n, v) for shape, _ in saved)
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_one_chunk_keeps_its_buffer_for_backward_and_a_second_backward_agrees(entropy_grad):
+    # tokens that fit one chunk: the forward's working buffer [N, V] (real columns only) is saved for
+    # backward instead of multiplying h W^T again; it is the only vocab-sized tensor saved, and a
+    # second backward over the same graph gives the same gradients (the buffer is not consumed)
+    h64, w64, target, g_lp, g_ent = _case(seed=4)
+    g_ent = g_ent if entropy_grad else torch.zeros_like(g_ent)
+    _, _, ref_gh, ref_gw = _reference(h64, w64, target, 0.7, g_lp, g_ent)
+    h, w = h64.float().requires_grad_(True), w64.float().requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = output_layer_logprobs(h, w, target, vocab_size=V, temperature=0.7, entropy_grad=entropy_grad,
+                                    entropy=True)
+    assert sorted(s for s in saved if V in s or V_PADDED in s) == [(V_PADDED, H), (N, V)]  # weight, kept buffer
+    loss = (g_lp.float() * out.logprobs + g_ent.float() * out.entropy).sum()
+    gh1, gw1 = torch.autograd.grad(loss, (h, w), retain_graph=True)
+    gh2, gw2 = torch.autograd.grad(loss, (h, w))
+    torch.testing.assert_close(gh1.double(), ref_gh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw1.double(), ref_gw, rtol=1e-4, atol=1e-5)
+    assert torch.equal(gh1, gh2) and torch.equal(gw1, gw2)
 
 
 @pytest.mark.parametrize("kwargs,match", [
