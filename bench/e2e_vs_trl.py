@@ -361,7 +361,7 @@ def run_ours(settings: dict, workdir: Path, cmd: list[str] | None = None, env: d
     for r in recs:
         phases = {p: r.get(f"time/{p}", 0.0) or 0.0 for p in OUR_PHASES}
         row = {"step": r["step"], "time": r["time/step"], **phases,
-               "gen_tokens": round(r["response_length_mean"] * n_samples),
+               "gen_tokens": round(r["response_length_mean"] * n_samples), "samples": n_samples,
                "reward_mean": r.get("reward_mean"), "truncated_frac": r.get("truncated_frac"),
                "t_start": r["wall_time"] - r["time/step"], "t_end": r["wall_time"]}
         rows.append(row)
@@ -382,6 +382,7 @@ def run_ours(settings: dict, workdir: Path, cmd: list[str] | None = None, env: d
     omp = (env or os.environ).get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
     return {"rc": rc, "wall_s": wall, "startup_s": startup, "steps": rows, "load": mon.load_summary(),
             "scored_fraction": _scored_fraction(cfg),
+            "share_group": cfg.rollout.group_size if cfg.train.share_prompts else None,
             "threads": f"{nproc} ranks (tp{cfg.parallel.tp} x pp{cfg.parallel.pp}) x OMP_NUM_THREADS={omp}"
                        f", rollout.backend={cfg.rollout.backend} (sglang: its own scheduler process)"}
 
@@ -599,14 +600,18 @@ def prompt_tokens_per_step(settings: dict) -> list[int]:
     return [G * sum(lens[i * P:(i + 1) * P]) for i in range(settings["steps"])]
 
 
-def add_flops(rows: list[dict], prompt_tokens: list[int], n: int, scored: float) -> None:
+def add_flops(rows: list[dict], prompt_tokens: list[int], n: int, scored: float, group: int | None = None) -> None:
     """Per step: training 6 N (prompt + completion tokens of every trained sequence), scoring 2 N over
     the share ``scored`` of those tokens that a forward-only old-log-prob pass covers, generation 2 N per generated
-    token (prefill of the prompts not counted: SGLang shares it across a group, HF generate does not)."""
+    token (prefill of the prompts not counted: SGLang shares it across a group, HF generate does not).
+    The same work on both sides; ``group`` (ours with ``train.share_prompts``: the group size) also
+    counts the tokens its rows hold (``row_tokens``): each prompt once, each sample's last token out."""
     for row in rows:
         tokens = prompt_tokens[row["step"] - 1] + row["gen_tokens"]
         row["flops"] = {"train": 6 * n * tokens, "score": round(2 * n * tokens * scored),
-                        "generate": 2 * n * row["gen_tokens"], "trained_tokens": tokens}
+                        "generate": 2 * n * row["gen_tokens"], "trained_tokens": tokens,
+                        "row_tokens": tokens if group is None else
+                        prompt_tokens[row["step"] - 1] // group + row["gen_tokens"] - row["samples"]}
         row["flops"]["total"] = row["flops"]["train"] + row["flops"]["score"] + row["flops"]["generate"]
 
 
@@ -645,7 +650,7 @@ def _flop_summary(steady: list[dict], total_time: float, peak: dict | None) -> d
     if not steady or "flops" not in steady[0]:
         return {}
     per = {k: statistics.fmean(r["flops"][k] for r in steady) for k in ("train", "score", "generate", "total",
-                                                                          "trained_tokens")}
+                                                                          "trained_tokens", "row_tokens")}
     achieved = sum(r["flops"]["total"] for r in steady) / total_time
     out = {"flops_per_step": per, "flops_per_s": achieved}
     if peak:
@@ -709,7 +714,9 @@ def table(s_ours: dict | None, s_trl: dict | None, peak: dict | None = None) -> 
             frac = s.get("flops_fraction_of_peak") or {}
             lines.append(f"FLOPs  {name:5} (per step, TFLOP): train {f['train'] / 1e12:.2f}  score {f['score'] / 1e12:.2f}"
                          f"  generate {f['generate'] / 1e12:.3f}  total {f['total'] / 1e12:.2f}"
-                         f" ({f['trained_tokens']:.0f} trained tokens); achieved {s['flops_per_s'] / 1e9:.1f} GFLOP/s = "
+                         f" ({f['trained_tokens']:.0f} trained tokens"
+                         + (f", {f['row_tokens']:.0f} in the rows: shared prompts" if f["row_tokens"] != f["trained_tokens"]
+                            else "") + f"); achieved {s['flops_per_s'] / 1e9:.1f} GFLOP/s = "
                          f"{100 * frac.get('all_cores', float('nan')):.1f}% of the all-core peak, "
                          f"{100 * frac.get('one_thread_x_cores', float('nan')):.1f}% of cores x 1-thread peak")
     for name, s, phs in (("ours", s_ours, OUR_PHASES + ("other",)), ("TRL", s_trl, TRL_PHASES)):
@@ -803,7 +810,7 @@ def main(argv=None) -> int:
     try:
         if "ours" in sides:
             r = run_ours(settings, workdir)
-            add_flops(r["steps"], prompt_tokens, params["N"], scored=r["scored_fraction"])
+            add_flops(r["steps"], prompt_tokens, params["N"], scored=r["scored_fraction"], group=r["share_group"])
             _check_fixed_length("ours", r, settings)
             res["sides"]["ours"] = r
             summaries["ours"] = summarise(r, OUR_PHASES + ("other",), peak)

@@ -13,6 +13,11 @@ takes the same inputs from ``SelfAttention`` and attends with torch's ``scaled_d
   k/v ``[t, groups, d]``; causal within each segment ``[cu[i], cu[i+1])`` of ``cu_seqlens_q_padded``
   (else ``cu_seqlens_q``); returns ``[t, heads * d]``. No token sees another segment.
 
+Shared prompts (``SharedPrefixSeqParams``, thd, cp = 1; ``data.batching``): a segment whose
+``prefix_segment`` names another attends to all of that segment's keys and then causally to its own,
+at positions following it: one call per segment with the prompt's keys in front. The row's RoPE
+positions come from the params (``positioned_rope`` makes the model's RotaryEmbedding read them).
+
 Context parallelism (cp > 1, Megatron's load-balanced split as in ``get_batch_on_this_cp_rank`` and
 TE's ``all_gather`` CP mode): every row (sbhd) or every segment (thd; ``cu_seqlens`` then count the
 global tokens, each segment a multiple of 2 * cp) is cut into 2 * cp equal chunks and CP rank r holds
@@ -26,11 +31,64 @@ from __future__ import annotations
 
 import math
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
-__all__ = ["SegmentCausalAttention", "dense_block_causal_mask"]
+__all__ = ["SegmentCausalAttention", "SharedPrefixSeqParams", "dense_block_causal_mask", "positioned_rope",
+           "shares_prefixes"]
+
+
+@dataclass
+class SharedPrefixSeqParams(PackedSeqParams):
+    """THD params of a row with shared prompts: ``prefix_segment`` per segment (the segment it also
+    attends to in full, -1 none), ``positions`` ``[t]`` each token's RoPE position."""
+
+    prefix_segment: list[int] | None = None
+    positions: torch.Tensor | None = None
+
+
+class _PositionedRotaryEmbedding(RotaryEmbedding):
+    """Megatron's RotaryEmbedding that, for a row given as :class:`SharedPrefixSeqParams`, returns
+    one frequency row per token (``[t, 1, 1, d]``, the row's own positions), which Megatron's THD
+    RoPE applies token by token; any other input as before. ``GPTModel`` asks for the length with
+    the params and then for the embedding without them: the positions are held between the two."""
+
+    _positions: torch.Tensor | None = None
+
+    def get_rotary_seq_len(self, inference_context, transformer, transformer_input, transformer_config,
+                           packed_seq_params=None, **kw):
+        self._positions = getattr(packed_seq_params, "positions", None)
+        return super().get_rotary_seq_len(inference_context, transformer, transformer_input, transformer_config,
+                                          packed_seq_params, **kw)
+
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
+        positions, self._positions = self._positions, None
+        if positions is None:
+            return super().forward(max_seq_len, offset, packed_seq, cp_group)
+        return super().forward(int(positions.max()) + 1, 0, True, cp_group)[positions]
+
+
+def positioned_rope(model) -> bool:
+    """Let ``model``'s (a ``GPTModel``) rotary embedding take per-token positions (the class is
+    swapped in place: same parameters, same state dict). False where it has another kind of
+    position embedding (YaRN, mRoPE, learned), which shared prompts then refuse."""
+    rope = getattr(model, "rotary_pos_emb", None)
+    if type(rope) is RotaryEmbedding:
+        rope.__class__ = _PositionedRotaryEmbedding
+    return isinstance(rope, _PositionedRotaryEmbedding)
+
+
+def shares_prefixes(model) -> bool:
+    """Whether ``model`` can take rows with shared prompts: this module's attention in every layer
+    and a positioned RoPE (:func:`positioned_rope`)."""
+    layers = [m for m in model.modules() if hasattr(m, "core_attention")]
+    return isinstance(getattr(model, "rotary_pos_emb", None), _PositionedRotaryEmbedding) and all(
+        isinstance(m.core_attention, SegmentCausalAttention) for m in layers)
 
 
 def dense_block_causal_mask(cu_seqlens: list[int], length: int) -> torch.Tensor:
@@ -85,6 +143,9 @@ class SegmentCausalAttention(MegatronModule):
             raise ValueError("SegmentCausalAttention takes no dense attention_mask: pass packed rows as THD "
                              "(PackedSeqParams with cu_seqlens)")
         cp = self.cp_group.size() if self.cp_group is not None else 1
+        prefix = getattr(packed_seq_params, "prefix_segment", None)
+        if prefix is not None and cp > 1:
+            raise ValueError(f"shared prompts do not combine with context parallelism (cp={cp})")
         if packed_seq_params is not None:
             if packed_seq_params.qkv_format != "thd":
                 raise ValueError(f"packed_seq_params.qkv_format={packed_seq_params.qkv_format!r}: only 'thd'")
@@ -109,8 +170,13 @@ class SegmentCausalAttention(MegatronModule):
             value = value.view(cp, -1, *value.shape[1:])
         r = self.cp_group.rank() if cp > 1 else 0
         outs = []
-        for a, e in zip(bounds[:-1], bounds[1:]):
+        for seg, (a, e) in enumerate(zip(bounds[:-1], bounds[1:])):
             if e == a:
+                continue
+            if prefix is not None and prefix[seg] >= 0:  # the group's prompt, then itself causally
+                ha, he = bounds[prefix[seg]], bounds[prefix[seg] + 1]
+                k, v = torch.cat([key[ha:he], key[a:e]]), torch.cat([value[ha:he], value[a:e]])
+                outs.append(self._attend(query[a:e], k, v, he - ha))
                 continue
             if cp == 1:
                 outs.append(self._attend(query[a:e], key[a:e], value[a:e], 0))

@@ -34,7 +34,13 @@ from holderpo_megatron.algorithms import (
     kl_penalty,
     policy_loss_options,
 )
-from holderpo_megatron.data.batching import MicroBatch, build_microbatch, plan_microbatches, plan_units
+from holderpo_megatron.data.batching import (
+    MicroBatch,
+    build_microbatch,
+    plan_microbatches,
+    plan_units,
+    shared_prompt_lengths,
+)
 from holderpo_megatron.models import (
     ModelArch,
     build_gpt_model,
@@ -108,7 +114,8 @@ class ActorSettings:
     those of logits / T, the rollout's sampling temperature, so old, new and engine log-probs are of
     one distribution; generation_budget: ``rollout.max_new_tokens`` (Dr. GRPO's default divisor);
     recompute: activation recompute (``models.config.RECOMPUTE_MODES``), read once when the Actor
-    builds its model config.
+    builds its model config; share_prompts: consecutive samples with the same prompt put it in a
+    packed row once (``data.batching``; needs ``pack``, cp = 1 and the local attention).
     """
 
     token_budget: int = 4096
@@ -120,9 +127,12 @@ class ActorSettings:
     generation_budget: int | None = None
     max_sequences_per_microbatch: int | None = None
     recompute: str = "none"
+    share_prompts: bool = False
 
     def __post_init__(self):
         check_recompute(self.recompute)
+        if self.share_prompts and not self.pack:
+            raise ValueError("share_prompts=True needs packed rows (pack=True)")
         if self.token_budget < 1:
             raise ValueError(f"token_budget must be >= 1, got {self.token_budget}")
         if not self.temperature > 0:
@@ -150,8 +160,14 @@ def _thd_params(mb: MicroBatch, device):
     cu_padded = None if torch.equal(mb.cu_seqlens, mb.cu_seqlens_padded) else mb.cu_seqlens_padded.to(device)
     slots = cu if cu_padded is None else cu_padded
     longest = int((slots[1:] - slots[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
-                           cu_seqlens_kv_padded=cu_padded, max_seqlen_q=longest, max_seqlen_kv=longest)
+    kw = dict(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
+              cu_seqlens_kv_padded=cu_padded, max_seqlen_q=longest, max_seqlen_kv=longest)
+    if mb.prefix_segment is not None:  # shared prompts: RoPE positions and prompt segments ride along
+        from holderpo_megatron.models.attention import SharedPrefixSeqParams
+
+        return SharedPrefixSeqParams(**kw, prefix_segment=mb.prefix_segment.tolist(),
+                                     positions=mb.position_ids[0].to(device))
+    return PackedSeqParams(**kw)
 
 
 class MegatronActor:
@@ -188,6 +204,12 @@ class MegatronActor:
         ]
         # The last stage returns hidden states; the Actor applies the output layer itself, to the
         # response positions only and chunked with the log-softmax (no [tokens, vocab] logits).
+        from holderpo_megatron.models.attention import positioned_rope, shares_prefixes
+
+        # per-token RoPE positions for rows with shared prompts (identity for every other input)
+        self._shares_prompts = all(positioned_rope(m) and shares_prefixes(m) for m in self.model)
+        if self.settings.share_prompts:
+            self._check_shared_prompts()
         self._head = None
         for m in self.model:
             if m.post_process:
@@ -300,8 +322,18 @@ class MegatronActor:
             ent = None if ent is None else ent.new_zeros(keep.shape).index_put((k,), ent)
         return (lp, ent) if entropy else lp
 
+    def _check_shared_prompts(self) -> None:
+        if self.layout.cp > 1:
+            raise ValueError(f"share_prompts=True does not combine with context parallelism (cp={self.layout.cp})")
+        if not self._shares_prompts:
+            raise ValueError("share_prompts=True needs the local attention (models.attention.SegmentCausalAttention) "
+                             "and plain RoPE; this model has Transformer Engine's attention or another position "
+                             "embedding: set train.share_prompts=false")
+
     def _plan(self, sequences: list[list[int]], units: list[list[int]] | None = None,
-              unit_names: list | None = None) -> list[MicroBatch]:
+              unit_names: list | None = None, prompt_lengths: list[int] | None = None) -> list[MicroBatch]:
+        """Microbatches of ``sequences``; with the settings' ``share_prompts``, ``prompt_lengths`` (the
+        response starts) and single-sample units, rows share prompts (``data.batching``)."""
         token_budget, pack = self.settings.token_budget, self.settings.pack
         max_sequences = self.settings.max_sequences_per_microbatch
         for i, s in enumerate(sequences):
@@ -311,6 +343,10 @@ class MegatronActor:
                 )
         if units is None:
             units = [[i] for i in range(len(sequences))]
+        shared = None
+        if self.settings.share_prompts and prompt_lengths is not None and all(len(u) == 1 for u in units):
+            self._check_shared_prompts()
+            shared = shared_prompt_lengths(sequences, prompt_lengths)  # units are then [[0], [1], ..]
         if any(len(u) > 1 for u in units):
             # a trajectory's turns share one microbatch (its Hölder mean needs all of its tokens)
             if max_sequences is not None:
@@ -320,7 +356,7 @@ class MegatronActor:
                                  names=unit_names)
         else:
             ugroups = plan_microbatches([len(sequences[u[0]]) for u in units], token_budget, pack=pack,
-                                        max_sequences=max_sequences)
+                                        max_sequences=max_sequences, shared=shared)
         if self.layout.vpp and len(ugroups) % self.layout.pp:
             # interleaved 1F1B wants a multiple of pp microbatches: split the largest groups, at
             # unit boundaries (a trajectory is never cut in two)
@@ -346,6 +382,8 @@ class MegatronActor:
                                             for g in groups), min_rows=1)
             else:
                 shape.update(min_length=max(len(s) for s in sequences), min_rows=max(len(g) for g in groups))
+        if shared is not None:
+            shape["shared"] = shared
         mbs = [build_microbatch(sequences, g, pack=pack, **shape) for g in groups]
         if cp > 1:
             mbs = [mb.shard(self._cp_positions(mb)) for mb in mbs]
@@ -368,7 +406,7 @@ class MegatronActor:
             raise ValueError(f"response_start has {len(response_start)} entries for {len(sequences)} sequences")
         for m in self.model:
             m.eval()
-        mbs = self._plan(sequences)
+        mbs = self._plan(sequences, prompt_lengths=response_start)
         store: dict[int, torch.Tensor] = {}
 
         def loss_func(mb: MicroBatch, hidden: torch.Tensor):
@@ -420,7 +458,7 @@ class MegatronActor:
         self.optimizer.zero_grad()
         units = batch.units()
         names = None if batch.trajectory is None else [batch.trajectory[u[0]] for u in units]
-        mbs = self._plan(batch.sequences, units=units, unit_names=names)
+        mbs = self._plan(batch.sequences, units=units, unit_names=names, prompt_lengths=batch.response_start)
         collected: list[LossMetrics] = []
 
         def loss_func(mb: MicroBatch, hidden: torch.Tensor):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["StepSamples", "RolloutBatch", "trajectory_units", "loss_mask", "rollout_logprobs_as_full"]
+__all__ = ["StepSamples", "RolloutBatch", "trajectory_units", "prompt_units", "loss_mask", "rollout_logprobs_as_full"]
 
 
 def loss_mask(length: int, response_start: int) -> torch.Tensor:
@@ -30,6 +30,17 @@ def trajectory_units(n: int, trajectory: list[int] | None) -> list[list[int]]:
     for i, t in enumerate(trajectory):
         groups.setdefault(t, []).append(i)
     return list(groups.values())
+
+
+def prompt_units(sequences: list[list[int]], response_start: list[int]) -> list[list[int]]:
+    """Indices of consecutive samples with the same prompt (a GRPO group), in order."""
+    units: list[list[int]] = []
+    for i, (s, r) in enumerate(zip(sequences, response_start)):
+        if units and response_start[i - 1] == r and sequences[i - 1][:r] == s[:r]:
+            units[-1].append(i)
+        else:
+            units.append([i])
+    return units
 
 
 def rollout_logprobs_as_full(lp: torch.Tensor, start: int, n: int) -> torch.Tensor:
@@ -70,7 +81,11 @@ class StepSamples:
     def __len__(self) -> int:
         return len(self.sequences)
 
-    def units(self) -> list[list[int]]:
+    def units(self, by_prompt: bool = False) -> list[list[int]]:
+        """Samples that go to one rank (and one minibatch) together: a trajectory's turns; with
+        ``by_prompt`` (single-turn), a prompt's group (``train.share_prompts``); else each alone."""
+        if by_prompt and self.trajectory is None:
+            return prompt_units(self.sequences, self.response_start)
         return trajectory_units(len(self.sequences), self.trajectory)
 
     def select(self, indices: list[int]) -> "StepSamples":
@@ -79,10 +94,10 @@ class StepSamples:
                            [self.rollout_logprobs[i] for i in indices], [self.advantages[i] for i in indices],
                            None if self.trajectory is None else [self.trajectory[i] for i in indices])
 
-    def share(self, dp_rank: int, dp_size: int) -> "StepSamples":
-        """This data-parallel rank's share: every ``dp_size``-th unit (a sample, or a whole
-        trajectory), starting at ``dp_rank``."""
-        return self.select([i for u in self.units()[dp_rank::dp_size] for i in u])
+    def share(self, dp_rank: int, dp_size: int, by_prompt: bool = False) -> "StepSamples":
+        """This data-parallel rank's share: every ``dp_size``-th unit (a sample, a whole trajectory,
+        or with ``by_prompt`` a prompt's group), starting at ``dp_rank``."""
+        return self.select([i for u in self.units(by_prompt)[dp_rank::dp_size] for i in u])
 
     def trim_to_multiple(self, dp_size: int) -> "StepSamples":
         """Drop the last units that do not divide evenly over ``dp_size`` ranks (metrics kept)."""

@@ -261,6 +261,12 @@ class TrainSection:
     reuse_training_logprobs: bool = True
     token_budget: int = 8192  # tokens per microbatch
     pack: bool = True
+    # a prompt's samples train together (one DP rank, one minibatch, as verl's minibatches of whole
+    # groups; single samples when a step has fewer groups than dp * minibatches_per_step) and each
+    # packed row holds a group's prompt once (data.batching): the training and scoring forwards skip
+    # group_size - 1 copies of every prompt. Exact; needs pack, cp = 1, single-turn prompts and the
+    # local attention (not Transformer Engine's)
+    share_prompts: bool = False
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     seed: int = 1234
     # Megatron's optimizer state and grad buffers leave the GPU while the engines generate (colocated),
@@ -431,6 +437,13 @@ class RunConfig:
         _need(samples % per == 0,
               f"train.prompts_per_step*rollout.group_size = {samples} samples per step must be divisible by "
               f"data-parallel size * train.minibatches_per_step = {self.parallel.dp}*{self.train.minibatches_per_step}")
+        t = self.train
+        if t.share_prompts:
+            _need(t.pack, "train.share_prompts=true needs train.pack=true (a group's prompt is shared within a packed row)")
+            _need(self.parallel.cp == 1, f"train.share_prompts=true does not combine with parallel.cp={self.parallel.cp}; "
+                  "allowed: cp 1")
+            _need(not self.agent.enabled, f"train.share_prompts=true is for single-turn prompts; agent.env="
+                  f"{self.agent.env} trains trajectories (set train.share_prompts=false)")
         longest = self.max_sequence_length
         _need(longest <= self.train.token_budget,
               f"train.token_budget={self.train.token_budget} must hold one full sequence "
@@ -480,7 +493,7 @@ class RunConfig:
         return ActorSettings(token_budget=self.train.token_budget, pack=self.train.pack, loss=self.algorithm.loss,
                              loss_options=self.algorithm.loss_options, regularizers=self.algorithm.regularizers,
                              temperature=self.rollout.temperature, generation_budget=self.rollout.max_new_tokens,
-                             recompute=self.train.recompute)
+                             recompute=self.train.recompute, share_prompts=self.train.share_prompts)
 
 
 def engine_config(cfg: RunConfig, model_path: str | os.PathLike):

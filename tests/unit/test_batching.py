@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from holderpo_megatron.data.batching import build_microbatch, plan_microbatches, plan_units
+from holderpo_megatron.data.batching import build_microbatch, plan_microbatches, plan_units, shared_prompt_lengths
 
 
 def test_plan_padded_and_packed_respect_budget():
@@ -45,6 +45,39 @@ def test_microbatch_targets_and_positions(pack):
         assert mb.position_ids[0, :9].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1]
     else:
         assert mb.cu_seqlens is None and mb.input_ids.shape[0] == 3
+
+
+def test_shared_prompt_row_layout():
+    # two samples of prompt [1, 2, 3] (responses [4, 5] and [6]), then one of another prompt
+    seqs = [[1, 2, 3, 4, 5], [1, 2, 3, 6], [1, 9, 4, 5]]
+    shared = shared_prompt_lengths(seqs, [3, 3, 3])
+    assert shared == [0, 3, 0]
+    mb = build_microbatch(seqs, [0, 1, 2], pack=True, pad_to_multiple=4, shared=shared)
+    # the prompt once, response 1 without its last token, response 2 (one token: empty), the lone
+    # third sample without its last token, then the row's tail
+    assert mb.input_ids[0].tolist() == [1, 2, 3, 4, 1, 9, 4, 0]
+    assert mb.cu_seqlens.tolist() == [0, 3, 4, 4, 7, 8]
+    assert mb.prefix_segment.tolist() == [-1, 0, 0, -1, -1]
+    assert mb.position_ids[0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0]
+    # the same next-token positions as one row per sample: n - 1 per sequence, targets in order,
+    # and the prompt's last position (2) predicts both first response tokens
+    assert mb.token_index.tolist() == [0, 1, 2, 3, 0, 1, 2, 4, 5, 6]
+    assert mb.targets.tolist() == [2, 3, 4, 5, 2, 3, 6, 9, 4, 5]
+    assert mb.seq_id.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    with pytest.raises(ValueError, match="context-parallel"):
+        mb.shard(torch.arange(4).unsqueeze(0))
+    with pytest.raises(ValueError, match="shared prompts need packed rows"):
+        build_microbatch(seqs, [0, 1], pack=False, shared=shared)
+
+
+def test_shared_prompt_plan_counts_a_prompt_once_per_microbatch():
+    seqs = [[1, 2, 3, 4, 5]] * 4  # 4 tokens alone (the last is only a target), 1 more each after
+    shared = shared_prompt_lengths(seqs, [3] * 4)
+    assert plan_microbatches([5] * 4, 6, pack=True, shared=shared) == [[0, 1, 2], [3]]
+    # without the prompt once, every sample costs its 5 tokens
+    assert plan_microbatches([5] * 4, 6, pack=True) == [[0], [1], [2], [3]]
+    # a microbatch the budget opens anew puts the prompt in again
+    assert plan_microbatches([5] * 4, 5, pack=True, shared=shared) == [[0, 1], [2, 3]]
 
 
 def test_packed_slots_and_context_parallel_shard():
@@ -113,3 +146,18 @@ def test_plan_units_of_single_sequences_is_plan_microbatches(pack):
 def test_plan_units_bad_input(units, budget, match):
     with pytest.raises(ValueError, match=match):
         plan_units(units, budget)
+
+
+def test_prompt_groups_go_to_one_rank_whole():
+    from holderpo_megatron.trainer.batch import StepSamples
+
+    prompts = [[1, 2], [3], [1, 2], [4, 5, 6]]  # the third repeats the first, apart from it
+    seqs, starts = [], []
+    for p in prompts:
+        for r in range(3):
+            seqs.append(p + [7 + r] * (r + 1))
+            starts.append(len(p))
+    s = StepSamples(seqs, starts, [torch.zeros(r + 1) for _ in prompts for r in range(3)], [0.0] * 12)
+    assert s.units(by_prompt=True) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    assert s.share(1, 2, by_prompt=True).sequences == seqs[3:6] + seqs[9:12]
+    assert s.share(1, 2).sequences == seqs[1::2]  # without it: every other sample
