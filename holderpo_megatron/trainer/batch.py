@@ -97,7 +97,17 @@ class StepSamples:
     def share(self, dp_rank: int, dp_size: int, by_prompt: bool = False) -> "StepSamples":
         """This data-parallel rank's share: every ``dp_size``-th unit (a sample, a whole trajectory,
         or with ``by_prompt`` a prompt's group), starting at ``dp_rank``."""
-        return self.select([i for u in self.units(by_prompt)[dp_rank::dp_size] for i in u])
+        return self.share_units(dp_rank, dp_size, by_prompt)[0]
+
+    def share_units(self, dp_rank: int, dp_size: int, by_prompt: bool = False) -> tuple["StepSamples", list[list[int]]]:
+        """:meth:`share` and its units as indices into it. The units are cut once, over the whole
+        step: two groups of one prompt that land on a rank next to each other stay two units."""
+        mine = self.units(by_prompt)[dp_rank::dp_size]
+        local, n = [], 0
+        for u in mine:
+            local.append(list(range(n, n + len(u))))
+            n += len(u)
+        return self.select([i for u in mine for i in u]), local
 
     def trim_to_multiple(self, dp_size: int) -> "StepSamples":
         """Drop the last units that do not divide evenly over ``dp_size`` ranks (metrics kept)."""

@@ -83,8 +83,8 @@ def one_step(ctx: TrainContext, step: int) -> dict:
         # left fewer groups than ranks x minibatches
         k = cfg.train.minibatches_per_step
         by_prompt = cfg.train.share_prompts and len(samples.units(by_prompt=True)) >= ctx.dp_size * k
-        mine = samples.share(ctx.dp_rank, ctx.dp_size, by_prompt)
-        parts = minibatch_parts(mine.units(by_prompt), k, cfg.train.seed, step)
+        mine, units = samples.share_units(ctx.dp_rank, ctx.dp_size, by_prompt)
+        parts = minibatch_parts(units, k, cfg.train.seed, step)
         source = old_logprob_source(cfg, samples)
         with timer("score"):
             old, drift = old_logprobs(ctx.actor, mine, parts, source)

@@ -161,3 +161,7 @@ def test_prompt_groups_go_to_one_rank_whole():
     assert s.units(by_prompt=True) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
     assert s.share(1, 2, by_prompt=True).sequences == seqs[3:6] + seqs[9:12]
     assert s.share(1, 2).sequences == seqs[1::2]  # without it: every other sample
+    # groups 0 and 2 share a prompt and sit side by side on rank 0: still two units (two minibatches)
+    mine, units = s.share_units(0, 2, by_prompt=True)
+    assert mine.sequences == seqs[0:3] + seqs[6:9] and units == [[0, 1, 2], [3, 4, 5]]
+    assert mine.units(by_prompt=True) == [[0, 1, 2, 3, 4, 5]]  # what re-cutting the share would give
