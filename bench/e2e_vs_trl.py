@@ -70,8 +70,11 @@ FLOPs per step (both sides, the same formula): N = non-embedding parameters + th
 training 6 N x (prompt + completion tokens of every sequence), scoring 2 N x the same tokens times the
 share the side re-scores (TRL all; ours minibatches 2..k with ``train.reuse_training_logprobs``, none
 with ``rollout.use_rollout_logprobs``), generation 2 N x generated tokens (prompt prefill not counted).
-These are nominal counts: ours computes the output layer at response positions only, so it does less
-than it is credited with. Achieved FLOP/s = FLOPs / step seconds, as a fraction of the machine's matmul
+These are nominal counts, the same work credited to both sides. Beside them, *executed* FLOPs count
+what each side's matmuls run: the layers over the tokens its rows hold (ours with ``train.share_prompts``:
+each group's prompt once; TRL: every sequence's prompt, its padding not counted, so a lower bound) and the
+output layer at completion positions only (both sides: ours' response-only output layer, TRL's fused LM
+head skips positions labelled -100). Achieved FLOP/s = FLOPs / step seconds, as a fraction of the machine's matmul
 peak measured at the start of the same run (fp32 ``torch.mm`` 2048 x 2048, best of 5, on all cores and
 on 1 thread; "cores x 1-thread peak" is what two single-threaded ranks could reach).
 
@@ -600,19 +603,23 @@ def prompt_tokens_per_step(settings: dict) -> list[int]:
     return [G * sum(lens[i * P:(i + 1) * P]) for i in range(settings["steps"])]
 
 
-def add_flops(rows: list[dict], prompt_tokens: list[int], n: int, scored: float, group: int | None = None) -> None:
+def add_flops(rows: list[dict], prompt_tokens: list[int], params: dict, scored: float, group: int | None = None) -> None:
     """Per step: training 6 N (prompt + completion tokens of every trained sequence), scoring 2 N over
     the share ``scored`` of those tokens that a forward-only old-log-prob pass covers, generation 2 N per generated
     token (prefill of the prompts not counted: SGLang shares it across a group, HF generate does not).
     The same work on both sides; ``group`` (ours with ``train.share_prompts``: the group size) also
-    counts the tokens its rows hold (``row_tokens``): each prompt once, each sample's last token out."""
+    counts the tokens its rows hold (``row_tokens``): each prompt once, each sample's last token out.
+    ``executed``: training and scoring as run, the layers (``params["non_embedding"]``) over ``row_tokens``
+    and the output layer (``params["output_layer"]``) over the completion tokens only, plus generation."""
+    n, body, head = params["N"], params["non_embedding"], params["output_layer"]
     for row in rows:
         tokens = prompt_tokens[row["step"] - 1] + row["gen_tokens"]
+        row_tokens = tokens if group is None else prompt_tokens[row["step"] - 1] // group + row["gen_tokens"] - row["samples"]
+        pass_flops = 2 * (body * row_tokens + head * row["gen_tokens"])  # one forward as run
         row["flops"] = {"train": 6 * n * tokens, "score": round(2 * n * tokens * scored),
-                        "generate": 2 * n * row["gen_tokens"], "trained_tokens": tokens,
-                        "row_tokens": tokens if group is None else
-                        prompt_tokens[row["step"] - 1] // group + row["gen_tokens"] - row["samples"]}
+                        "generate": 2 * n * row["gen_tokens"], "trained_tokens": tokens, "row_tokens": row_tokens}
         row["flops"]["total"] = row["flops"]["train"] + row["flops"]["score"] + row["flops"]["generate"]
+        row["flops"]["executed"] = round(pass_flops * (3 + scored)) + row["flops"]["generate"]
 
 
 def matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
@@ -650,12 +657,14 @@ def _flop_summary(steady: list[dict], total_time: float, peak: dict | None) -> d
     if not steady or "flops" not in steady[0]:
         return {}
     per = {k: statistics.fmean(r["flops"][k] for r in steady) for k in ("train", "score", "generate", "total",
-                                                                          "trained_tokens", "row_tokens")}
+                                                                          "trained_tokens", "row_tokens", "executed")}
     achieved = sum(r["flops"]["total"] for r in steady) / total_time
-    out = {"flops_per_step": per, "flops_per_s": achieved}
+    executed = sum(r["flops"]["executed"] for r in steady) / total_time
+    out = {"flops_per_step": per, "flops_per_s": achieved, "executed_flops_per_s": executed}
     if peak:
         out["flops_fraction_of_peak"] = {"all_cores": achieved / peak["all_cores"],
-                                         "one_thread_x_cores": achieved / (peak["one_thread"] * peak["cores"])}
+                                         "one_thread_x_cores": achieved / (peak["one_thread"] * peak["cores"]),
+                                         "executed_all_cores": executed / peak["all_cores"]}
     return out
 
 
@@ -719,6 +728,10 @@ def table(s_ours: dict | None, s_trl: dict | None, peak: dict | None = None) -> 
                             else "") + f"); achieved {s['flops_per_s'] / 1e9:.1f} GFLOP/s = "
                          f"{100 * frac.get('all_cores', float('nan')):.1f}% of the all-core peak, "
                          f"{100 * frac.get('one_thread_x_cores', float('nan')):.1f}% of cores x 1-thread peak")
+            lines.append(f"       {'':5} executed {f['executed'] / 1e12:.2f} TFLOP a step ({f['row_tokens']:.0f} tokens through the"
+                         f" layers, the output layer at completions only{', padding not counted' if name == 'TRL' else ''}): "
+                         f"{s['executed_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+                         f"{100 * frac.get('executed_all_cores', float('nan')):.1f}% of the all-core peak")
     for name, s, phs in (("ours", s_ours, OUR_PHASES + ("other",)), ("TRL", s_trl, TRL_PHASES)):
         if not s:
             continue
@@ -810,14 +823,14 @@ def main(argv=None) -> int:
     try:
         if "ours" in sides:
             r = run_ours(settings, workdir)
-            add_flops(r["steps"], prompt_tokens, params["N"], scored=r["scored_fraction"], group=r["share_group"])
+            add_flops(r["steps"], prompt_tokens, params, scored=r["scored_fraction"], group=r["share_group"])
             _check_fixed_length("ours", r, settings)
             res["sides"]["ours"] = r
             summaries["ours"] = summarise(r, OUR_PHASES + ("other",), peak)
             print(f"[ours] done: {summaries['ours']['step_s_mean']:.2f} s/step (steady)", flush=True)
         if "trl" in sides:
             r = run_trl(settings, workdir)
-            add_flops(r["steps"], prompt_tokens, params["N"], scored=1.0)  # TRL always re-scores here (docstring)
+            add_flops(r["steps"], prompt_tokens, params, scored=1.0)  # TRL always re-scores here (docstring)
             _check_fixed_length("trl", r, settings)
             res["sides"]["trl"] = r
             summaries["trl"] = summarise(r, TRL_PHASES, peak)

@@ -226,6 +226,27 @@ class EmbeddedBackend:
             self.engine.shutdown()
         finally:
             engine_module.kill_process_tree = original
+            self._unlink_load_snapshot()
+
+    def load_snapshot_path(self) -> str | None:
+        """The file in /dev/shm where this engine's scheduler publishes its load (SGLang names it
+        after the engine's own ``instance_id``), or None where this SGLang has none."""
+        try:
+            from sglang.srt.managers.load_snapshot import shm_path_for
+        except ImportError:
+            return None
+        instance_id = getattr(getattr(self.engine, "port_args", None), "instance_id", None)
+        return shm_path_for(instance_id) if instance_id else None
+
+    def _unlink_load_snapshot(self) -> None:
+        # SGLang's scheduler creates it and never unlinks it (its close only unmaps; its own CI
+        # sweeps /dev/shm). The name is this engine's alone, so removing it touches nothing else.
+        path = self.load_snapshot_path()
+        if path:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 # helpers of this process that may first start while an engine starts, and are never the engine's:

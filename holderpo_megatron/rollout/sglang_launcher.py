@@ -104,6 +104,22 @@ def _cli_args(server_args: dict) -> list[str]:
     return out
 
 
+def _session_load_snapshots(sid: int) -> list[str]:
+    """The /dev/shm files where the schedulers of session ``sid`` (a server we started) publish their
+    load. SGLang creates one per scheduler, named after that server's instance id, and never removes
+    it; recorded at start-up, they are removed when the server is stopped or found dead."""
+    import psutil
+
+    out = set()
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                out.update(f.path for f in proc.open_files() if f.path.startswith("/dev/shm/sglang_loads_"))
+        except (psutil.Error, OSError):
+            pass
+    return sorted(out)
+
+
 class SGLangServerProcess:
     """One ``python -m sglang.launch_server`` child, its URL and its log file."""
 
@@ -128,6 +144,7 @@ class SGLangServerProcess:
         cmd = module_command_dying_with_us("sglang.launch_server", "--config", key_file, *_cli_args(server_args),
                                            "--host", host, "--port", str(self.port))
         self._log = open(self.log_path, "ab")
+        self.load_snapshots: list[str] = []  # see _wait_ready
         try:
             self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=sglang_env(device, cpu_threads=cpu_threads),
                                          start_new_session=True)
@@ -149,6 +166,7 @@ class SGLangServerProcess:
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
                     if r.status == 200:
+                        self.load_snapshots = _session_load_snapshots(self.proc.pid)
                         return
             except (urllib.error.URLError, OSError):
                 pass
@@ -191,3 +209,9 @@ class SGLangServerProcess:
                     pass
                 self.proc.wait(10)
         self._log.close()
+        for path in self.load_snapshots:  # this server's own (named after its instance id)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.load_snapshots = []

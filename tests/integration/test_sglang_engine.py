@@ -35,8 +35,13 @@ def engine(model_dir):
     print(f"embedded SGLang engine started in {time.perf_counter() - t0:.1f} s")
     # the engine's OMP_NUM_THREADS is its children's, not ours
     assert os.environ.get("OMP_NUM_THREADS") == omp_before
+    # SGLang's scheduler publishes its load in a /dev/shm file named after this engine and never
+    # removes it; our shutdown does (and only that one)
+    snapshots = [b.load_snapshot_path() for b in eng._backends]
+    assert snapshots and all(p and os.path.exists(p) for p in snapshots), snapshots
     yield eng
     eng.shutdown()
+    assert not any(os.path.exists(p) for p in snapshots), snapshots
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ retried on a live server when its server is gone, and that when no live server i
 caller gets an error naming the server, its exit code and its log tail, never a short batch.
 """
 
+import os
 import threading
 import time
 
@@ -33,8 +34,13 @@ def servers(model_dir, tmp_path_factory):
                                           log_dir=str(tmp_path_factory.mktemp("sglang_logs")),
                                           request_timeout_s=120, max_retries=2))
     print(f"SGLang server started in {time.perf_counter() - t0:.1f} s at {eng.server_urls}")
+    # the /dev/shm file each server's scheduler publishes its load in (SGLang never removes it):
+    # found at start-up, removed when the server is stopped, here after the last test killed it
+    snapshots = [path for b in eng._backends for path in b.process.load_snapshots]
+    assert snapshots and all(os.path.exists(path) for path in snapshots), snapshots
     yield eng
     eng.shutdown()
+    assert not any(os.path.exists(path) for path in snapshots), snapshots
 
 
 def test_generation_over_http_equals_transformers(servers, model_dir):
