@@ -10,6 +10,7 @@ import json
 import os
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import torch
 
@@ -243,10 +244,7 @@ class EmbeddedBackend:
         # sweeps /dev/shm). The name is this engine's alone, so removing it touches nothing else.
         path = self.load_snapshot_path()
         if path:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            Path(path).unlink(missing_ok=True)
 
 
 # helpers of this process that may first start while an engine starts, and are never the engine's:

@@ -210,8 +210,5 @@ class SGLangServerProcess:
                 self.proc.wait(10)
         self._log.close()
         for path in self.load_snapshots:  # this server's own (named after its instance id)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            Path(path).unlink(missing_ok=True)
         self.load_snapshots = []
