@@ -6,8 +6,13 @@
 
 For each layout a gloo world of tp*pp processes loads a random model (saved once as HF safetensors),
 global rank 0 hosts the embedded engine, and every transport syncs ``--repeats`` times. Reported:
-seconds and GB/s of HF bytes delivered (owner's clock, from pause to resumed generation), beside the
-time of one host memcpy of the same bytes (``torch.Tensor.copy_`` in this process, best of 5).
+seconds and GB/s of HF bytes delivered (owner's clock, from pause to resumed generation), beside a
+host memcpy of the same bytes (``torch.Tensor.copy_`` on all cores, best of 3) measured in the owner's
+process just before every sync, so that each sync is compared with the memory bandwidth of its own
+moment (on this VM a memcpy of 2 GB reads 11-20 GB/s from one minute to the next). The reference is
+the median of those memcpys; "x memcpy" is that over the best sync, and over the median of the warm
+syncs (all but the first, which moves the parameters into shared memory and faults the engine's
+mappings in).
 At TP > 1 the transport's own limit is measured beside it: the bytes a sync moves over TP (each
 peer's shards, to its stage's sender) as one bare gather over the same gloo world (GB/s there count
 those bytes, and "x memcpy" compares them with the same memcpy rate).
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -68,18 +74,31 @@ def save_random_model(directory: str, size: str) -> int:
     return sum(t.numel() * 4 for t in state.values())
 
 
-def memcpy_seconds(nbytes: int, repeats: int = 5) -> float:
-    src = torch.ones(nbytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return best
+class Memcpy:
+    """The reference: ``nbytes`` copied by ``torch.Tensor.copy_`` on every core of the machine (both
+    buffers allocated and touched once, here)."""
+
+    def __init__(self, nbytes: int):
+        self.src = torch.ones(nbytes, dtype=torch.uint8)
+        self.dst = torch.zeros_like(self.src)
+        self.threads = os.cpu_count() or 1
+
+    def seconds(self, repeats: int = 3) -> float:
+        """Best of ``repeats`` copies, on ``self.threads`` threads (this process's count restored)."""
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self.dst.copy_(self.src)
+                best = min(best, time.perf_counter() - t0)
+            return best
+        finally:
+            torch.set_num_threads(before)
 
 
-def _rank_main(rank, world, store, model_dir, tp, pp, transports, bucket_bytes, repeats, out_path):
+def _rank_main(rank, world, store, model_dir, tp, pp, transports, bucket_bytes, repeats, out_path, nbytes):
     import torch.distributed as dist
 
     torch.set_num_threads(1 if world > 1 else 2)
@@ -111,6 +130,7 @@ def _rank_main(rank, world, store, model_dir, tp, pp, transports, bucket_bytes, 
         actor = MegatronActor(arch, layout, optimizer=None)
         load_hf_weights_into_model(actor.unwrapped(), arch, SafetensorsReader(model_dir))
         source = MegatronWeightSource(actor.unwrapped(), arch)  # TP > 1 on CPU: the shared TP gather
+        memcpy = Memcpy(nbytes) if rank == 0 else None  # measured in the owner's process, before every sync
         results = []
         version = 0
         for transport in transports:
@@ -125,15 +145,18 @@ def _rank_main(rank, world, store, model_dir, tp, pp, transports, bucket_bytes, 
                                             bucket_bytes=bucket_bytes, **kw)
             try:
                 for r in range(repeats):
+                    dist.barrier()  # the other ranks wait here while the owner measures the memcpy
+                    copy_s = memcpy.seconds() if rank == 0 else 0.0
                     dist.barrier()
                     version += 1
                     rep = sync.sync(version)
                     if rank == 0:
                         results.append(dict(layout=f"TP{tp}PP{pp}", transport=transport, repeat=r,
                                             seconds=rep.seconds, bytes=rep.bytes, buckets=rep.buckets,
-                                            gb_per_s=rep.gb_per_s))
+                                            gb_per_s=rep.gb_per_s, memcpy_s=copy_s))
                         print(f"[tp{tp}pp{pp}] {transport} #{r}: {rep.seconds:.2f} s, {rep.gb_per_s:.2f} GB/s, "
-                              f"{rep.buckets} buckets", flush=True)
+                              f"{rep.buckets} buckets (memcpy just before: {copy_s:.3f} s = "
+                              f"{nbytes / copy_s / 1e9:.2f} GB/s)", flush=True)
             finally:
                 sync.close()
             if rank == 0:  # spot check: the engine holds Megatron's values
@@ -280,13 +303,13 @@ def run_fleet(model_dir, n, bucket_bytes, repeats) -> list[dict]:
     return rows
 
 
-def run_layout(model_dir, tp, pp, transports, bucket_bytes, repeats) -> list[dict]:
+def run_layout(model_dir, tp, pp, transports, bucket_bytes, repeats, nbytes) -> list[dict]:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "results.json")
         mp.spawn(_rank_main, args=(tp * pp, os.path.join(d, "store"), model_dir, tp, pp, transports, bucket_bytes,
-                                   repeats, out), nprocs=tp * pp, join=True)
+                                   repeats, out, nbytes), nprocs=tp * pp, join=True)
         with open(out) as f:
             return json.load(f)
 
@@ -312,32 +335,38 @@ def main(argv=None):
         nbytes = save_random_model(model_dir, args.size)
         print(f"random {args.size} model: {nbytes / 1e9:.3f} GB of float32 HF tensors "
               f"({nbytes // 4 / 1e6:.0f}M params), saved in {time.perf_counter() - t0:.1f} s", flush=True)
-        copy_s = memcpy_seconds(nbytes)
-        copy_gbps = nbytes / copy_s / 1e9
-        print(f"host memcpy of {nbytes / 1e9:.3f} GB: {copy_s:.3f} s = {copy_gbps:.2f} GB/s "
-              f"({torch.get_num_threads()} threads)", flush=True)
+        start_copy_s = Memcpy(nbytes).seconds(5)  # the fleet's reference (its rows run on every core at once)
+        print(f"host memcpy of {nbytes / 1e9:.3f} GB: {start_copy_s:.3f} s = {nbytes / start_copy_s / 1e9:.2f} GB/s "
+              f"({os.cpu_count()} threads, at start)", flush=True)
         rows = []
         for lay in args.layouts.split(","):
             if lay == "none":
                 continue
             tp, pp = (int(x) for x in lay.lower().split("x"))
-            rows += run_layout(model_dir, tp, pp, transports, args.bucket_mb * 1024**2, args.repeats)
+            rows += run_layout(model_dir, tp, pp, transports, args.bucket_mb * 1024**2, args.repeats, nbytes)
         if args.fleet:
             rows += run_fleet(model_dir, args.fleet, args.bucket_mb * 1024**2, args.repeats)
-    print(f"\n| layout | transport | sync s (best of {args.repeats}) | first s | GB/s | x memcpy ({copy_gbps:.2f} GB/s) |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| layout | transport | sync s (best of {args.repeats}) | median warm s | first s | GB/s (best) "
+          f"| memcpy GB/s | x memcpy (best) | x memcpy (median warm) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for lay in dict.fromkeys(r["layout"] for r in rows):
+        # the layout's reference: the median of the memcpys measured before its syncs (the fleet: at start)
+        copies = [r["memcpy_s"] for r in rows if r["layout"] == lay and "memcpy_s" in r]
+        copy_s = statistics.median(copies) if copies else start_copy_s
+        copy_gbps = nbytes / copy_s / 1e9
         for tr in shown:
             rs = [r for r in rows if r["layout"] == lay and r["transport"] == tr]
             if not rs:
                 continue
             best = min(rs, key=lambda r: r["seconds"])
-            print(f"| {lay} | {tr} | {best['seconds']:.2f} | {rs[0]['seconds']:.2f} | {best['gb_per_s']:.2f} | "
-                  f"{best['gb_per_s'] / copy_gbps:.2f} |")
+            warm = statistics.median(r["seconds"] for r in rs[1:]) if len(rs) > 1 else best["seconds"]
+            # GB/s of a row counts its own bytes (the bare gathers: the bytes moved over TP)
+            print(f"| {lay} | {tr} | {best['seconds']:.2f} | {warm:.2f} | {rs[0]['seconds']:.2f} | "
+                  f"{best['gb_per_s']:.2f} | {copy_gbps:.2f} | {best['gb_per_s'] / copy_gbps:.2f} | "
+                  f"{best['gb_per_s'] * best['seconds'] / warm / copy_gbps:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(size=args.size, bytes=nbytes, memcpy_s=copy_s, rows=rows), f, indent=2)
-
+            json.dump(dict(size=args.size, bytes=nbytes, memcpy_s_at_start=start_copy_s, rows=rows), f, indent=2)
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
@@ -37,6 +37,8 @@ from .tp_gather import GatheredBucket, StagingArena
 __all__ = ["SyncReport", "WeightSynchronizer"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # One item a transport delivers to the engine: a packed bucket, or (zero-copy) a list of named tensors.
 Delivery = TensorBucket | list[tuple[str, torch.Tensor]]
@@ -90,6 +92,19 @@ def _account(ledger: SyncLedger, item: Delivery) -> None:
         ledger.add_bucket(item.metas)
     else:
         ledger.add_tensors(item)
+
+
+def with_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
+    """``(item, is_last)`` per item; the next item is taken before an item is handed out."""
+    it = iter(items)
+    try:
+        cur = next(it)
+    except StopIteration:
+        return
+    for nxt in it:
+        yield cur, False
+        cur = nxt
+    yield cur, True
 
 
 class WeightSynchronizer(abc.ABC):
@@ -196,13 +211,16 @@ class WeightSynchronizer(abc.ABC):
         """Owner: load one bucket into the engine."""
         raise NotImplementedError
 
-    def _relay_send(self, groups: Iterator[list[tuple[str, torch.Tensor]]]) -> None:
-        """A later stage's sender: hand every group to the owner, then an end marker."""
+    def _relay_send(self, groups: Iterator[tuple[list[tuple[str, torch.Tensor]] | GatheredBucket, bool]]) -> None:
+        """A later stage's sender: hand every ``(group, is_last)`` to the owner, the flag with its
+        bucket (so the owner delivers each bucket as it arrives, and the very last flushes the
+        engine's cache); a stage without any bucket sends an end marker instead."""
         raise NotImplementedError
 
-    def _relay_recv(self, src_rank: int) -> Iterator[tuple[Delivery, Callable[[], None]]]:
-        """Owner: yield ``(bucket, done)`` per bucket relayed by ``src_rank``; call ``done()``
-        once the engine has loaded it (the sender may then reuse its buffer)."""
+    def _relay_recv(self, src_rank: int) -> Iterator[tuple[Delivery, Callable[[], None], bool]]:
+        """Owner: yield ``(bucket, done, is_last)`` per bucket relayed by ``src_rank``, up to the one
+        flagged last (or an end marker); call ``done()`` once the engine has loaded it (the sender
+        may then reuse its buffer)."""
         raise NotImplementedError
 
     # -- streaming (tensor, distributed) ---------------------------------------------------------
@@ -222,7 +240,7 @@ class WeightSynchronizer(abc.ABC):
             if src.is_owner:
                 flushed = self._stream_own(ledger, last_stage=src.pp_size == 1)
             elif src.is_sender:
-                self._relay_send(self._groups())
+                self._relay_send(with_last(self._groups()))
             else:
                 self._follow()
         if src.is_owner and src.pp_size > 1:
@@ -230,48 +248,39 @@ class WeightSynchronizer(abc.ABC):
         return flushed
 
     def _deliver_relayed(self, ledger: SyncLedger) -> bool:
-        """Owner: every later stage's buckets, in stage order. Each bucket is delivered once the
-        next one has arrived, so the very last can flush the engine's cache in the same call
-        (SGLang's standalone flush on CPU runs a full gc pass, ~0.4 s)."""
-        pending: list[tuple[Delivery, Callable[[], None]]] = []  # at most one
-
-        def deliver(bucket, done, last=False):
-            _account(ledger, bucket)
-            self._deliver(bucket, flush_cache=last)
-            done()
-
+        """Owner: every later stage's buckets, in stage order, each delivered as it arrives; the
+        last stage's last one flushes the engine's cache in the same call (SGLang's standalone
+        flush on CPU runs a full gc pass, ~0.4 s)."""
+        flushed = False
         for stage in range(1, self.source.pp_size):
-            for bucket, done in self._relay_recv(self.source.stage_senders[stage]):
-                if pending:
-                    deliver(*pending.pop())
-                pending.append((bucket, done))
-        if not pending:
-            return False
-        deliver(*pending.pop(), last=True)
-        return True
+            for bucket, done, last in self._relay_recv(self.source.stage_senders[stage]):
+                flush = last and stage == self.source.pp_size - 1
+                _account(ledger, bucket)
+                self._deliver(bucket, flush_cache=flush)
+                done()
+                flushed = flushed or flush
+        return flushed
 
     def _stream_own(self, ledger: SyncLedger, last_stage: bool) -> bool:
         """The owner's own stage: pack bucket k+1 while the engine loads bucket k (a delivery
-        thread; the engine works in its own process, so the two overlap on two cores). Three
-        staging buffers: one being packed, one waiting (last-bucket lookahead), one loading.
-        True if the last bucket flushed the cache (only when this stage is the last)."""
-        bufs = self._buffers("own", 3)
+        thread; the engine works in its own process, so the two overlap on two cores). Each bucket
+        goes to the engine as soon as it is packed; whether it is the last (which flushes the
+        cache, when this stage is the last) is known from the next group, listed first (listing
+        costs no copy). Two staging buffers: one being packed, one loading.
+        True if the last bucket flushed the cache."""
+        bufs = self._buffers("own", 2)
         inflight: deque = deque()
-        pending = None
         flushed = False
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync-deliver") as ex:
             try:
-                for k, g in enumerate(self._groups()):
-                    while len(inflight) > (1 if self.pipelined else 0):  # bucket k-3's buffer (k % 3) must be free
+                for k, (g, last) in enumerate(with_last(self._groups())):
+                    while len(inflight) > (1 if self.pipelined else 0):  # bucket k-2's buffer (k % 2) must be free
                         inflight.popleft().result()
-                    b = self._pack(g, bufs[k % 3])
+                    b = self._pack(g, bufs[k % 2])
                     _account(ledger, b)
-                    if pending is not None:
-                        inflight.append(ex.submit(self._deliver, pending, False))
-                    pending = b
-                if pending is not None:
-                    inflight.append(ex.submit(self._deliver, pending, last_stage))
-                    flushed = last_stage
+                    flush = last and last_stage
+                    inflight.append(ex.submit(self._deliver, b, flush))
+                    flushed = flushed or flush
                 while inflight:
                     inflight.popleft().result()
             finally:

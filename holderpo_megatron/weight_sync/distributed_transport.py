@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from ..rollout.interface import TensorBucket, TensorMeta
+from ..rollout.interface import TensorBucket
 from .base import WeightSynchronizer
 from .buckets import DEFAULT_BUCKET_BYTES
 
@@ -82,31 +82,34 @@ class DistributedTransport(WeightSynchronizer):
 
         owner = self.source.stage_senders[0]
         buf = self._buffers("relay")[0]
-        for g in groups:
+        any_bucket = False
+        for g, last in groups:
             b = self._pack(g, buf)
-            dist.send_object_list([b.metas], dst=owner)
+            dist.send_object_list([(b.metas, last)], dst=owner)
             dist.send(b.flat, dst=owner)
             self._sent.add(b)
-        dist.send_object_list([None], dst=owner)
+            any_bucket = True
+        if not any_bucket:
+            dist.send_object_list([None], dst=owner)
 
     def _relay_recv(self, src_rank: int):
         import torch.distributed as dist
 
-        # the owner's own staging buffers: its own stage is fully delivered before any relay starts;
-        # two alternate (one bucket may wait for the next: last-bucket flush)
-        bufs = self._buffers("own", 3)[:2]
-        k = 0
+        # the owner's own staging buffer: its own stage is fully delivered before any relay starts,
+        # and each relayed bucket is delivered before the next is received
+        buf = self._buffers("own", 2)[0]
         while True:
             box = [None]
             dist.recv_object_list(box, src=src_rank)
-            metas: list[TensorMeta] | None = box[0]
-            if metas is None:
+            if box[0] is None:
                 return
+            metas, last = box[0]
             nbytes = metas[-1].offset + metas[-1].nbytes
-            flat = bufs[k % 2].get(nbytes)[:nbytes]
-            k += 1
+            flat = buf.get(nbytes)[:nbytes]
             dist.recv(flat, src=src_rank)
-            yield TensorBucket(flat, metas), (lambda: None)
+            yield TensorBucket(flat, metas), (lambda: None), last
+            if last:
+                return
 
     def close(self) -> None:
         if self._pg is not None:

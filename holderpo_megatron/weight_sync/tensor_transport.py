@@ -65,17 +65,25 @@ class TensorTransport(WeightSynchronizer):
         owner = self.source.stage_senders[0]
         buffers = self._buffers("relay", 2)
         acks: list = []  # (request, tensor) per bucket in flight, oldest first
-        for k, g in enumerate(groups):
+        sends: list = []  # the handles' messages, sent without waiting for the owner to take them
+        any_bucket = False
+        for k, (g, last) in enumerate(groups):
             if len(acks) == 2:  # bucket k-2's buffer is about to be reused: wait until the engine loaded it
                 acks.pop(0)[0].wait()
             b = self._pack(g, buffers[k % 2])
-            # post the ack's receive first: gloo's send waits for a matching receive, and the owner
-            # acknowledges bucket k while this rank is already sending bucket k+1
+            # post the ack's receive first: the owner acknowledges bucket k while this rank may
+            # already be packing bucket k+1
             ack = torch.zeros(1)
             acks.append((dist.irecv(ack, src=owner), ack))
-            dist.send_object_list([dumps_shared(b)], dst=owner)
+            # handles, not bytes; not waited for: this rank packs its next bucket while the owner
+            # still delivers its own stage
+            sends += _isend_bytes(dumps_shared((b, last)), owner)
             self._sent.add(b)
-        dist.send_object_list([None], dst=owner)
+            any_bucket = True
+        if not any_bucket:
+            sends += _isend_bytes(dumps_shared(None), owner)
+        for req in sends:
+            req.wait()
         for req, _ in acks:
             req.wait()
 
@@ -84,8 +92,40 @@ class TensorTransport(WeightSynchronizer):
 
         ack = torch.ones(1)
         while True:
-            box = [None]
-            dist.recv_object_list(box, src=src_rank)
-            if box[0] is None:
+            item = loads_shared(_recv_bytes(src_rank))
+            if item is None:
                 return
-            yield loads_shared(box[0]), (lambda: dist.send(ack, dst=src_rank))
+            bucket, last = item
+            yield bucket, (lambda: dist.send(ack, dst=src_rank)), last
+            if last:
+                return
+
+
+def _isend_bytes(data: bytes, dst: int) -> list:
+    """``data`` to ``dst`` without waiting: its length, then the bytes (two messages, in order).
+    Returns the requests; the tensors stay alive with them."""
+    import torch.distributed as dist
+
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return [_Keep(dist.isend(size, dst=dst), size), _Keep(dist.isend(payload, dst=dst), payload)]
+
+
+def _recv_bytes(src: int) -> bytes:
+    import torch.distributed as dist
+
+    size = torch.empty(1, dtype=torch.int64)
+    dist.recv(size, src=src)
+    payload = torch.empty(int(size), dtype=torch.uint8)
+    dist.recv(payload, src=src)
+    return payload.numpy().tobytes()
+
+
+class _Keep:
+    """A request and the tensor it sends, kept alive together until it is waited for."""
+
+    def __init__(self, req, tensor: torch.Tensor):
+        self.req, self.tensor = req, tensor
+
+    def wait(self) -> None:
+        self.req.wait()

@@ -6,6 +6,7 @@ import torch
 
 from holderpo_megatron.rollout.shared_memory import dumps_shared, loads_shared
 from holderpo_megatron.weight_sync import SyncLedger, make_weight_synchronizer
+from holderpo_megatron.weight_sync.base import with_last
 from holderpo_megatron.weight_sync.buckets import BucketBuffer, group_into_buckets, pack_bucket, share_all
 
 
@@ -22,6 +23,21 @@ def _tensors():
 def test_grouping_respects_the_budget_and_keeps_order(bucket_bytes, want):
     got = [[n for n, _ in g] for g in group_into_buckets(_tensors(), bucket_bytes)]
     assert got == want
+
+
+def test_with_last_flags_only_the_last_item_and_reads_one_ahead():
+    assert list(with_last([])) == [] and list(with_last("a")) == [("a", True)]
+    taken = []
+
+    def groups():  # the owner lists bucket k+1 before handing out bucket k, never further
+        for k in range(3):
+            taken.append(k)
+            yield k
+
+    it = with_last(groups())
+    assert next(it) == (0, False) and taken == [0, 1]
+    assert next(it) == (1, False) and taken == [0, 1, 2]
+    assert next(it) == (2, True) and list(it) == []
 
 
 def test_packed_bucket_views_round_trip_and_the_buffer_is_reused():
